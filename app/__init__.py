@@ -1,0 +1,1 @@
+"""modelpress: model compression as a service (API, shared schemas, storage, database)."""

@@ -1,0 +1,164 @@
+"""The `modelpress` command: serve (embedded all-in-one), api, worker, migrate, keys create."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from app.config import Settings, get_settings
+
+
+def _migrate(settings: Settings) -> None:
+    from app.migrate import upgrade
+
+    settings.resolved_home().mkdir(parents=True, exist_ok=True)
+    upgrade(settings.resolved_database_url())
+
+
+def _create_key(settings: Settings, tenant_name: str) -> str:
+    from app.auth import create_api_key
+    from app.db import make_engine, make_session_factory, session_scope
+
+    engine = make_engine(settings.resolved_database_url())
+    with session_scope(make_session_factory(engine)) as session:
+        _, key = create_api_key(session, tenant_name)
+    engine.dispose()
+    return key
+
+
+def _ensure_first_key(settings: Settings) -> None:
+    """Embedded mode: the first start creates a key for tenant 'default' and saves it under MODELPRESS_HOME."""
+    from sqlalchemy import func, select
+
+    from app.db import make_engine
+    from app.models import ApiKey
+
+    engine = make_engine(settings.resolved_database_url())
+    with engine.connect() as conn:
+        count = conn.scalar(select(func.count()).select_from(ApiKey))
+    engine.dispose()
+    key_file = settings.resolved_home() / "api_key"
+    if count:
+        if key_file.exists():
+            print(f"API key: see {key_file}")
+        return
+    key = _create_key(settings, "default")
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    print(f"Created the first API key (tenant 'default'), saved to {key_file}:\n{key}", flush=True)
+
+
+def _worker_argv(queues: str, concurrency: int) -> list[str]:
+    return ["worker", "-Q", queues, "--concurrency", str(concurrency), "--pool", "prefork",
+            "--loglevel", "INFO", "-n", f"{queues.replace(',', '-')}-{os.getpid()}@%h"]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    # Pin MODELPRESS_HOME to an absolute path so the API and the embedded worker agree on it.
+    os.environ["MODELPRESS_HOME"] = str(get_settings().resolved_home())
+    get_settings.cache_clear()
+    settings = get_settings()
+    _migrate(settings)
+    _ensure_first_key(settings)
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app",
+                               *_worker_argv("cpu", args.concurrency)])
+    try:
+        print(f"modelpress serving on http://{args.host}:{args.port} (docs at /docs), data in {settings.home}",
+              flush=True)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.main import create_app
+
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = set(queues) - {"cpu", "gpu"}
+    if unknown or not queues:
+        print(f"error: unknown queue(s) {sorted(unknown)}; queues are cpu and gpu", file=sys.stderr)
+        return 2
+    if "gpu" in queues:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("error: --queues gpu needs a CUDA device, and torch sees none on this machine; "
+                  "GPU jobs must never run on CPU, so this worker will not start", file=sys.stderr)
+            return 2
+    from worker.celery_app import celery
+
+    celery.worker_main(_worker_argv(",".join(queues), args.concurrency))
+    return 0
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    _migrate(get_settings())
+    print("database is at the latest migration")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _migrate(settings)
+    key = _create_key(settings, args.tenant)
+    print(f"Created an API key for tenant {args.tenant!r}. Store it now; it is not shown again.")
+    print(key)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpress", description="Model compression as a service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="migrate, then run the API and an embedded worker together")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--concurrency", type=int, default=1, help="jobs the embedded worker runs at once")
+    serve.set_defaults(func=cmd_serve)
+
+    api = sub.add_parser("api", help="run the API only")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.set_defaults(func=cmd_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a tenant if needed and an API key for it")
+    create.add_argument("--tenant", required=True)
+    create.set_defaults(func=cmd_keys_create)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The one Settings object. Everything is configured by MODELPRESS_* environment variables."""
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
+
+    home: Path = Field(default=Path("./.modelpress"), description="Where embedded defaults keep their data.")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = None
+    max_upload_bytes: int = 2 * 1024**3
+
+    # Jobs: time limits (seconds), retries after a worker died, heartbeat and reaper timings.
+    job_soft_time_limit: int = 3600
+    job_time_limit: int = 3660
+    job_max_attempts: int = 3
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 60.0
+    dispatch_interval: float = 5.0
+    dispatch_retry_after: float = 10.0
+
+    # Measurement: latency runs per model after warm-up, threads for ONNX Runtime.
+    latency_runs: int = 50
+    latency_warmup: int = 5
+    eval_threads: int = 1
+
+    def resolved_home(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    def resolved_database_url(self) -> str:
+        """SQLite under MODELPRESS_HOME by default; plain postgresql:// URLs use the psycopg 3 driver."""
+        url = self.database_url or f"sqlite:///{self.resolved_home() / 'modelpress.db'}"
+        for plain in ("postgresql://", "postgres://"):
+            if url.startswith(plain):
+                return "postgresql+psycopg://" + url[len(plain):]
+        return url
+
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or (self.resolved_home() / "artifacts").as_uri()
+
+    def broker_folder(self) -> Path:
+        """Mailbox folder for Celery's filesystem transport (embedded mode)."""
+        return self.resolved_home() / "broker"
+
+    def upload_tmp_dir(self) -> Path:
+        return self.resolved_home() / "tmp"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,81 @@
+"""The service's error shape and one place that turns every failure into it (no stack trace ever leaves)."""
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+def not_found(kind: str, resource_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"{kind} {resource_id!r} not found")
+
+
+def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """`recipe.steps.0.dtype: Input should be 'int8', 'int4', 'fp16' or 'bf16'` — the field first, then why."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        # Discriminated unions add the tag as a path element ("quantize"); it is not a field name.
+        field = ".".join(loc) or "body"
+        parts.append(f"{field}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request",
+               429: "rate_limited", 503: "unavailable"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", describe_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", exc.orig)
+        return error_response(503, "database_unavailable", "the database is unavailable, try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(_: Request, exc: StorageError) -> JSONResponse:
+        log.warning("storage error: %s", exc)
+        return error_response(503, "storage_unavailable", "artifact storage is unavailable, try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return error_response(503, "database_unavailable", "the database is unavailable, try again shortly")
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error")

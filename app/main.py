@@ -1,0 +1,48 @@
+"""create_app: the FastAPI application. Never imports torch, onnxruntime or transformers."""
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import artifacts, jobs, models, service
+from app.config import Settings, get_settings
+from app.db import make_engine, make_session_factory
+from app.errors import install_error_handlers
+from app.housekeeping import Housekeeper
+from app.observability import Metrics, MetricsMiddleware
+from app.queue import make_celery
+from app.storage import open_storage
+
+
+def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.resolved_database_url())
+    session_factory = make_session_factory(engine)
+    celery = make_celery(settings)
+    housekeeper = Housekeeper(session_factory, celery, settings) if housekeeping else None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if housekeeper:
+            housekeeper.start()
+        yield
+        if housekeeper:
+            housekeeper.stop()
+        engine.dispose()
+
+    app = FastAPI(title="modelpress", version="1.0", lifespan=lifespan,
+                  description="Model compression as a service: upload a model, submit a recipe, "
+                              "download a smaller, faster model with a report of what was gained and lost.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = session_factory
+    app.state.celery = celery
+    app.state.storage = open_storage(settings.resolved_storage_url())
+    app.state.metrics = Metrics(session_factory)
+    install_error_handlers(app)
+    for router in (service.router, models.router, jobs.router, artifacts.router):
+        app.include_router(router)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return app

@@ -1,0 +1,1 @@
+"""Pydantic schemas shared by the API and the workers (no torch here)."""

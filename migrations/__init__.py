@@ -1,0 +1,1 @@
+"""Alembic migrations; `app.migrate` runs them on SQLite and PostgreSQL alike."""

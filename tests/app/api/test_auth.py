@@ -1,0 +1,67 @@
+import pytest
+
+ROUTES = [("get", "/v1/models"), ("post", "/v1/models"), ("get", "/v1/models/x"), ("get", "/v1/models/x/download"),
+          ("delete", "/v1/models/x"), ("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", "/v1/jobs/x"),
+          ("post", "/v1/jobs/x/cancel"), ("get", "/v1/jobs/x/report"), ("get", "/v1/jobs/x/artifacts"),
+          ("get", "/v1/artifacts/x/download")]
+
+
+@pytest.mark.parametrize("method, path", ROUTES)
+def test_every_v1_route_needs_a_key(client, method, path):
+    assert getattr(client, method)(path).status_code == 401
+    response = getattr(client, method)(path, headers={"Authorization": "Bearer mp_nothing_here"})
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+
+
+def test_every_v1_route_is_covered(client):
+    schema = client.app.openapi()["paths"]
+    paths = {(m, p) for p, ops in schema.items() if p.startswith("/v1") for m in ops}
+    covered = {(m, p.replace("/x", "/{id}")) for m, p in ROUTES}
+    normalised = {(m, p.replace("{model_id}", "{id}").replace("{job_id}", "{id}").replace("{artifact_id}", "{id}"))
+                  for m, p in paths}
+    assert normalised == covered
+
+
+def test_other_tenants_resources_are_404(client, make_key, upload):
+    alice, bob = make_key(), make_key()
+    model = upload(headers=alice).json()
+    job = client.post("/v1/jobs", headers=alice, json={"model_id": model["id"], "recipe": {
+        "steps": [{"op": "quantize"}]}}).json()
+    for path in (f"/v1/models/{model['id']}", f"/v1/models/{model['id']}/download", f"/v1/jobs/{job['id']}",
+                 f"/v1/jobs/{job['id']}/report", f"/v1/jobs/{job['id']}/artifacts"):
+        response = client.get(path, headers=bob)
+        assert response.status_code == 404, path
+    assert client.delete(f"/v1/models/{model['id']}", headers=bob).status_code == 404
+    assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=bob).status_code == 404
+    assert client.post("/v1/jobs", headers=bob, json={"model_id": model["id"], "recipe": {
+        "steps": [{"op": "quantize"}]}}).status_code == 404
+    assert client.get("/v1/models", headers=bob).json()["data"] == []
+    assert client.get("/v1/jobs", headers=bob).json()["data"] == []
+    assert client.get(f"/v1/models/{model['id']}", headers=alice).status_code == 200
+
+
+def test_revoked_key_is_401(client, settings, make_key):
+    from sqlalchemy import update
+
+    from app.db import make_engine, make_session_factory, session_scope, utcnow
+    from app.models import ApiKey
+
+    headers = make_key()
+    assert client.get("/v1/models", headers=headers).status_code == 200
+    prefix = headers["Authorization"].split("_")[1]
+    with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+        session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
+    assert client.get("/v1/models", headers=headers).status_code == 401
+
+
+def test_keys_are_stored_hashed(settings, make_key):
+    from sqlalchemy import select
+
+    from app.db import make_engine, make_session_factory
+    from app.models import ApiKey
+
+    key = make_key()["Authorization"].removeprefix("Bearer ")
+    with make_session_factory(make_engine(settings.resolved_database_url()))() as session:
+        rows = session.scalars(select(ApiKey)).all()
+    assert all(key not in (r.key_hash, r.prefix) and len(r.key_hash) == 64 for r in rows)

@@ -1,0 +1,131 @@
+import pytest
+
+RECIPE = {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8"}]}
+
+
+@pytest.fixture
+def model_id(upload):
+    return upload().json()["id"]
+
+
+def submit(client, auth, model_id, recipe=RECIPE, **extra):
+    return client.post("/v1/jobs", headers={**auth, **extra.pop("headers", {})},
+                       json={"model_id": model_id, "recipe": recipe, **extra})
+
+
+def test_submit_job_is_queued_and_sent(client, auth, model_id, settings):
+    response = submit(client, auth, model_id, name="int8 please")
+    assert response.status_code == 201, response.text
+    job = response.json()
+    assert job["status"] == "queued"
+    assert job["name"] == "int8 please"
+    assert job["target"] == {"runtime": "onnxruntime", "device": "cpu"}
+    assert job["progress"] == {"fraction": 0.0, "step": None, "message": None}
+    assert job["attempts"] == 0 and job["error"] is None and job["artifacts"] == []
+    assert job["recipe"]["steps"][0]["granularity"] == "per_channel"
+    # The message really went to the broker (the database row was committed first).
+    from app.db import make_engine, make_session_factory
+    from app.models import Job
+
+    with make_session_factory(make_engine(settings.resolved_database_url()))() as session:
+        assert session.get(Job, job["id"]).dispatched_at is not None
+
+
+@pytest.mark.parametrize("recipe, field", [
+    ({"steps": [{"op": "shrink"}]}, "recipe.steps.0"),
+    ({"steps": [{"op": "quantize", "dtype": "int3"}]}, "recipe.steps.0.quantize.dtype"),
+    ({"steps": [{"op": "quantize", "colour": "red"}]}, "recipe.steps.0.quantize.colour"),
+    ({"steps": []}, "recipe.steps"),
+    ({"steps": [{"op": "quantize", "method": "static"}]}, "recipe.steps.0.quantize"),
+])
+def test_bad_recipe_is_422_naming_the_field(client, auth, model_id, recipe, field):
+    response = submit(client, auth, model_id, recipe)
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(field), response.json()
+
+
+def test_bad_target_and_unknown_top_level_field_are_422(client, auth, model_id):
+    response = submit(client, auth, model_id, target={"runtime": "onnxruntime", "device": "tpu"})
+    assert response.status_code == 422 and "target.device" in response.json()["error"]["message"]
+    response = submit(client, auth, model_id, priority=3)
+    assert response.status_code == 422 and "priority" in response.json()["error"]["message"]
+
+
+def test_unknown_model_is_404_naming_model_id(client, auth):
+    response = submit(client, auth, "mdl_nope")
+    assert response.status_code == 404
+    assert "model_id" in response.json()["error"]["message"]
+
+
+def test_cuda_jobs_go_to_the_gpu_queue(client, auth, model_id, settings):
+    job = submit(client, auth, model_id, target={"device": "cuda"}).json()
+    from app.db import make_engine, make_session_factory
+    from app.models import Job
+
+    with make_session_factory(make_engine(settings.resolved_database_url()))() as session:
+        assert session.get(Job, job["id"]).queue == "gpu"
+
+
+def test_get_job_etag_and_304(client, auth, model_id):
+    job = submit(client, auth, model_id).json()
+    first = client.get(f"/v1/jobs/{job['id']}", headers=auth)
+    assert first.status_code == 200 and first.json()["id"] == job["id"]
+    etag = first.headers["etag"]
+    again = client.get(f"/v1/jobs/{job['id']}", headers={**auth, "If-None-Match": etag})
+    assert again.status_code == 304 and again.content == b""
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    changed = client.get(f"/v1/jobs/{job['id']}", headers={**auth, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+
+
+def test_cancel_queued_job_then_409(client, auth, model_id):
+    job = submit(client, auth, model_id).json()
+    response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert response.status_code == 202
+    assert response.json()["status"] == "cancelled"
+    again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert again.status_code == 409
+    assert again.json()["error"]["code"] == "job_finished"
+
+
+def test_idempotency_key_returns_the_first_job(client, auth, model_id):
+    headers = {"Idempotency-Key": "abc-123"}
+    first = submit(client, auth, model_id, headers=headers)
+    second = submit(client, auth, model_id, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert first.json()["id"] == second.json()["id"]
+    assert second.headers.get("idempotent-replayed") == "true"
+    other_body = submit(client, auth, model_id, name="different", headers=headers)
+    assert other_body.status_code == 409
+    assert len(client.get("/v1/jobs", headers=auth).json()["data"]) == 1
+    assert submit(client, auth, model_id, headers={"Idempotency-Key": "other"}).json()["id"] != first.json()["id"]
+
+
+def test_list_filters_and_pagination(client, auth, upload, model_id):
+    other_model = upload().json()["id"]
+    ids = [submit(client, auth, model_id).json()["id"] for _ in range(3)]
+    other = submit(client, auth, other_model).json()["id"]
+    client.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth)
+    by_model = client.get("/v1/jobs", headers=auth, params={"model_id": model_id}).json()["data"]
+    assert {j["id"] for j in by_model} == set(ids)
+    cancelled = client.get("/v1/jobs", headers=auth, params={"status": "cancelled"}).json()["data"]
+    assert [j["id"] for j in cancelled] == [ids[0]]
+    assert client.get("/v1/jobs", headers=auth, params={"status": "bogus"}).status_code == 422
+    page1 = client.get("/v1/jobs", headers=auth, params={"limit": 3}).json()
+    page2 = client.get("/v1/jobs", headers=auth, params={"limit": 3, "cursor": page1["next_cursor"]}).json()
+    assert [j["id"] for j in page1["data"] + page2["data"]] == [other, *reversed(ids)]
+    assert page2["next_cursor"] is None
+
+
+def test_report_is_404_until_it_exists(client, auth, model_id):
+    job = submit(client, auth, model_id).json()
+    assert client.get(f"/v1/jobs/{job['id']}/report", headers=auth).status_code == 404
+    assert client.get(f"/v1/jobs/{job['id']}/artifacts", headers=auth).json() == {"data": []}
+
+
+def test_model_with_unfinished_job_cannot_be_deleted(client, auth, model_id):
+    job = submit(client, auth, model_id).json()
+    assert client.delete(f"/v1/models/{model_id}", headers=auth).status_code == 409
+    client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
+    assert client.delete(f"/v1/models/{model_id}", headers=auth).status_code == 204
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["model_id"] == model_id

@@ -1,0 +1,74 @@
+from fastapi.testclient import TestClient
+
+from app.config import Settings
+from app.main import create_app
+
+
+def test_healthz_and_readyz(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.json()
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
+
+
+def test_readyz_is_503_when_database_is_down(tmp_path):
+    settings = Settings(home=tmp_path, database_url="postgresql://nobody@127.0.0.1:1/none")
+    with TestClient(create_app(settings, housekeeping=False)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["database"].startswith("unavailable")
+
+
+def test_readyz_is_503_when_broker_is_down(tmp_path):
+    settings = Settings(home=tmp_path, broker_url="redis://127.0.0.1:1/0")
+    from app.migrate import upgrade
+
+    upgrade(settings.resolved_database_url())
+    with TestClient(create_app(settings, housekeeping=False)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"].startswith("unavailable")
+    assert response.json()["checks"]["database"] == "ok"
+
+
+def test_api_answers_503_not_500_when_database_is_down(tmp_path):
+    settings = Settings(home=tmp_path, database_url="postgresql://nobody@127.0.0.1:1/none")
+    with TestClient(create_app(settings, housekeeping=False)) as client:
+        response = client.get("/v1/models", headers={"Authorization": "Bearer mp_abc_def"})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "database_unavailable"
+
+
+def test_metrics_exports_requests_and_jobs(client, auth):
+    client.get("/v1/models", headers=auth)
+    client.get("/v1/models/mdl_missing", headers=auth)
+    text = client.get("/metrics").text
+    assert 'modelpress_http_requests_total{method="GET",route="/v1/models",status="200"}' in text
+    assert 'route="/v1/models/{model_id}",status="404"' in text
+    assert "modelpress_http_request_duration_seconds_bucket" in text
+    assert 'modelpress_jobs{status="queued"}' in text
+    assert "modelpress_job_duration_seconds_bucket" in text
+    assert "modelpress_job_queue_wait_seconds_bucket" in text
+
+
+def test_openapi_docs_are_served(client):
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert "/v1/jobs/{job_id}/cancel" in schema["paths"]
+
+
+def test_unknown_route_uses_error_shape(client):
+    response = client.get("/v1/nothing")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_api_process_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from app.main import create_app; create_app(); "
+            "bad = [m for m in ('torch', 'onnxruntime', 'transformers', 'onnx') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,144 @@
+"""The worker's tasks, called in this process (no broker involved) against a real database and storage."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from app.models import Artifact, Job, JobEvent, Model
+from app.storage import open_storage
+from tests.helpers import make_mlp, save_onnx, save_pt2
+
+
+def _run(job_id):
+    from worker.tasks import run_job
+
+    run_job(job_id)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_quantize_job_succeeds_with_faithful_smaller_model(fmt, tmp_path, worker_env, db, add_model, add_job):
+    import torch
+
+    path = (save_pt2 if fmt == "pt2" else save_onnx)(tmp_path / f"mlp.{fmt}", 64, 256, 10, batch=4)
+    job_id = add_job(add_model(path, fmt))
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "succeeded", (job.error_code, job.error_message)
+        assert job.attempts == 1 and job.progress_fraction == 1.0
+        metrics = job.metrics
+        artifacts = {a.kind: a for a in job.artifacts}
+        history = [e.to_status for e in session.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id)]
+    assert history == ["queued", "running", "succeeded"]
+    assert metrics["compression_ratio"] > 3.0
+    assert metrics["fidelity"]["cosine_mean"] > 0.99 and metrics["fidelity"]["cosine_min"] > 0.98
+    assert metrics["baseline"]["params"] == metrics["compressed"]["params"] == 64 * 256 + 256 + 256 * 256 + 256 + 2570
+    assert metrics["baseline"]["latency_ms"]["p50"] > 0 and metrics["compressed"]["latency_ms"]["p95"] > 0
+    assert metrics["environment"]["runtime"] == "onnxruntime" and metrics["environment"]["device"] == "cpu"
+    assert metrics["steps"][0]["op"] == "quantize" and metrics["steps"][0]["seconds"] >= 0
+    assert metrics["fidelity"]["top1_agreement"] >= 0.9
+    assert metrics["evaluation"]["inputs"] == "generated"
+
+    storage = open_storage(worker_env.resolved_storage_url())
+    model_file = tmp_path / "out.onnx"
+    storage.get_file(artifacts["model"].storage_key, model_file)
+    assert model_file.stat().st_size == artifacts["model"].size_bytes
+    report_file = tmp_path / "report.json"
+    storage.get_file(artifacts["report"].storage_key, report_file)
+    assert json.loads(report_file.read_text())["compression_ratio"] == metrics["compression_ratio"]
+    # The delivered model runs and agrees with the original PyTorch model.
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    want = make_mlp(64, 256, 10)(torch.from_numpy(x)).detach().numpy()
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() > 0.99
+
+
+def test_rerun_of_a_stale_job_replaces_outputs(tmp_path, worker_env, db, add_model, add_job):
+    """A re-delivered job (its first worker died) runs again: attempts 2, still one model and one report."""
+    from sqlalchemy import update
+
+    from app.db import session_scope, utcnow
+    from datetime import timedelta
+
+    job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"))
+    _run(job_id)
+    with session_scope(db) as session:  # pretend it was running on a worker that died mid-way
+        session.execute(update(Job).where(Job.id == job_id).values(
+            status="running", worker_id="dead:1", heartbeat_at=utcnow() - timedelta(hours=1)))
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "succeeded" and job.attempts == 2
+        assert sorted(a.kind for a in session.query(Artifact).filter_by(job_id=job_id)) == ["model", "report"]
+    keys = open_storage(worker_env.resolved_storage_url()).list_keys(f"tenants/{job.tenant_id}/jobs")
+    assert len(keys) == 2
+
+
+def test_finished_or_live_job_is_not_run_twice(tmp_path, worker_env, db, add_model, add_job):
+    from sqlalchemy import update
+
+    from app.db import session_scope, utcnow
+
+    job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"))
+    with session_scope(db) as session:  # alive on another worker
+        session.execute(update(Job).where(Job.id == job_id).values(status="running", worker_id="other:1",
+                                                                   heartbeat_at=utcnow(), attempts=1))
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.worker_id, job.attempts) == ("running", "other:1", 1)
+
+
+def test_invalid_onnx_model_fails_job_with_reason(tmp_path, worker_env, db, add_model, add_job):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07" + b"\xff" * 100)
+    job_id = add_job(add_model(bad, "onnx"))
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "failed"
+        assert job.error_code == "invalid_model" and "ONNX" in job.error_message
+
+
+def test_cuda_job_never_runs_on_cpu(tmp_path, worker_env, db, add_model, add_job):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"), device="cuda")
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.error_code) == ("failed", "cuda_unavailable")
+        assert job.metrics is None and job.artifacts == []
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_inspection_sets_ready_with_description(fmt, tmp_path, worker_env, db, add_model):
+    from worker.tasks import inspect_model
+
+    path = (save_pt2 if fmt == "pt2" else save_onnx)(tmp_path / f"m.{fmt}", 16, 32, 4, batch=2)
+    model = add_model(path, fmt)
+    inspect_model(model.id)
+    with db() as session:
+        row = session.get(Model, model.id)
+    assert row.status == "ready", row.error
+    assert row.info["params"] == 16 * 32 + 32 + 32 * 32 + 32 + 32 * 4 + 4
+    assert row.info["inputs"][0]["shape"] == [2, 16] and row.info["inputs"][0]["dtype"] == "float32"
+    assert row.info["outputs"][0]["shape"] == [2, 4]
+
+
+def test_inspection_marks_garbage_invalid(tmp_path, worker_env, db, add_model):
+    from worker.tasks import inspect_model
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage")
+    model = add_model(bad, "onnx")
+    inspect_model(model.id)
+    with db() as session:
+        row = session.get(Model, model.id)
+    assert row.status == "invalid" and "ONNX" in row.error

@@ -1,0 +1,1 @@
+"""Measuring models the same way before and after compression: size, params, latency, fidelity."""

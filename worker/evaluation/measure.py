@@ -1,0 +1,62 @@
+"""One measurement routine for every model, baseline and compressed alike (same inputs, same process)."""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from worker.evaluation.runtime import ort_session, run_onnx
+from worker.formats.onnx_format import count_params
+
+
+def latency_ms(path: Path, feeds: list[np.ndarray], device: str, threads: int, warmup: int, runs: int,
+               check: Callable[[], None] = lambda: None) -> dict:
+    """p50/p95 of single-batch runs after warm-up; `check` is called between runs so a cancel is noticed."""
+    session = ort_session(path, device, threads)
+    for _ in range(warmup):
+        run_onnx(session, feeds)
+    times = []
+    for run in range(runs):
+        if run % 20 == 0:
+            check()
+        start = time.perf_counter()
+        run_onnx(session, feeds)
+        times.append((time.perf_counter() - start) * 1000)
+    return {"p50": round(float(np.percentile(times, 50)), 4), "p95": round(float(np.percentile(times, 95)), 4),
+            "runs": runs, "batch_shape": [list(a.shape) for a in feeds]}
+
+
+def outputs(path: Path, all_feeds: list[list[np.ndarray]], device: str, threads: int) -> list[list[np.ndarray]]:
+    session = ort_session(path, device, threads)
+    return [run_onnx(session, feeds) for feeds in all_feeds]
+
+
+def _per_sample(batches: list[list[np.ndarray]]) -> np.ndarray:
+    """Rows = samples (first axis of each output), columns = all outputs flattened side by side."""
+    per_batch = []
+    for batch in batches:
+        rows = batch[0].shape[0] if batch[0].ndim > 0 else 1
+        per_batch.append(np.concatenate([np.asarray(o, np.float64).reshape(rows, -1) for o in batch], axis=1))
+    return np.concatenate(per_batch, axis=0)
+
+
+def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> dict[str, Any]:
+    ref, cand = _per_sample(reference), _per_sample(candidate)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosine = np.where(norms > 0, (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
+    rel_l2 = float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-30))
+    top1 = None
+    first_ref, first_cand = reference[0][0], candidate[0][0]
+    if first_ref.ndim == 2 and first_ref.shape[1] > 1:  # looks like [batch, classes]: compare the argmax
+        agree = [np.mean(np.argmax(r[0], 1) == np.argmax(c[0], 1)) for r, c in zip(reference, candidate)]
+        top1 = round(float(np.mean(agree)), 6)
+    return {"cosine_mean": round(float(cosine.mean()), 6), "cosine_min": round(float(cosine.min()), 6),
+            "rel_l2": round(rel_l2, 6), "top1_agreement": top1, "samples": int(ref.shape[0])}
+
+
+def size_and_params(path: Path) -> dict[str, int]:
+    params, nonzero = count_params(onnx.load(str(path), load_external_data=False))
+    return {"size_bytes": path.stat().st_size, "params": params, "nonzero_params": nonzero}

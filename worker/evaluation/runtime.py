@@ -1,0 +1,31 @@
+"""ONNX Runtime sessions for measurement: one place decides providers and threads."""
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from worker.errors import JobFailure
+
+
+def providers_for(device: str) -> list[str]:
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise JobFailure("cuda_unavailable", "the job targets cuda but this worker's ONNX Runtime has no "
+                                                 "CUDA execution provider (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(path: Path, device: str, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
+
+
+def run_onnx(session: ort.InferenceSession, feeds: list[np.ndarray]) -> list[np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    outputs = session.run(None, dict(zip(names, feeds, strict=True)))
+    return [np.asarray(o, dtype=np.float32) for o in outputs]
