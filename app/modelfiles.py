@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import IO, BinaryIO
+from typing import IO
 
 SUPPORTED_FORMATS = ("pt2", "onnx")
 
@@ -31,18 +31,19 @@ MAX_PICKLE_BYTES = 64 * 1024 * 1024
 MAX_SCAN_BYTES = 256 * 1024 * 1024
 
 _HEAD_BYTES = 1024 * 1024
+_MAX_TAR_MEMBERS = 10_000
+_PICKLE_PROTO = 0x80
+_HIGHEST_PICKLE_PROTOCOL = 5
+
 _ZIP_MAGIC = b"PK\x03\x04"
 _ZIP_END_MAGIC = b"PK\x05\x06"  # also how an empty zip starts
 _ZIP_END_RECORD = struct.Struct("<4s4xHHIIH")  # signature, entries, entries, cd size, cd offset, comment length
-_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # signature, disk, zip64 end record offset, disks
-_ZIP64_END_RECORD = struct.Struct("<4sQHHIIQQQQ")  # ..., cd size, cd offset
 _ZIP64_LOCATOR_MAGIC = b"PK\x06\x07"
+_ZIP64_LOCATOR = struct.Struct("<4sIQI")  # signature, disk, zip64 end record offset, disks
 _ZIP64_END_MAGIC = b"PK\x06\x06"
+_ZIP64_END_RECORD = struct.Struct("<4sQHHIIQQQQ")  # signature, ..., cd size, cd offset
 _ZIP32_SATURATED = 0xFFFFFFFF
-_PICKLE_PROTO = 0x80
-_HIGHEST_PICKLE_PROTOCOL = 5
 _ZIP_UTF8_FLAG = 0x800
-_MAX_TAR_MEMBERS = 10_000
 
 _SUPPORTED_HINT = "supported formats: pt2 (written by torch.export.save) and onnx"
 _DESCRIPTIONS = {"pt2": "a pt2 archive", "onnx": "an ONNX model"}
@@ -118,7 +119,7 @@ _MEMO_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
 # EXT* fetch callables from the copyreg extension registry: globals we cannot name.
 _EXTENSION_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
 _MARK = object()  # a MARK on the simulated stack
-_UNKNOWN = object()  # any value other than a string; only strings are tracked
+_UNKNOWN = object()  # a value we do not track: only strings pushed as literals are
 
 
 class UnsupportedModelFile(Exception):
@@ -279,7 +280,7 @@ def _parses_as_pickle(head: bytes) -> bool:
     return True
 
 
-def _looks_like_onnx(file: BinaryIO, size: int) -> bool:
+def _looks_like_onnx(file: IO[bytes], size: int) -> bool:
     """Walk ModelProto's top-level fields up to the graph without decoding any payload.
 
     onnx writes ir_version (field 1, tag 0x08) first; after it we accept only known
@@ -311,7 +312,7 @@ def _looks_like_onnx(file: BinaryIO, size: int) -> bool:
     return False
 
 
-def _read_varint(file: BinaryIO) -> int | None:
+def _read_varint(file: IO[bytes]) -> int | None:
     """Read a protobuf base-128 varint; None when truncated or longer than 10 bytes."""
     value = 0
     for shift in range(0, 70, 7):
@@ -503,7 +504,7 @@ def _read_capped(archive: zipfile.ZipFile, info: zipfile.ZipInfo, where: str, bu
     return data
 
 
-def _scan_one_pickle(stream: BinaryIO, where: str) -> None:
+def _scan_one_pickle(stream: IO[bytes], where: str) -> None:
     """Check one pickle (up to STOP), simulating just enough stack and memo to name its globals."""
     stack: list[object] = []
     memo: dict[int, object] = {}

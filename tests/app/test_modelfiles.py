@@ -402,9 +402,15 @@ def test_config_path_outside_its_folder_is_refused(pt2_path: Path, tmp_path: Pat
 def test_oversized_pickle_member_is_refused(
     pt2_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("app.modelfiles.MAX_PICKLE_BYTES", 64)
-    with pytest.raises(UnsafeModelFile, match="cannot be vetted"):
-        vet_pt2(pt2_path)
+    members = read_zip(pt2_path)
+    sample_name = f"{pt2_root(members)}/data/sample_inputs/model.pt"
+    members[sample_name] = pickle.dumps(list(range(5000)), protocol=2)
+    path = tmp_path / "big.pt2"
+    write_zip(members.items(), path)
+    vet_pt2(path)
+    monkeypatch.setattr("app.modelfiles.MAX_PICKLE_BYTES", 4096)
+    with pytest.raises(UnsafeModelFile, match=f"member '{sample_name}' is .* cannot be vetted"):
+        vet_pt2(path)
 
 
 # --- scan_pickle ------------------------------------------------------------------------
