@@ -68,6 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _ensure_first_key(settings)
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app",
                                *_worker_argv("cpu", args.concurrency)])
+    # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so the worker is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         print(f"modelpress serving on http://{args.host}:{args.port} (docs at /docs), data in {settings.home}",
               flush=True)
