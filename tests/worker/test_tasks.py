@@ -142,3 +142,27 @@ def test_inspection_marks_garbage_invalid(tmp_path, worker_env, db, add_model):
     with db() as session:
         row = session.get(Model, model.id)
     assert row.status == "invalid" and "ONNX" in row.error
+
+
+def test_exclude_keeps_matching_layers_in_full_precision(tmp_path, worker_env, db, add_model, add_job):
+    import onnx
+
+    path = save_onnx(tmp_path / "m.onnx", 16, 64, 4)
+    steps = [{"op": "quantize", "method": "dynamic", "dtype": "int8", "granularity": "per_tensor",
+              "exclude": [r"^4\.weight$"]}]
+    job_id = add_job(add_model(path, "onnx"), steps=steps)
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "succeeded", job.error_message
+        model_key = next(a.storage_key for a in job.artifacts if a.kind == "model")
+        details = job.metrics["steps"][0]["details"]
+    assert details["granularity"] == "per_tensor" and details["excluded_nodes"] == ["node_linear_2"]
+    out = tmp_path / "out.onnx"
+    open_storage(worker_env.resolved_storage_url()).get_file(model_key, out)
+    graph = onnx.load(str(out)).graph
+    int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    fp32 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    assert any(n.startswith("0.weight") for n in int8) and any(n.startswith("2.weight") for n in int8)
+    assert not any(n.startswith("4.weight") for n in int8)
+    assert any(n.startswith("4.weight") and not n.endswith("_scale") for n in fp32)

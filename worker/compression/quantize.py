@@ -45,10 +45,12 @@ def quantize_dynamic_int8(source: Path, destination: Path, step: QuantizeStep) -
         log.info("quantization pre-processing skipped: %s", exc)
         prepared = source
     exclude = excluded_nodes(prepared, step.exclude)
+    # ONNX Runtime rewrites Gemm as MatMul + Add before quantizing, naming the MatMul "<gemm name>_MatMul".
+    exclude_with_rewrites = exclude + [f"{name}_MatMul" for name in exclude]
     try:
         quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8,
                          per_channel=step.granularity == "per_channel", op_types_to_quantize=QUANTIZABLE_OPS,
-                         nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
+                         nodes_to_exclude=exclude_with_rewrites, extra_options={"MatMulConstBOnly": True})
     except Exception as exc:
         raise JobFailure("quantization_failed", f"ONNX Runtime quantization failed: {exc.__class__.__name__}: "
                                                 f"{str(exc)[:300]}") from None

@@ -121,3 +121,16 @@ def test_pagination_walks_all_models(client, auth, upload):
     assert seen == sorted(seen, reverse=True)  # newest first
     assert client.get("/v1/models", headers=auth, params={"limit": 500}).status_code == 422
     assert client.get("/v1/models", headers=auth, params={"cursor": "%%%"}).status_code == 400
+
+
+def test_pt2_with_planted_pickle_is_refused_at_upload(upload, tmp_path):
+    from tests.app.test_modelfiles import SystemCall, with_sample_inputs_pickle
+    from tests.helpers import save_pt2
+
+    marker = tmp_path / "pwned"
+    evil = with_sample_inputs_pickle(save_pt2(tmp_path / "good.pt2"),
+                                     pickle.dumps(SystemCall(f"touch {marker}"), protocol=2), tmp_path / "evil.pt2")
+    response = upload(evil.read_bytes(), filename="evil.pt2")
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "unsafe_pickle"
+    assert not marker.exists()
