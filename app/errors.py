@@ -36,8 +36,9 @@ def describe_validation_error(exc: RequestValidationError) -> str:
     for err in exc.errors()[:5]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
         # Discriminated unions add the tag as a path element ("quantize"); it is not a field name.
-        field = ".".join(loc) or "body"
-        parts.append(f"{field}: {err.get('msg', 'invalid')}")
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        # Cross-field validators name their own field ("datasets.calibration: ..."): keep that as it is.
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return "; ".join(parts) or "invalid request"
 
 

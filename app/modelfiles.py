@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import io
 import json
-import lzma
 import pickletools
 import re
 import struct
-import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
-SUPPORTED_FORMATS = ("pt2", "onnx")
+from app import archives
+
+SUPPORTED_FORMATS = ("pt2", "onnx", "hf")
 
 # Pickles inside a pt2 (sample inputs, the odd pickled constant) are small; anything
 # bigger is refused rather than read into the API process.
@@ -30,8 +30,10 @@ MAX_PICKLE_BYTES = 64 * 1024 * 1024
 # Total bytes inflated while vetting one archive, so a zip bomb stays cheap.
 MAX_SCAN_BYTES = 256 * 1024 * 1024
 
+# config.json and tokenizer_config.json are read whole at upload; real ones are a few kilobytes.
+MAX_CONFIG_BYTES = 1024 * 1024
+
 _HEAD_BYTES = 1024 * 1024
-_MAX_TAR_MEMBERS = 10_000
 _PICKLE_PROTO = 0x80
 _HIGHEST_PICKLE_PROTOCOL = 5
 
@@ -45,8 +47,15 @@ _ZIP64_END_RECORD = struct.Struct("<4sQHHIIQQQQ")  # signature, ..., cd size, cd
 _ZIP32_SATURATED = 0xFFFFFFFF
 _ZIP_UTF8_FLAG = 0x800
 
-_SUPPORTED_HINT = "supported formats: pt2 (written by torch.export.save) and onnx"
-_DESCRIPTIONS = {"pt2": "a pt2 archive", "onnx": "an ONNX model"}
+_SUPPORTED_HINT = (
+    "supported formats: pt2 (written by torch.export.save), onnx, and hf (a zip or tar.gz of a Hugging Face "
+    "model directory with config.json and *.safetensors weights)"
+)
+_DESCRIPTIONS = {"pt2": "a pt2 archive", "onnx": "an ONNX model", "hf": "a Hugging Face model archive"}
+# Weights a Hugging Face directory may hold; the worker loads a pytorch_model.bin only if it is a plain
+# state dict (torch.load with weights_only=True).
+_SAFETENSORS_SUFFIX = ".safetensors"
+_PICKLED_WEIGHTS = "pytorch_model.bin"
 
 # Errors the zipfile module raises on damaged or hostile archives.
 _ARCHIVE_ERRORS = (
@@ -59,7 +68,6 @@ _ARCHIVE_ERRORS = (
     RuntimeError,
     zlib.error,
 )
-_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 # torch's zip reader matches member names case-insensitively, so all name checks
 # below work on lowercased names.
@@ -152,7 +160,86 @@ def detect_format(path: Path, filename: str | None, declared: str | None) -> str
         )
     if detected == "pt2":
         vet_pt2(path)
+    elif detected == "hf":
+        vet_hf(path, subject)
     return detected
+
+
+def stored_extension(path: Path, fmt: str) -> str:
+    """The extension an upload is stored under: a Hugging Face archive keeps its own kind (zip, tar.gz, tar)."""
+    if fmt == "hf":
+        kind = archives.archive_kind(path)
+        if kind is None:
+            raise UnsupportedModelFile("corrupt_archive", "the Hugging Face model archive is not a zip or tar")
+        return kind
+    return fmt
+
+
+def vet_hf(path: Path, subject: str = "the archive", *,
+           max_unpacked_bytes: int = archives.DEFAULT_MAX_TOTAL_BYTES) -> None:
+    """Check a Hugging Face model archive without extracting it.
+
+    The listing must pass the archive safety rules, config.json must sit at the model root and parse, weights
+    must be there, and nothing may ask for custom code (auto_map, trust_remote_code): that code would run.
+    """
+    try:
+        listing = archives.list_archive(path, max_total_bytes=max_unpacked_bytes)
+    except archives.ArchiveError as exc:
+        raise UnsupportedModelFile(exc.code, f"{subject}: {exc.message}") from None
+    if "config.json" not in listing.files:
+        raise UnsupportedModelFile(
+            "missing_config",
+            f"{subject} has no config.json at its top level (or in its single top-level folder); a Hugging "
+            "Face model archive holds the model directory written by save_pretrained",
+        )
+    top_level = [name for name in listing.files if "/" not in name]
+    if not any(name.endswith(_SAFETENSORS_SUFFIX) for name in top_level) and _PICKLED_WEIGHTS not in top_level:
+        raise UnsupportedModelFile(
+            "missing_weights",
+            f"{subject} has no weights next to config.json: expected model.safetensors (or sharded "
+            "*.safetensors with model.safetensors.index.json)",
+        )
+    for name in ("config.json", "tokenizer_config.json"):
+        if name in listing.files:
+            reason = remote_code_reason(_read_json_member(path, listing, name, subject))
+            if reason:
+                raise UnsupportedModelFile(
+                    "remote_code_refused",
+                    f"{subject}: {name} {reason}, which means running code shipped with the model; that is "
+                    "never done here. Upload a model whose architecture is built into transformers",
+                )
+
+
+def remote_code_reason(document: object) -> str | None:
+    """Why a config would make transformers import code from the model directory, or None.
+
+    Shared with the worker, which checks the extracted files again before loading anything.
+    """
+    if isinstance(document, dict):
+        if "auto_map" in document:
+            return "sets auto_map (custom model classes)"
+        if document.get("trust_remote_code") is True:
+            return "sets trust_remote_code"
+        children: Iterable[object] = document.values()
+    elif isinstance(document, list):
+        children = document
+    else:
+        return None
+    return next((reason for child in children if (reason := remote_code_reason(child))), None)
+
+
+def _read_json_member(path: Path, listing: archives.ArchiveListing, name: str, subject: str) -> object:
+    try:
+        data = archives.read_member(path, listing.member(name), max_bytes=MAX_CONFIG_BYTES)
+    except archives.ArchiveError as exc:
+        raise UnsupportedModelFile(exc.code, f"{subject}: {exc.message}") from None
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise UnsupportedModelFile("invalid_config", f"{subject}: {name} is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise UnsupportedModelFile("invalid_config", f"{subject}: {name} is not a JSON object")
+    return document
 
 
 def vet_pt2(path: Path) -> None:
@@ -204,8 +291,8 @@ def _sniff(path: Path, subject: str) -> str:
             raise _pickled_model(subject)
         if _looks_like_onnx(file, size):
             return "onnx"
-    if _is_hf_tar(path):
-        raise _hf_archive(subject)
+    if archives.archive_kind(path) in (archives.TAR, archives.TAR_GZ):
+        return "hf"  # the only tar we accept; vet_hf says what is missing from any other
     if _parses_as_pickle(head):
         raise _pickled_model(subject)
     raise UnsupportedModelFile("unsupported_format", f"{subject} is not a recognised model file; {_SUPPORTED_HINT}")
@@ -226,9 +313,11 @@ def _sniff_zip(path: Path, subject: str) -> str:
     if "data.pkl" in basenames:
         raise _pickled_model(subject)
     if "config.json" in basenames:
-        raise _hf_archive(subject)
+        return "hf"
     raise UnsupportedModelFile(
-        "unsupported_format", f"{subject} is a zip archive but not a pt2 archive; {_SUPPORTED_HINT}"
+        "unsupported_format",
+        f"{subject} is a zip archive but neither a pt2 archive nor a Hugging Face model directory; "
+        f"{_SUPPORTED_HINT}",
     )
 
 
@@ -254,14 +343,6 @@ def _pickled_model(subject: str) -> UnsupportedModelFile:
         f"{subject} is a pickled PyTorch object (torch.save); pickled objects are not accepted "
         "because loading them runs code. Export the model with torch.export.save (.pt2) or to "
         f"ONNX instead; {_SUPPORTED_HINT}",
-    )
-
-
-def _hf_archive(subject: str) -> UnsupportedModelFile:
-    return UnsupportedModelFile(
-        "unsupported_format",
-        f"{subject} looks like a Hugging Face model archive; Hugging Face archives are not "
-        f"supported yet; {_SUPPORTED_HINT}",
     )
 
 
@@ -323,23 +404,6 @@ def _read_varint(file: IO[bytes]) -> int | None:
         if byte[0] < 0x80:
             return value
     return None
-
-
-def _is_hf_tar(path: Path) -> bool:
-    """True for a (possibly compressed) tar holding a config.json; reads a bounded prefix."""
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for _ in range(_MAX_TAR_MEMBERS):
-                member = tar.next()
-                if member is None:
-                    return False
-                if PurePosixPath(member.name).name.lower() == "config.json":
-                    return True
-                if member.offset_data + member.size > MAX_SCAN_BYTES:
-                    return False
-    except _TAR_ERRORS:
-        return False
-    return False
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""ORM models. The database is the source of truth for tenants, keys, models, jobs and artifacts."""
+"""ORM models. The database is the source of truth for tenants, keys, models, datasets, jobs and artifacts."""
 
 from datetime import datetime
 from typing import Any
@@ -50,6 +50,25 @@ class Model(Base):
     # Inspection is sent to a worker like a job: committed first, sent after, re-sent if the send failed.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     inspect_attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Dataset(Base):
+    """An uploaded dataset, validated at upload; `info` describes its arrays (or its labels, for jsonl)."""
+
+    __tablename__ = "datasets"
+    __table_args__ = (Index("ix_datasets_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(500))
+    num_samples: Mapped[int] = mapped_column(BigInteger)
+    has_labels: Mapped[bool] = mapped_column(Boolean)
+    info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Job(Base):

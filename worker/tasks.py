@@ -18,9 +18,9 @@ from sqlalchemy import update
 from app import jobs
 from app.config import get_settings
 from app.db import session_scope, utcnow
-from app.models import Job, Model
+from app.models import Dataset, Job, Model
 from app.queue import INSPECT_MODEL, RUN_JOB
-from app.schemas.recipe import Recipe
+from app.schemas.recipe import Recipe, Target
 from worker import resources
 from worker.celery_app import celery
 from worker.context import JobContext, with_db_retry
@@ -66,7 +66,7 @@ def inspect_model(model_id: str) -> None:
     try:
         local = workdir / f"model.{fmt}"
         storage.get_file(key, local)
-        info, status, error = formats.inspect(local, fmt), "ready", None
+        info, status, error = formats.inspect(local, fmt, workdir), "ready", None
     except JobFailure as exc:
         info, status, error = None, "invalid", exc.message
     except SoftTimeLimitExceeded:
@@ -117,7 +117,7 @@ def run_job(job_id: str) -> None:
 
 
 def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -> dict:
-    from worker.pipeline import run_pipeline
+    from worker.pipeline import Pipeline
 
     device = job.target.get("device", "cpu")
     if device == "cuda":
@@ -133,9 +133,22 @@ def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -
         if model.status == "invalid":
             raise JobFailure("model_invalid", f"model {model.id} is invalid: {model.error}")
         model_key, model_format, model_name = model.storage_key, model.format, model.name
+        datasets = {}
+        for role, dataset_id in (job.datasets or {}).items():
+            if not dataset_id:
+                continue
+            dataset = session.get(Dataset, dataset_id)
+            if dataset is None or dataset.tenant_id != job.tenant_id:
+                raise JobFailure("dataset_missing", f"{role} dataset {dataset_id!r} was deleted")
+            datasets[role] = (dataset.storage_key, dataset.format)
     local = workdir / f"input.{model_format}"
     storage.get_file(model_key, local)
-    result = run_pipeline(Recipe.model_validate(job.recipe), local, model_format, device, workdir, settings, ctx)
+    dataset_files = {}
+    for role, (key, fmt) in datasets.items():
+        dataset_files[role] = (workdir / f"{role}.{fmt}", fmt)
+        storage.get_file(key, dataset_files[role][0])
+    recipe, target = Recipe.model_validate(job.recipe), Target.model_validate(job.target)
+    result = Pipeline(recipe, target, local, model_format, dataset_files, workdir, settings, ctx).run()
     ctx.progress(0.95, "upload", "storing artifacts")
     metrics = {**result.metrics, "job_id": job.id, "model_id": job.model_id}
     report = workdir / "report.json"
@@ -143,9 +156,9 @@ def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -
     stem = Path(model_name).stem or "model"
     prefix = f"tenants/{job.tenant_id}/jobs/{job.id}"
     artifacts = []
-    for kind, fmt, path, filename in (("model", "onnx", result.model_path, f"{stem}-compressed.onnx"),
-                                      ("report", "json", report, "report.json")):
-        key = f"{prefix}/{kind}.{fmt}"  # fixed per job: a re-run overwrites, never duplicates
+    files = [(o.kind, o.format, o.path, f"{stem}-{o.filename}") for o in result.outputs]
+    for kind, fmt, path, filename in [*files, ("report", "json", report, "report.json")]:
+        key = f"{prefix}/{filename}"  # fixed per job: a re-run overwrites, never duplicates
         storage.put_file(key, path)
         artifacts.append({"kind": kind, "format": fmt, "filename": filename, "size_bytes": path.stat().st_size,
                           "sha256": _sha256(path), "storage_key": key})

@@ -17,7 +17,7 @@ from app.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep
 from app.db import utcnow
 from app.errors import ApiError, not_found
 from app.housekeeping import dispatch_job
-from app.models import Job, Model
+from app.models import Dataset, Job, Model
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.jobs import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
 
@@ -78,6 +78,12 @@ async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep
         raise ApiError(404, "not_found", f"model_id: model {body.model_id!r} not found")
     if model.status == "invalid":
         raise ApiError(409, "model_invalid", f"model_id: model {model.id!r} is invalid: {model.error}")
+    for role, dataset_id in body.datasets.model_dump().items():
+        if dataset_id is None:
+            continue
+        dataset = session.get(Dataset, dataset_id)
+        if dataset is None or dataset.tenant_id != tenant.id:
+            raise ApiError(404, "not_found", f"datasets.{role}: dataset {dataset_id!r} not found")
     try:
         job = jobs.create_job(
             session, tenant_id=tenant.id, model_id=model.id, name=body.name,

@@ -23,7 +23,6 @@ from app.uploads import receive_upload
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-EXTENSIONS = {"pt2": "pt2", "onnx": "onnx"}
 
 
 def get_owned_model(session, tenant, model_id: str) -> Model:
@@ -40,7 +39,8 @@ def get_owned_model(session, tenant, model_id: str) -> Model:
                        "format": {"type": "string", "enum": list(modelfiles.SUPPORTED_FORMATS)}}}}}}})
 async def upload_model(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
                        settings: SettingsDep, storage: StorageDep, celery: CeleryDep) -> Model:
-    """Upload a `.pt2` (torch.export) or `.onnx` model; a worker inspects it and sets it ready or invalid."""
+    """Upload a `.pt2` (torch.export), `.onnx` or Hugging Face archive; a worker inspects it and sets it ready or
+    invalid."""
     upload = await receive_upload(request, settings.upload_tmp_dir(), settings.max_upload_bytes, {"name", "format"})
     try:
         declared = upload.fields.get("format") or None
@@ -51,7 +51,8 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
             raise ApiError(415, exc.code, exc.message) from None
         name = (upload.fields.get("name") or upload.file.filename)[:200]
         model_id = new_id("mdl")
-        key = f"tenants/{tenant.id}/models/{model_id}/model.{EXTENSIONS[fmt]}"
+        extension = await run_in_threadpool(modelfiles.stored_extension, upload.file.path, fmt)
+        key = f"tenants/{tenant.id}/models/{model_id}/model.{extension}"
         await run_in_threadpool(storage.put_file, key, upload.file.path)
         model = Model(id=model_id, tenant_id=tenant.id, name=name, format=fmt, size_bytes=upload.file.size,
                       sha256=upload.file.sha256, storage_key=key, status="uploaded")
@@ -89,7 +90,8 @@ def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep) -> Mode
 def download_model(model_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
                    storage: StorageDep) -> Response:
     model = get_owned_model(session, tenant, model_id)
-    filename = f"{model.name.rsplit('.', 1)[0]}.{EXTENSIONS[model.format]}".replace('"', "")
+    extension = model.storage_key.rsplit("/", 1)[-1].partition(".")[2]  # pt2, onnx, zip, tar.gz or tar
+    filename = f"{model.name.rsplit('.', 1)[0]}.{extension}".replace('"', "")
     try:
         return stream_object(request, storage, model.storage_key, size=model.size_bytes, sha256=model.sha256,
                              filename=filename)

@@ -3,9 +3,9 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
-from app.schemas.recipe import DatasetRefs, Recipe, StrictModel, Target
+from app.schemas.recipe import DatasetRefs, Recipe, StrictModel, Target, check_recipe_for_target
 
 
 class JobCreate(StrictModel):
@@ -15,6 +15,11 @@ class JobCreate(StrictModel):
     datasets: DatasetRefs = Field(default_factory=DatasetRefs)
     target: Target = Field(default_factory=Target)
     webhook_url: HttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _recipe_fits_target(self) -> "JobCreate":
+        check_recipe_for_target(self.recipe, self.target, self.datasets)
+        return self
 
 
 class Progress(BaseModel):

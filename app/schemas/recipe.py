@@ -1,4 +1,8 @@
-"""Recipes: an ordered list of steps, each an object with `op`. Unknown ops or fields are rejected (422)."""
+"""Recipes: an ordered list of steps, each an object with `op`. Unknown ops or fields are rejected (422).
+
+Rules that depend on more than one field are checked here too, so a bad recipe is refused at submission
+with a message naming the field, not discovered by a worker later.
+"""
 
 from typing import Annotated, Literal
 
@@ -16,32 +20,82 @@ class QuantizeStep(StrictModel):
     granularity: Literal["per_channel", "per_tensor", "group"] = "per_channel"
     group_size: int | None = Field(default=None, ge=8, le=4096)
     exclude: list[str] = Field(default_factory=list, max_length=100)
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
 
     @model_validator(mode="after")
-    def _supported(self) -> "QuantizeStep":
-        if (self.method, self.dtype) != ("dynamic", "int8"):
-            raise ValueError(f"quantize method={self.method!r} dtype={self.dtype!r} is not available yet; "
-                             "this service supports method='dynamic' with dtype='int8'")
-        if self.granularity == "group" or self.group_size is not None:
-            raise ValueError("granularity='group' and group_size apply to weight_only quantization, "
-                             "which is not available yet")
+    def _consistent(self) -> "QuantizeStep":
+        if self.group_size is not None and self.group_size & (self.group_size - 1):
+            raise ValueError("group_size must be a power of two (8..4096)")
+        if self.dtype == "int4" and self.method != "weight_only":
+            raise ValueError("dtype 'int4' needs method 'weight_only'")
+        if self.method == "static" and self.dtype != "int8":
+            raise ValueError("method 'static' quantizes to dtype 'int8'")
+        if (self.granularity == "group" or self.group_size is not None) and self.method != "weight_only":
+            raise ValueError("granularity 'group' and group_size apply to method 'weight_only'")
+        if self.granularity == "group" and self.group_size is None:
+            self.group_size = 128
+        return self
+
+    @property
+    def is_cast(self) -> bool:
+        return self.dtype in ("fp16", "bf16")
+
+
+class PruneStep(StrictModel):
+    op: Literal["prune"]
+    method: Literal["magnitude", "activation_aware", "structured"] = "magnitude"
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
+    threshold: float | None = Field(default=None, ge=0.0)
+    scope: Literal["global", "layer"] = "layer"
+    pattern: Literal["unstructured", "2:4", "channel"] = "unstructured"
+    exclude: list[str] = Field(default_factory=list, max_length=100)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneStep":
+        if self.method == "structured" and self.pattern == "unstructured":
+            self.pattern = "channel"
+        if self.pattern == "channel" and self.method != "structured":
+            raise ValueError("pattern 'channel' needs method 'structured'")
+        if self.method == "structured" and self.pattern != "channel":
+            raise ValueError("method 'structured' removes whole channels: use pattern 'channel'")
+        if self.threshold is not None:
+            if self.method != "magnitude" or self.pattern != "unstructured":
+                raise ValueError("threshold applies to method 'magnitude' with pattern 'unstructured'")
+            if self.sparsity is not None:
+                raise ValueError("give either sparsity or threshold, not both")
+        elif self.pattern == "2:4":
+            if self.sparsity not in (None, 0.5):
+                raise ValueError("pattern '2:4' keeps 2 of every 4 weights: sparsity is 0.5")
+            self.sparsity = 0.5
+        elif self.sparsity is None:
+            raise ValueError("sparsity (0..1) or, for magnitude pruning, threshold is required")
         return self
 
 
 class ExportStep(StrictModel):
     op: Literal["export"]
-    formats: list[Literal["onnx"]] = Field(default_factory=lambda: ["onnx"], min_length=1)
+    formats: list[Literal["onnx", "pt2", "hf", "safetensors"]] = Field(min_length=1, max_length=4)
 
 
-Step = Annotated[QuantizeStep | ExportStep, Field(discriminator="op")]
+Step = Annotated[QuantizeStep | PruneStep | ExportStep, Field(discriminator="op")]
 
 
 class Recipe(StrictModel):
     steps: list[Step] = Field(min_length=1, max_length=32)
 
+    @model_validator(mode="after")
+    def _order(self) -> "Recipe":
+        quantized = False
+        for index, step in enumerate(self.steps):
+            if quantized and step.op != "export":
+                raise ValueError(f"steps.{index}: a {step.op!r} step cannot follow a quantize step; "
+                                 "quantize last (only export may follow)")
+            quantized = quantized or step.op == "quantize"
+        return self
+
 
 class Target(StrictModel):
-    runtime: Literal["onnxruntime"] = "onnxruntime"
+    runtime: Literal["onnxruntime", "pytorch"] = "onnxruntime"
     device: Literal["cpu", "cuda"] = "cpu"
 
     @property
@@ -54,3 +108,20 @@ class DatasetRefs(StrictModel):
     calibration: str | None = None
     train: str | None = None
     eval: str | None = None
+
+
+def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRefs) -> None:
+    """Cross-field rules between the steps, the target and the datasets (ValueError names the field)."""
+    for index, step in enumerate(recipe.steps):
+        where = f"recipe.steps.{index}"
+        if isinstance(step, QuantizeStep):
+            if step.method == "static" and target.runtime != "onnxruntime":
+                raise ValueError(f"{where}.method: static int8 is available for target.runtime 'onnxruntime'")
+            if step.dtype == "bf16" and target.runtime == "onnxruntime":
+                raise ValueError(f"{where}.dtype: ONNX Runtime has no bf16 kernels on CPU; use 'fp16' or "
+                                 "target.runtime 'pytorch'")
+            if step.method == "static" and not datasets.calibration:
+                raise ValueError(f"datasets.calibration: {where} (static quantization) needs a calibration dataset")
+        if isinstance(step, PruneStep) and step.method == "activation_aware" and not datasets.calibration:
+            raise ValueError(f"datasets.calibration: {where} (activation_aware pruning) needs a calibration "
+                             "dataset")

@@ -1,61 +1,232 @@
-"""Dynamic int8 quantization with ONNX Runtime's quantization tools.
+"""Quantization, for both targets.
 
-Per-channel int8 weights are the default: on CPU they keep far more fidelity than per-tensor at the same
-size (see DESIGN.md). Activations are quantized on the fly at run time.
+onnxruntime target (ONNX in, ONNX out, ONNX Runtime's own tools):
+  dynamic int8 (per-channel weights by default: far more faithful than per-tensor at the same size),
+  static int8 (activations calibrated on a dataset, QDQ format), weight-only int8/int4 (MatMulNBits with
+  `group_size` blocks), fp16 cast.
+pytorch target (torch module in and out; saved as .pt2): dynamic int8 and weight-only int8/int4 linear
+layers that keep int8/packed-int4 buffers, fp16/bf16 casts.
+`exclude` regexes keep matching layers in full precision on both targets.
 """
 
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
+import torch
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_dynamic, quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from app.schemas.recipe import QuantizeStep
+from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, replace_linears
 from worker.errors import JobFailure
 
 log = logging.getLogger(__name__)
 
 QUANTIZABLE_OPS = ["MatMul", "Gemm", "Conv", "Attention", "LSTM", "GRU"]
+CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+
+
+def compile_patterns(patterns: list[str]) -> list[re.Pattern]:
+    try:
+        return [re.compile(p) for p in patterns]
+    except re.error as exc:
+        raise JobFailure("invalid_recipe", f"exclude: invalid regular expression: {exc}") from None
 
 
 def excluded_nodes(model_path: Path, patterns: list[str]) -> list[str]:
-    """Node names matching any `exclude` regex (by node name or by the name of its weight input)."""
-    if not patterns:
+    """ONNX node names matching any `exclude` regex, by node name or by the name of one of its inputs."""
+    compiled = compile_patterns(patterns)
+    if not compiled:
         return []
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error as exc:
-        raise JobFailure("invalid_recipe", f"exclude: invalid regular expression: {exc}") from None
     model = onnx.load(str(model_path), load_external_data=False)
-    matched = []
-    for node in model.graph.node:
-        names = [node.name, *node.input]
-        if any(rx.search(n) for rx in compiled for n in names if n):
-            matched.append(node.name)
-    return matched
+    return [node.name for node in model.graph.node
+            if any(rx.search(n) for rx in compiled for n in [node.name, *node.input] if n)]
 
 
-def quantize_dynamic_int8(source: Path, destination: Path, step: QuantizeStep) -> dict:
+def _prepare(source: Path, destination: Path) -> Path:
     prepared = destination.with_suffix(".prep.onnx")
     try:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        return prepared
     except Exception as exc:  # pre-processing only helps; quantize the model as it is when it fails
         log.info("quantization pre-processing skipped: %s", exc)
-        prepared = source
+        return source
+
+
+def _failure(what: str, exc: Exception) -> JobFailure:
+    return JobFailure("quantization_failed", f"{what} failed: {exc.__class__.__name__}: {str(exc)[:300]}")
+
+
+def onnx_dynamic_int8(source: Path, destination: Path, step: QuantizeStep) -> dict:
+    prepared = _prepare(source, destination)
     exclude = excluded_nodes(prepared, step.exclude)
     # ONNX Runtime rewrites Gemm as MatMul + Add before quantizing, naming the MatMul "<gemm name>_MatMul".
-    exclude_with_rewrites = exclude + [f"{name}_MatMul" for name in exclude]
     try:
         quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8,
                          per_channel=step.granularity == "per_channel", op_types_to_quantize=QUANTIZABLE_OPS,
-                         nodes_to_exclude=exclude_with_rewrites, extra_options={"MatMulConstBOnly": True})
+                         nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
+                         extra_options={"MatMulConstBOnly": True})
     except Exception as exc:
-        raise JobFailure("quantization_failed", f"ONNX Runtime quantization failed: {exc.__class__.__name__}: "
-                                                f"{str(exc)[:300]}") from None
+        raise _failure("ONNX Runtime dynamic quantization", exc) from None
     finally:
         if prepared != source:
             prepared.unlink(missing_ok=True)
     return {"method": "dynamic", "dtype": "int8", "granularity": step.granularity, "excluded_nodes": exclude,
             "tool": "onnxruntime.quantization.quantize_dynamic"}
+
+
+class _Batches(CalibrationDataReader):
+    def __init__(self, names: list[str], batches: Iterable[list[np.ndarray]]):
+        self._items = iter([dict(zip(names, batch)) for batch in batches])
+
+    def get_next(self):
+        return next(self._items, None)
+
+
+def onnx_static_int8(source: Path, destination: Path, step: QuantizeStep,
+                     calibration: list[list[np.ndarray]]) -> dict:
+    prepared = _prepare(source, destination)
+    exclude = excluded_nodes(prepared, step.exclude)
+    names = [i.name for i in onnx.load(str(prepared), load_external_data=False).graph.input
+             if i.name not in {t.name for t in onnx.load(str(prepared), load_external_data=False).graph.initializer}]
+    try:
+        quantize_static(str(prepared), str(destination), _Batches(names, calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=step.granularity == "per_channel",
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=exclude, calibrate_method=CALIBRATION[step.calibration_method],
+                        op_types_to_quantize=QUANTIZABLE_OPS)
+    except Exception as exc:
+        raise _failure("ONNX Runtime static quantization", exc) from None
+    finally:
+        if prepared != source:
+            prepared.unlink(missing_ok=True)
+    return {"method": "static", "dtype": "int8", "granularity": step.granularity, "excluded_nodes": exclude,
+            "calibration_method": step.calibration_method, "calibration_batches": len(calibration),
+            "calibration_samples": int(sum(b[0].shape[0] for b in calibration)) if calibration else 0,
+            "format": "QDQ (uint8 activations, int8 weights)", "tool": "onnxruntime.quantization.quantize_static"}
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite Gemm(A, const B, C) as MatMul + Add, which the weight-only quantizer understands."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    rewritten = 0
+    for node in list(model.graph.node):
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type != "Gemm" or node.input[1] not in initializers or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]])
+        if attrs.get("transB", 0):
+            weight = weight.T
+        weight_name = f"{node.input[1]}_kn"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), weight_name))
+        index = list(model.graph.node).index(node)
+        has_bias = len(node.input) > 2 and node.input[2]
+        matmul_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        new_nodes = [helper.make_node("MatMul", [node.input[0], weight_name], [matmul_out], name=f"{node.name}")]
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [matmul_out, node.input[2]], [node.output[0]],
+                                              name=f"{node.name}_bias"))
+        model.graph.node.remove(node)
+        for offset, new in enumerate(new_nodes):
+            model.graph.node.insert(index + offset, new)
+        rewritten += 1
+    used = {i for n in model.graph.node for i in n.input}
+    for tensor in list(model.graph.initializer):
+        if tensor.name not in used:
+            model.graph.initializer.remove(tensor)
+    return rewritten
+
+
+def onnx_weight_only(source: Path, destination: Path, step: QuantizeStep) -> dict:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    bits = 4 if step.dtype == "int4" else 8
+    block = step.group_size or 128
+    model = onnx.load(str(source))
+    rewritten = gemm_to_matmul(model)
+    onnx.save(model, str(destination))
+    exclude = excluded_nodes(destination, step.exclude)
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
+                                         nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",),
+                                         channel_wised_quantize=step.granularity == "per_channel")
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(destination))
+    except Exception as exc:
+        raise _failure("ONNX Runtime weight-only quantization", exc) from None
+    return {"method": "weight_only", "dtype": step.dtype, "bits": bits,
+            "granularity": step.granularity, "group_size": None if step.granularity == "per_channel" else block,
+            "gemm_rewritten_as_matmul": rewritten, "excluded_nodes": exclude,
+            "tool": "onnxruntime.quantization.matmul_nbits_quantizer (MatMulNBits)"}
+
+
+def onnx_fp16(source: Path, destination: Path, step: QuantizeStep) -> dict:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    exclude = excluded_nodes(source, step.exclude)
+    try:
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, node_block_list=exclude)
+        onnx.save(model, str(destination))
+    except Exception as exc:
+        raise _failure("fp16 conversion", exc) from None
+    return {"method": "cast", "dtype": "fp16", "excluded_nodes": exclude, "io_types": "float32 (kept)",
+            "tool": "onnxruntime.transformers.float16"}
+
+
+def quantize_onnx(source: Path, destination: Path, step: QuantizeStep,
+                  calibration: list[list[np.ndarray]] | None) -> dict:
+    if step.dtype == "fp16":
+        return onnx_fp16(source, destination, step)
+    if step.method == "static":
+        return onnx_static_int8(source, destination, step, calibration or [])
+    if step.method == "weight_only":
+        return onnx_weight_only(source, destination, step)
+    return onnx_dynamic_int8(source, destination, step)
+
+
+class CastIO(torch.nn.Module):
+    """Runs a half-precision module behind float32 inputs and outputs, so callers see the same interface."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *args):
+        args = tuple(a.to(self.dtype) if a.is_floating_point() else a for a in args)
+        result = self.module(*args)
+        if isinstance(result, (tuple, list)):
+            return tuple(r.float() if r.is_floating_point() else r for r in result)
+        return result.float() if result.is_floating_point() else result
+
+
+def quantize_module(module: torch.nn.Module, step: QuantizeStep) -> tuple[torch.nn.Module, dict]:
+    """pytorch target: swap linear layers for quantized ones (or cast); returns the new module."""
+    patterns = compile_patterns(step.exclude)
+
+    def skip(name: str) -> bool:
+        return any(rx.search(name) for rx in patterns)
+
+    if step.is_cast:
+        dtype = torch.float16 if step.dtype == "fp16" else torch.bfloat16
+        return CastIO(module, dtype), {"method": "cast", "dtype": step.dtype, "io_types": "float32 (kept)"}
+    if step.method == "weight_only":
+        bits = 4 if step.dtype == "int4" else 8
+        group = step.group_size if step.granularity == "group" else None
+        names = replace_linears(module, lambda layer: WeightOnlyLinear(layer, bits, group), skip)
+        return module, {"method": "weight_only", "dtype": step.dtype, "group_size": group,
+                        "granularity": step.granularity, "quantized_layers": len(names),
+                        "note": "weights are stored as int8/int4 and dequantized at run time: smaller, "
+                                "not faster on CPU"}
+    names = replace_linears(module, lambda layer: DynamicInt8Linear(layer, step.granularity == "per_channel"), skip)
+    return module, {"method": "dynamic", "dtype": "int8", "granularity": step.granularity,
+                    "quantized_layers": len(names),
+                    "note": "int8 weights; activations quantized per row at run time (torch._int_mm)"}

@@ -1,4 +1,8 @@
-"""One measurement routine for every model, baseline and compressed alike (same inputs, same process)."""
+"""One measurement routine for every model, baseline and compressed alike (same inputs, same process).
+
+A model file is opened by the runtime the job targets (ONNX Runtime for .onnx, torch for .pt2) and timed and
+compared in exactly the same way whatever it is.
+"""
 
 import time
 from collections.abc import Callable
@@ -6,32 +10,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 
-from worker.evaluation.runtime import ort_session, run_onnx
-from worker.formats.onnx_format import count_params
+from worker.evaluation.runtime import open_runner
+
+Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 
-def latency_ms(path: Path, feeds: list[np.ndarray], device: str, threads: int, warmup: int, runs: int,
+def latency_ms(run: Runner, feeds: list[np.ndarray], warmup: int, runs: int,
                check: Callable[[], None] = lambda: None) -> dict:
     """p50/p95 of single-batch runs after warm-up; `check` is called between runs so a cancel is noticed."""
-    session = ort_session(path, device, threads)
     for _ in range(warmup):
-        run_onnx(session, feeds)
+        run(feeds)
     times = []
-    for run in range(runs):
-        if run % 20 == 0:
+    for index in range(runs):
+        if index % 20 == 0:
             check()
         start = time.perf_counter()
-        run_onnx(session, feeds)
+        run(feeds)
         times.append((time.perf_counter() - start) * 1000)
     return {"p50": round(float(np.percentile(times, 50)), 4), "p95": round(float(np.percentile(times, 95)), 4),
             "runs": runs, "batch_shape": [list(a.shape) for a in feeds]}
-
-
-def outputs(path: Path, all_feeds: list[list[np.ndarray]], device: str, threads: int) -> list[list[np.ndarray]]:
-    session = ort_session(path, device, threads)
-    return [run_onnx(session, feeds) for feeds in all_feeds]
 
 
 def _per_sample(batches: list[list[np.ndarray]]) -> np.ndarray:
@@ -49,14 +47,19 @@ def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]
     cosine = np.where(norms > 0, (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
     rel_l2 = float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-30))
     top1 = None
-    first_ref, first_cand = reference[0][0], candidate[0][0]
-    if first_ref.ndim == 2 and first_ref.shape[1] > 1:  # looks like [batch, classes]: compare the argmax
+    if reference[0][0].ndim == 2 and reference[0][0].shape[1] > 1:  # looks like [batch, classes]
         agree = [np.mean(np.argmax(r[0], 1) == np.argmax(c[0], 1)) for r, c in zip(reference, candidate)]
         top1 = round(float(np.mean(agree)), 6)
     return {"cosine_mean": round(float(cosine.mean()), 6), "cosine_min": round(float(cosine.min()), 6),
             "rel_l2": round(rel_l2, 6), "top1_agreement": top1, "samples": int(ref.shape[0])}
 
 
-def size_and_params(path: Path) -> dict[str, int]:
-    params, nonzero = count_params(onnx.load(str(path), load_external_data=False))
-    return {"size_bytes": path.stat().st_size, "params": params, "nonzero_params": nonzero}
+def measure_file(path: Path, runtime: str, device: str, threads: int, feeds: list[list[np.ndarray]],
+                 warmup: int, runs: int, check: Callable[[], None]) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
+    """Latency on the first batch and outputs on every batch, with the runtime the job targets."""
+    run = open_runner(path, runtime, device, threads)
+    outputs = []
+    for batch in feeds:
+        check()
+        outputs.append(run(batch))
+    return latency_ms(run, feeds[0], warmup, runs, check), outputs

@@ -1,5 +1,6 @@
-"""ONNX Runtime sessions for measurement: one place decides providers and threads."""
+"""Opening a model file for measurement: one place decides providers, devices and threads."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,3 +30,17 @@ def run_onnx(session: ort.InferenceSession, feeds: list[np.ndarray]) -> list[np.
     names = [i.name for i in session.get_inputs()]
     outputs = session.run(None, dict(zip(names, feeds, strict=True)))
     return [np.asarray(o, dtype=np.float32) for o in outputs]
+
+
+def open_runner(path: Path, runtime: str, device: str, threads: int) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """A function feeds -> outputs for a model file, loaded the way a user of that runtime would load it."""
+    if runtime == "onnxruntime":
+        session = ort_session(path, device, threads)
+        return lambda feeds: run_onnx(session, feeds)
+    import torch
+
+    from worker.formats import run_module
+
+    torch.set_num_threads(threads)
+    module = torch.export.load(str(path)).module().to(device)
+    return lambda feeds: run_module(module, feeds, device)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 
 from worker.errors import JobFailure
-from worker.evaluation.runtime import ort_session, run_onnx
+from worker.evaluation.runtime import ort_session
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
              "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
@@ -64,10 +64,8 @@ def inspect(path: Path) -> dict[str, Any]:
                              "producer": model.producer_name, "ops": ops}}
 
 
-def load_source(path: Path, device: str):
-    from worker.formats import SourceModel
+def load(path: Path):
+    from worker.formats import LoadedModel
 
     info = inspect(path)
-    session = ort_session(path, device)
-    return SourceModel(format="onnx", onnx_path=path, inputs=info["inputs"], outputs=info["outputs"],
-                       reference=lambda feeds: run_onnx(session, feeds))
+    return LoadedModel(format="onnx", inputs=info["inputs"], outputs=info["outputs"], onnx_path=path, info=info)

@@ -36,7 +36,15 @@ def test_submit_job_is_queued_and_sent(client, auth, model_id, settings):
     ({"steps": [{"op": "quantize", "dtype": "int3"}]}, "recipe.steps.0.quantize.dtype"),
     ({"steps": [{"op": "quantize", "colour": "red"}]}, "recipe.steps.0.quantize.colour"),
     ({"steps": []}, "recipe.steps"),
-    ({"steps": [{"op": "quantize", "method": "static"}]}, "recipe.steps.0.quantize"),
+    ({"steps": [{"op": "quantize", "method": "static", "dtype": "int4"}]}, "recipe.steps.0.quantize"),
+    ({"steps": [{"op": "quantize", "method": "static"}]}, "datasets.calibration"),
+    ({"steps": [{"op": "prune", "method": "magnitude"}]}, "recipe.steps.0.prune"),
+    ({"steps": [{"op": "prune", "sparsity": 1.5}]}, "recipe.steps.0.prune.sparsity"),
+    ({"steps": [{"op": "prune", "pattern": "2:4", "sparsity": 0.7}]}, "recipe.steps.0.prune"),
+    ({"steps": [{"op": "prune", "method": "activation_aware", "sparsity": 0.5}]}, "datasets.calibration"),
+    ({"steps": [{"op": "quantize"}, {"op": "prune", "sparsity": 0.5}]}, "recipe: steps.1"),
+    ({"steps": [{"op": "quantize", "dtype": "bf16"}]}, "recipe.steps.0.dtype"),
+    ({"steps": [{"op": "export", "formats": ["tflite"]}]}, "recipe.steps.0.export.formats.0"),
 ])
 def test_bad_recipe_is_422_naming_the_field(client, auth, model_id, recipe, field):
     response = submit(client, auth, model_id, recipe)

@@ -1,0 +1,81 @@
+"""The inputs a job measures and calibrates on: from the user's datasets, or generated when none is given."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from worker.datasets import DatasetArrays, batches, load_arrays, match_inputs, tokenize_texts
+from worker.errors import JobFailure
+from worker.evaluation.inputs import generate_feeds
+
+GENERATED_BATCHES = 8
+DYNAMIC_BATCH = 16
+MAX_EVAL_SAMPLES = 512
+MAX_CALIBRATION_SAMPLES = 256
+TEXT_MAX_LENGTH = 128
+
+
+@dataclass
+class JobData:
+    eval_batches: list[list[np.ndarray]]
+    eval_labels: list[np.ndarray] | None
+    calibration: list[list[np.ndarray]] | None
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+def _batch_size(inputs: list[dict[str, Any]]) -> tuple[int, bool]:
+    first = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
+    return (first, True) if isinstance(first, int) else (DYNAMIC_BATCH, False)
+
+
+def _arrays(path: Path, fmt: str, loaded, role: str) -> DatasetArrays:
+    data = load_arrays(path, fmt)
+    if data.texts is not None:
+        tokenizer = getattr(loaded.hf, "tokenizer", None)
+        if tokenizer is None:
+            raise JobFailure("invalid_dataset", f"{role} dataset: a .jsonl text dataset needs a Hugging Face model "
+                                                "that ships its tokenizer")
+        names = [i["name"] for i in loaded.inputs]
+        data = DatasetArrays(inputs=tokenize_texts(data.texts, tokenizer, names, TEXT_MAX_LENGTH), labels=data.labels)
+    return data
+
+
+def _take(data: DatasetArrays, limit: int) -> DatasetArrays:
+    return DatasetArrays(inputs={k: v[:limit] for k, v in data.inputs.items()},
+                         labels=None if data.labels is None else data.labels[:limit])
+
+
+def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
+    """`files` maps a role (eval, calibration, train) to (local path, dataset format)."""
+    size, static = _batch_size(loaded.inputs)
+    description: dict[str, Any] = {}
+    if "eval" in files:
+        data = _take(_arrays(*files["eval"], loaded, "eval"), MAX_EVAL_SAMPLES)
+        split = batches(match_inputs(data, loaded.inputs, "eval"), size, data.labels, static=static, role="eval")
+        eval_batches = [feeds for feeds, _ in split.batches]
+        labels = [lab for _, lab in split.batches] if data.labels is not None else None
+        description.update(inputs="eval dataset", samples=sum(b[0].shape[0] for b in eval_batches),
+                           dropped_samples=split.dropped, has_labels=labels is not None)
+    else:
+        eval_batches, labels = generate_feeds(loaded.inputs, batches=GENERATED_BATCHES, seed=0), None
+        description.update(inputs="generated", batches=GENERATED_BATCHES, seed=0,
+                           note="no eval dataset given: fidelity is measured on seeded random inputs of the "
+                                "model's input shapes, against the original model's own outputs; no accuracy")
+    description["input_shapes"] = [list(a.shape) for a in eval_batches[0]]
+    calibration = None
+    if "calibration" in files:
+        data = _take(_arrays(*files["calibration"], loaded, "calibration"), MAX_CALIBRATION_SAMPLES)
+        split = batches(match_inputs(data, loaded.inputs, "calibration"), size, static=static, role="calibration")
+        calibration = [feeds for feeds, _ in split.batches]
+        description["calibration_samples"] = sum(b[0].shape[0] for b in calibration)
+    return JobData(eval_batches=eval_batches, eval_labels=labels, calibration=calibration, description=description)
+
+
+def accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray] | None) -> float | None:
+    """Top-1 accuracy of the first output ([batch, classes]) against integer labels."""
+    if labels is None or outputs[0][0].ndim != 2:
+        return None
+    correct = sum(int((np.argmax(out[0], axis=1) == lab).sum()) for out, lab in zip(outputs, labels))
+    return round(correct / max(sum(len(lab) for lab in labels), 1), 6)
