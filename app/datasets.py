@@ -16,7 +16,6 @@ from typing import IO, Any
 
 import numpy as np
 
-FORMATS = ("npz", "safetensors", "jsonl")
 LABELS = "labels"
 
 MAX_ARRAYS = 64
@@ -85,19 +84,17 @@ def inspect_dataset(path: Path, filename: str) -> DatasetFacts:
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
-    """An 8-byte little-endian header length followed by a JSON object.
+    """An 8-byte little-endian header length, then `{`.
 
-    A header length that runs past the end means a truncated safetensors file, unless the file starts with
-    `{` (then it is text: printable bytes read as a length are far beyond any real file size).
+    Real header lengths are far below 2**40, so the length's top three bytes are zero: text never has NULs,
+    which keeps jsonl apart. Such a length that runs past the end of the file is a truncated safetensors file.
     """
-    if len(head) < 9 or head[8:9] != b"{":
+    if len(head) < 9 or head[8:9] != b"{" or head[5:8] != b"\0\0\0":
         return False
     (header_len,) = struct.unpack("<Q", head[:8])
-    if 8 + header_len <= size:
-        return True
-    if head[:1] != b"{":
+    if 8 + header_len > size:
         raise _invalid(f"safetensors header length {header_len} runs past the end of the file ({size} bytes)")
-    return False
+    return True
 
 
 def _check_arrays(arrays: dict[str, tuple[tuple[int, ...], np.dtype]], fmt: str) -> DatasetFacts:

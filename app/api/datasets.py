@@ -43,9 +43,9 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
         dataset_id = new_id("ds")
         key = f"tenants/{tenant.id}/datasets/{dataset_id}/data.{facts.format}"
         await run_in_threadpool(storage.put_file, key, upload.file.path)
-        dataset = Dataset(id=dataset_id, tenant_id=tenant.id, name=name, format=facts.format, size_bytes=upload.file.size, sha256=upload.file.sha256,
-                          storage_key=key, num_samples=facts.num_samples, has_labels=facts.has_labels,
-                          info=facts.info)
+        dataset = Dataset(id=dataset_id, tenant_id=tenant.id, name=name, format=facts.format,
+                          size_bytes=upload.file.size, sha256=upload.file.sha256, storage_key=key,
+                          num_samples=facts.num_samples, has_labels=facts.has_labels, info=facts.info)
         try:
             with session_factory() as session:
                 session.add(dataset)

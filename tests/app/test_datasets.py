@@ -231,3 +231,9 @@ def test_unknown_content_names_supported_formats(tmp_path, content):
     assert error.code == "unsupported_format"
     assert "'d.csv' is not a dataset this service reads" in error.message
     assert all(fmt in error.message for fmt in ("npz", "safetensors", "jsonl"))
+
+
+def test_jsonl_whose_ninth_byte_is_a_brace_is_still_jsonl(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(datasets.UTF8_BOM + b'{"a": {"b": 1}}\n')
+    assert refused(path).message == "line 1: 'text' must be a non-empty string"

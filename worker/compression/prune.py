@@ -5,7 +5,6 @@ pruning really removes output channels / neurons (and the matching inputs of the
 so tensors and files get smaller without any sparse encoding.
 """
 
-import re
 from collections.abc import Callable
 
 import numpy as np
@@ -199,7 +198,3 @@ def onnx_layer_sparsity(path) -> dict[str, dict]:
             report[tensor.name] = {"params": int(array.size), "zeros": zeros,
                                    "sparsity": round(zeros / max(array.size, 1), 4), "shape": list(array.shape)}
     return report
-
-
-def natural_key(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

@@ -1,0 +1,102 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from app.schemas.recipe import PruneStep
+from tests.helpers import make_mlp, save_onnx
+from worker.compression.prune import apply_masks, layer_sparsity, prune_onnx, prune_unstructured
+from worker.errors import JobFailure
+
+
+def step(**fields) -> PruneStep:
+    return PruneStep(op="prune", **fields)
+
+
+def weights(model):
+    return {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_magnitude_hits_target_sparsity(scope):
+    model = make_mlp(32, 64, 8)
+    masks, details = prune_unstructured(model, step(sparsity=0.6, scope=scope), None)
+    total = sum(w.numel() for w in weights(model).values())
+    zeros = sum(int((w == 0).sum()) for w in weights(model).values())
+    assert abs(zeros / total - 0.6) < 0.01
+    if scope == "layer":
+        assert all(abs(info["sparsity"] - 0.6) < 0.02 for info in layer_sparsity(model).values())
+    assert set(masks) == set(weights(model)) and details["layers"] == 3
+
+
+def test_global_scope_prunes_small_layers_more():
+    model = make_mlp(32, 64, 8)
+    with torch.no_grad():
+        model[4].weight.mul_(0.01)  # a layer of tiny weights
+    prune_unstructured(model, step(sparsity=0.5, scope="global"), None)
+    assert (model[4].weight == 0).float().mean() > 0.95
+
+
+def test_threshold_zeroes_exactly_the_small_weights():
+    model = make_mlp(16, 16, 4)
+    originals = {n: w.detach().clone() for n, w in weights(model).items()}
+    prune_unstructured(model, step(threshold=0.1), None)
+    for name, weight in weights(model).items():
+        small = originals[name].abs() < 0.1
+        assert torch.all(weight[small] == 0) and torch.equal(weight[~small], originals[name][~small])
+
+
+def test_two_four_keeps_two_of_every_four():
+    model = make_mlp(16, 32, 4)
+    prune_unstructured(model, step(pattern="2:4"), None)
+    for weight in weights(model).values():
+        groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
+        assert torch.all(groups <= 2)
+
+
+def test_exclude_keeps_layers_dense():
+    model = make_mlp(16, 32, 4)
+    prune_unstructured(model, step(sparsity=0.5, exclude=["^4$"]), None)
+    assert (model[4].weight == 0).sum() == 0 and (model[0].weight == 0).float().mean() >= 0.49
+
+
+def test_activation_aware_beats_magnitude_when_inputs_are_uneven():
+    """Inputs whose scale varies a lot per feature: weighting by activation norms keeps far more fidelity."""
+    torch.manual_seed(0)
+    scale = torch.logspace(-2, 1, 64)
+    batches = [(torch.randn(32, 64) * scale,) for _ in range(4)]
+    test = torch.randn(256, 64) * scale
+    errors = {}
+    for method in ("magnitude", "activation_aware"):
+        model = make_mlp(64, 64, 8, seed=1)
+        want = model(test).detach()
+        prune_unstructured(model, step(method=method, sparsity=0.5), batches if method == "activation_aware" else None)
+        errors[method] = float((model(test).detach() - want).norm() / want.norm())
+    assert errors["activation_aware"] < 0.7 * errors["magnitude"], errors
+
+
+def test_masks_keep_pruned_weights_at_zero_after_training():
+    model = make_mlp(16, 16, 4)
+    masks, _ = prune_unstructured(model, step(sparsity=0.5), None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(8, 16)).sum().backward()
+    optimizer.step()
+    apply_masks(model, masks)
+    assert all(torch.all(model.get_submodule(n).weight[~m] == 0) for n, m in masks.items())
+
+
+def test_onnx_magnitude_pruning_on_initializers(tmp_path):
+    path = save_onnx(tmp_path / "m.onnx", 16, 64, 4)
+    details = prune_onnx(path, tmp_path / "p.onnx", step(sparsity=0.5))
+    pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "p.onnx")).graph.initializer}
+    assert details["layers"] == 3
+    assert all(abs(float((pruned[n] == 0).mean()) - 0.5) < 0.02 for n in ("0.weight", "2.weight", "4.weight"))
+    assert not np.any(pruned["0.bias"] == 0)
+
+
+def test_onnx_refuses_methods_that_need_torch(tmp_path):
+    path = save_onnx(tmp_path / "m.onnx")
+    with pytest.raises(JobFailure) as refused:
+        prune_onnx(path, tmp_path / "p.onnx", step(method="structured", sparsity=0.5))
+    assert "PyTorch" in refused.value.message

@@ -1,0 +1,82 @@
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from app.schemas.recipe import QuantizeStep
+from tests.helpers import make_mlp, save_onnx
+from worker.compression.quantize import gemm_to_matmul, quantize_module, quantize_onnx
+
+
+def q(**fields) -> QuantizeStep:
+    return QuantizeStep(op="quantize", **fields)
+
+
+def run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def cosine(a, b):
+    return float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("fields, max_ratio", [
+    ({"method": "dynamic"}, 0.35),
+    ({"method": "weight_only", "dtype": "int8", "granularity": "group", "group_size": 32}, 0.4),
+    ({"method": "weight_only", "dtype": "int4", "granularity": "group", "group_size": 32}, 0.25),
+    ({"dtype": "fp16"}, 0.55),
+])
+def test_onnx_methods_shrink_and_stay_faithful(tmp_path, fields, max_ratio):
+    source = save_onnx(tmp_path / "m.onnx", 256, 512, 16)
+    out = tmp_path / "q.onnx"
+    quantize_onnx(source, out, q(**fields), None)
+    assert out.stat().st_size < max_ratio * source.stat().st_size
+    x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+    assert cosine(run(source, x), run(out, x)) > 0.99
+
+
+def test_onnx_static_int8_uses_calibration(tmp_path):
+    source = save_onnx(tmp_path / "m.onnx", 64, 128, 8)
+    rng = np.random.default_rng(0)
+    calibration = [[rng.standard_normal((4, 64)).astype(np.float32)] for _ in range(8)]
+    out = tmp_path / "s.onnx"
+    details = quantize_onnx(source, out, q(method="static", calibration_method="minmax"), calibration)
+    assert details["calibration_samples"] == 32 and details["calibration_method"] == "minmax"
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    assert cosine(run(source, x), run(out, x)) > 0.98
+
+
+def test_gemm_rewrite_keeps_outputs(tmp_path):
+    source = save_onnx(tmp_path / "m.onnx", 16, 32, 4)
+    model = onnx.load(str(source))
+    assert gemm_to_matmul(model) == 3
+    onnx.save(model, str(tmp_path / "r.onnx"))
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    assert np.allclose(run(source, x), run(tmp_path / "r.onnx", x), atol=1e-5)
+
+
+@pytest.mark.parametrize("fields", [{"method": "dynamic"}, {"method": "dynamic", "granularity": "per_tensor"},
+                                    {"method": "weight_only", "dtype": "int8"},
+                                    {"method": "weight_only", "dtype": "int4", "granularity": "group",
+                                     "group_size": 16},
+                                    {"dtype": "fp16"}, {"dtype": "bf16"}])
+def test_module_methods_export_and_stay_faithful(tmp_path, fields):
+    model, x = make_mlp(64, 128, 8), torch.randn(4, 64)
+    want = model(x).detach()
+    quantized, details = quantize_module(make_mlp(64, 128, 8), q(**fields))
+    got = quantized(x).detach()
+    assert got.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    path = tmp_path / "q.pt2"
+    torch.export.save(torch.export.export(quantized, (x,)), str(path))
+    reloaded = torch.export.load(str(path)).module()
+    assert torch.allclose(reloaded(x), got, atol=1e-4)
+
+
+def test_module_exclude_keeps_layer_in_float():
+    quantized, details = quantize_module(make_mlp(16, 32, 4), q(method="weight_only", exclude=["^4$"]))
+    assert details["quantized_layers"] == 2 and type(quantized[4]) is torch.nn.Linear
