@@ -58,13 +58,38 @@ def add_model(worker_env, db):
 
 @pytest.fixture
 def add_job(db):
-    def _add(model: Model, steps=None, device: str = "cpu") -> str:
+    def _add(model: Model, steps=None, device: str = "cpu", runtime: str = "onnxruntime",
+             datasets: dict | None = None) -> str:
         with session_scope(db) as session:
             job = create_job(session, tenant_id=model.tenant_id, model_id=model.id,
                              recipe={"steps": steps or [{"op": "quantize", "method": "dynamic", "dtype": "int8",
                                                          "granularity": "per_channel", "exclude": []}]},
-                             datasets={}, target={"runtime": "onnxruntime", "device": device},
+                             datasets=datasets or {}, target={"runtime": runtime, "device": device},
                              queue="gpu" if device == "cuda" else "cpu")
             return job.id
+
+    return _add
+
+
+@pytest.fixture
+def add_dataset(worker_env, db):
+    """Store an .npz dataset and its row, as an upload would."""
+    import numpy as np
+
+    from app.models import Dataset
+
+    storage = open_storage(worker_env.resolved_storage_url())
+
+    def _add(model: Model, path: Path, **arrays) -> str:
+        np.savez(path, **arrays)
+        with session_scope(db) as session:
+            dataset_id = new_id("ds")
+            key = f"tenants/{model.tenant_id}/datasets/{dataset_id}/data.npz"
+            storage.put_file(key, path)
+            first = next(iter(arrays.values()))
+            session.add(Dataset(id=dataset_id, tenant_id=model.tenant_id, name=path.name, format="npz",
+                                size_bytes=path.stat().st_size, sha256="0" * 64, storage_key=key,
+                                num_samples=len(first), has_labels="labels" in arrays, info={}))
+        return dataset_id
 
     return _add

@@ -1,0 +1,346 @@
+"""Hugging Face model directories (a zip or tar.gz of what `save_pretrained` writes), in and out.
+
+An upload is extracted with the archive safety rules, and nothing in it may run code: configs asking for
+custom code (auto_map, trust_remote_code) are refused, the architecture must be one transformers ships,
+weights come from safetensors, and a pytorch_model.bin is used only when `torch.load(weights_only=True)`
+accepts it. The hub is never contacted. The rest of the pipeline sees `HFModel.module`: an adapter taking
+positional int64 tensors and returning a tuple of tensors, like any other model.
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers imports huggingface_hub, which reads it once
+
+import inspect
+import json
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from app.archives import ArchiveError, extract_archive
+from app.config import get_settings
+from app.modelfiles import MAX_CONFIG_BYTES, remote_code_reason
+from worker.errors import JobFailure
+from worker.evaluation.runtime import ort_session, run_onnx
+
+transformers.utils.logging.disable_progress_bar()
+
+# An archive may unpack to this many times the upload limit (safetensors hardly compress).
+UNPACK_FACTOR = 4
+# Text inputs the adapter passes, in this order, when the model's forward takes them.
+OPTIONAL_INPUTS = ("attention_mask", "token_type_ids")
+# Which outputs the adapter returns: the first group the model produces.
+OUTPUT_GROUPS = (("logits",), ("start_logits", "end_logits"), ("last_hidden_state",))
+# Any of these means the directory holds a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")
+# Files of the uploaded directory that save_hf does not carry over: old weights and code.
+NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf",
+                        ".index.json", ".py")
+ARCHITECTURE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+                       "vocab_size", "max_position_embeddings")
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLED_WEIGHTS = "pytorch_model.bin"
+# ONNX Runtime against torch: max abs difference allowed, relative to the largest output magnitude (>= 1).
+ONNX_TOLERANCE = 1e-3
+
+
+@dataclass
+class HFModel:
+    model: transformers.PreTrainedModel
+    config: dict[str, Any]
+    model_dir: Path
+    tokenizer_dir: Path | None
+    tokenizer: Any  # a transformers tokenizer, or None
+    input_names: list[str]
+    output_names: list[str]
+    module: torch.nn.Module
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        return _example_inputs(self.model, self.input_names, batch, seq, seed)
+
+
+class TextModelAdapter(torch.nn.Module):
+    """Positional tensors in `input_names` order in, a tuple of the chosen outputs out.
+
+    `extra` holds fixed keyword arguments, e.g. use_cache=False so causal LMs return no cache.
+    """
+
+    def __init__(self, model: torch.nn.Module, input_names: list[str], output_names: list[str],
+                 extra: dict[str, Any]) -> None:
+        super().__init__()
+        self.model = model
+        self.input_names = tuple(input_names)
+        self.output_names = tuple(output_names)
+        self.extra = dict(extra)
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self.model(**dict(zip(self.input_names, tensors, strict=True)), **self.extra, return_dict=True)
+        return tuple(outputs[name] for name in self.output_names)
+
+
+def load_hf(archive: Path, workdir: Path) -> HFModel:
+    """Extract and load an uploaded Hugging Face model archive in eval mode, fp32, on the CPU."""
+    model_dir = _extract(archive, workdir)
+    config = _read_config(model_dir)
+    model_class = _model_class(config)
+    use_safetensors = _check_weights(model_dir)
+    model = _build(model_class, model_dir, use_safetensors)
+    tokenizer_dir = model_dir if any((model_dir / name).is_file() for name in TOKENIZER_FILES) else None
+    tokenizer = _load_tokenizer(model_dir) if tokenizer_dir else None
+
+    forward_params = inspect.signature(model.forward).parameters
+    if "input_ids" not in forward_params:
+        raise JobFailure("unsupported_architecture", f"{type(model).__name__} does not take input_ids; only text "
+                                                     "models are supported for Hugging Face uploads")
+    wanted = tokenizer.model_input_names if tokenizer is not None else ["input_ids", "attention_mask"]
+    input_names = ["input_ids", *(n for n in OPTIONAL_INPUTS if n in wanted and n in forward_params)]
+    extra = {"use_cache": False} if "use_cache" in forward_params else {}
+    output_names, outputs = _describe_outputs(model, input_names, extra)
+    return HFModel(model=model, config=config, model_dir=model_dir, tokenizer_dir=tokenizer_dir,
+                   tokenizer=tokenizer, input_names=input_names, output_names=output_names,
+                   module=TextModelAdapter(model, input_names, output_names, extra).eval(),
+                   inputs=[{"name": name, "shape": ["batch", "sequence"], "dtype": "int64"} for name in input_names],
+                   outputs=outputs)
+
+
+def inspect_hf(archive: Path, workdir: Path) -> dict[str, Any]:
+    """What the model page shows for a Hugging Face upload. Raises JobFailure when it cannot be used."""
+    hf = load_hf(archive, workdir)
+    parameters = list(hf.model.parameters())  # tied weights are listed once
+    architecture = {"model_type": hf.config["model_type"], "class": type(hf.model).__name__}
+    for field in ARCHITECTURE_FIELDS:
+        value = getattr(hf.model.config, field, None)
+        if value is not None:
+            architecture[field] = value
+    return {"params": sum(p.numel() for p in parameters),
+            "nonzero_params": sum(int(torch.count_nonzero(p)) for p in parameters),
+            "inputs": hf.inputs, "outputs": hf.outputs, "architecture": architecture,
+            "tokenizer": hf.tokenizer is not None}
+
+
+def save_hf(hf: HFModel, model: torch.nn.Module, out_dir: Path) -> Path:
+    """Write `model` (the possibly compressed transformers model) as a Hugging Face directory, zipped.
+
+    transformers 5 always saves safetensors. The tokenizer and the upload's other plain files (README,
+    sentence-transformers pooling configs) go along; its old weights and any code do not.
+    """
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise JobFailure("export_failed", f"the hf export needs a transformers model, got {type(model).__name__}")
+    save_dir = out_dir / "model"
+    model.save_pretrained(save_dir)
+    if hf.tokenizer is not None:
+        hf.tokenizer.save_pretrained(save_dir)
+    for source in sorted(hf.model_dir.rglob("*")):
+        target = save_dir / source.relative_to(hf.model_dir)
+        if source.is_file() and not target.exists() and not source.name.endswith(NOT_CARRIED_SUFFIXES):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    zip_path = out_dir / "model.zip"
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(save_dir.rglob("*")):
+            if path.is_file():
+                archive.write(path, f"model/{path.relative_to(save_dir).as_posix()}")
+    return zip_path
+
+
+def verify_hf_zip(zip_path: Path, workdir: Path) -> HFModel:
+    """Load an exported archive back exactly as an upload and run it once; any failure is export_failed."""
+    try:
+        hf = load_hf(zip_path, workdir)
+        with torch.inference_mode():
+            hf.module(*hf.example_inputs())
+    except JobFailure as exc:
+        raise JobFailure("export_failed", f"the exported Hugging Face archive does not load back: {exc.message}") \
+            from None
+    return hf
+
+
+def export_hf_onnx(hf: HFModel, path: Path, batch: int = 2, seq: int = 16) -> Path:
+    """Export the adapter to a self-contained ONNX file with dynamic batch and sequence, checked in ONNX Runtime.
+
+    The check runs another batch and sequence length than the export saw, so the dims are really dynamic.
+    """
+    batch_dim, seq_dim = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    # forward(*tensors) is one argument to torch.export: its spec is the tuple of per-tensor specs.
+    dynamic_shapes = (tuple({0: batch_dim, 1: seq_dim} for _ in hf.input_names),)
+    try:
+        torch.onnx.export(hf.module, hf.example_inputs(batch, seq), f=str(path), dynamo=True, external_data=False,
+                          input_names=hf.input_names, output_names=hf.output_names,
+                          dynamic_shapes=dynamic_shapes, verbose=False)
+    except Exception as exc:
+        raise JobFailure("export_failed", f"could not export the model to ONNX: {exc.__class__.__name__}: "
+                                          f"{str(exc)[:300]}") from None
+    check = hf.example_inputs(batch + 1, seq + 3, seed=1)
+    with torch.inference_mode():
+        expected = [t.float().numpy() for t in hf.module(*check)]
+    try:
+        got = run_onnx(ort_session(path, "cpu"), [t.numpy() for t in check])
+    except Exception as exc:
+        raise JobFailure("export_failed", f"ONNX Runtime cannot run the exported model: {exc.__class__.__name__}: "
+                                          f"{str(exc)[:300]}") from None
+    for name, want, have in zip(hf.output_names, expected, got, strict=True):
+        scale = max(1.0, float(np.abs(want).max()))
+        diff = float(np.abs(want - have).max()) if want.shape == have.shape else float("inf")
+        if not diff <= ONNX_TOLERANCE * scale:
+            raise JobFailure("export_failed", f"the ONNX export disagrees with the model on output {name!r}: max "
+                                              f"abs difference {diff:.3g} (shapes {want.shape} vs {have.shape})")
+    return path
+
+
+def _extract(archive: Path, workdir: Path) -> Path:
+    dest = Path(tempfile.mkdtemp(prefix="hf-", dir=workdir))
+    try:
+        return extract_archive(archive, dest, max_total_bytes=UNPACK_FACTOR * get_settings().max_upload_bytes)
+    except ArchiveError as exc:
+        raise JobFailure(exc.code, f"model archive: {exc.message}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise JobFailure("invalid_config", f"{path.name} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        document = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:
+        raise JobFailure("invalid_config", f"{path.name} is not valid JSON ({exc})") from None
+    if not isinstance(document, dict):
+        raise JobFailure("invalid_config", f"{path.name} is not a JSON object")
+    return document
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    """config.json, after refusing everything that would run or fetch code or need another library."""
+    if not (model_dir / "config.json").is_file():
+        raise JobFailure("missing_config", "the archive has no config.json at its top level (or in its single "
+                                           "top-level folder)")
+    config = _read_json(model_dir / "config.json")
+    for name in ("config.json", "tokenizer_config.json"):
+        if (model_dir / name).is_file():
+            reason = remote_code_reason(config if name == "config.json" else _read_json(model_dir / name))
+            if reason:
+                raise JobFailure("remote_code_refused", f"{name} {reason}, which means running code shipped with "
+                                                        "the model; that is never done here")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
+        raise JobFailure("unsupported_architecture", f"model_type {model_type!r} is not an architecture "
+                                                     f"transformers {transformers.__version__} ships")
+    if config.get("is_encoder_decoder"):
+        raise JobFailure("unsupported_architecture", f"encoder-decoder models ({model_type}) are not supported yet")
+    if "quantization_config" in config:
+        raise JobFailure("unsupported_model", "the checkpoint is already quantized (quantization_config); upload "
+                                              "the full-precision model")
+    return config
+
+
+def _model_class(config: dict[str, Any]) -> type:
+    """The class named in config.architectures when transformers exports it, else AutoModel."""
+    architectures = config.get("architectures") or []
+    name = architectures[0] if isinstance(architectures, list) and architectures else None
+    model_class = getattr(transformers, name, None) if isinstance(name, str) else None
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        return transformers.AutoModel
+    config_class = transformers.CONFIG_MAPPING[config["model_type"]]
+    if model_class.config_class is not None and not issubclass(config_class, model_class.config_class):
+        raise JobFailure("unsupported_architecture", f"architecture {name} does not match model_type "
+                                                     f"{config['model_type']!r}")
+    return model_class
+
+
+def _check_weights(model_dir: Path) -> bool:
+    """Which weights to load: True for safetensors (single or sharded), False for a vetted pytorch_model.bin."""
+    index_path = model_dir / SAFETENSORS_INDEX
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise JobFailure("invalid_config", f"{SAFETENSORS_INDEX} has no weight_map")
+        for shard in set(weight_map.values()):
+            if not (isinstance(shard, str) and "/" not in shard and "\\" not in shard
+                    and shard.endswith(".safetensors") and (model_dir / shard).is_file()):
+                raise JobFailure("missing_weights", f"{SAFETENSORS_INDEX} names shard {shard!r}, which is not a "
+                                                    ".safetensors file next to it")
+        return True
+    if (model_dir / SAFETENSORS).is_file():
+        return True
+    if (model_dir / PICKLED_WEIGHTS).is_file():
+        _vet_pickled_weights(model_dir / PICKLED_WEIGHTS)
+        return False
+    raise JobFailure("missing_weights", f"no weights: expected {SAFETENSORS} (or shards listed in "
+                                        f"{SAFETENSORS_INDEX}) next to config.json")
+
+
+def _vet_pickled_weights(path: Path) -> None:
+    """torch's weights-only unpickler builds tensors and containers and refuses anything that could run code."""
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+    except Exception as exc:
+        raise JobFailure("unsafe_weights", f"{PICKLED_WEIGHTS} is not a plain state dict of tensors "
+                                           f"({exc.__class__.__name__}); re-save the model with safetensors") \
+            from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise JobFailure("unsafe_weights", f"{PICKLED_WEIGHTS} is not a plain state dict of tensors")
+
+
+def _build(model_class: type, model_dir: Path, use_safetensors: bool) -> transformers.PreTrainedModel:
+    try:
+        model, loading = model_class.from_pretrained(model_dir, local_files_only=True,
+                                                     use_safetensors=use_safetensors, dtype=torch.float32,
+                                                     output_loading_info=True)
+    except Exception as exc:
+        raise JobFailure("invalid_model", f"transformers could not build {model_class.__name__} from the archive: "
+                                          f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
+    problems = [f"{kind.replace('_', ' ')}: {sorted(map(str, loading[kind]))[:10]}"
+                for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if loading.get(kind)]
+    if problems:
+        raise JobFailure("weights_mismatch", f"the weights do not fit {type(model).__name__}: {'; '.join(problems)}")
+    return model.float().eval()
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as exc:
+        raise JobFailure("invalid_tokenizer", f"the tokenizer files do not load: {exc.__class__.__name__}: "
+                                              f"{str(exc)[:300]}") from None
+
+
+def _example_inputs(model: transformers.PreTrainedModel, input_names: list[str], batch: int, seq: int,
+                    seed: int) -> tuple[torch.Tensor, ...]:
+    """Seeded token ids within the vocabulary, a full attention mask, segment 0."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch, seq), generator=generator)
+    values = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    return tuple(values[name] for name in input_names)
+
+
+def _describe_outputs(model: transformers.PreTrainedModel, input_names: list[str],
+                      extra: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Pick the outputs to return and name their dims, from two probe runs of different batch and length."""
+    with torch.inference_mode():
+        try:
+            small, large = (model(**dict(zip(input_names, _example_inputs(model, input_names, batch, seq, 0))),
+                                  **extra, return_dict=True) for batch, seq in ((2, 5), (3, 7)))
+        except Exception as exc:
+            raise JobFailure("invalid_model", f"a forward pass of the model failed: {exc.__class__.__name__}: "
+                                              f"{str(exc)[:300]}") from None
+    available = {key for key, value in small.items() if isinstance(value, torch.Tensor)}
+    names = next((list(group) for group in OUTPUT_GROUPS if set(group) <= available), None)
+    if names is None:
+        raise JobFailure("unsupported_architecture", f"the model returns {sorted(available)}; expected logits or "
+                                                     "last_hidden_state")
+    described = []
+    for name in names:
+        shape: list[int | str] = []
+        for index, (a, b) in enumerate(zip(small[name].shape, large[name].shape, strict=True)):
+            shape.append(a if a == b else {(2, 3): "batch", (5, 7): "sequence"}.get((a, b), f"dim_{index}"))
+        described.append({"name": name, "shape": shape, "dtype": str(small[name].dtype).removeprefix("torch.")})
+    return names, described
