@@ -20,6 +20,7 @@ from app.housekeeping import dispatch_job
 from app.models import Dataset, Job, Model
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.jobs import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
+from app.schemas.recipe import check_recipe_for_model
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -78,6 +79,10 @@ async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep
         raise ApiError(404, "not_found", f"model_id: model {body.model_id!r} not found")
     if model.status == "invalid":
         raise ApiError(409, "model_invalid", f"model_id: model {model.id!r} is invalid: {model.error}")
+    try:
+        check_recipe_for_model(body.recipe, body.target, model.format)
+    except ValueError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
     for role, dataset_id in body.datasets.model_dump().items():
         if dataset_id is None:
             continue

@@ -125,3 +125,19 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
         if isinstance(step, PruneStep) and step.method == "activation_aware" and not datasets.calibration:
             raise ValueError(f"datasets.calibration: {where} (activation_aware pruning) needs a calibration "
                              "dataset")
+
+
+def check_recipe_for_model(recipe: Recipe, target: Target, model_format: str) -> None:
+    """What an uploaded model's format allows: ONNX uploads have no PyTorch form to prune or export from."""
+    if model_format == "onnx":
+        if target.runtime != "onnxruntime":
+            raise ValueError("target.runtime: an ONNX model can only be compressed for 'onnxruntime'")
+        for index, step in enumerate(recipe.steps):
+            if isinstance(step, PruneStep) and step.method != "magnitude":
+                raise ValueError(f"recipe.steps.{index}.method: {step.method!r} pruning needs a PyTorch model "
+                                 "(.pt2 or Hugging Face); ONNX models support magnitude pruning")
+            if isinstance(step, ExportStep) and set(step.formats) - {"onnx"}:
+                raise ValueError(f"recipe.steps.{index}.formats: an ONNX model can only be exported as 'onnx'")
+    for index, step in enumerate(recipe.steps):
+        if isinstance(step, ExportStep) and "hf" in step.formats and model_format != "hf":
+            raise ValueError(f"recipe.steps.{index}.formats: 'hf' export needs a Hugging Face model upload")

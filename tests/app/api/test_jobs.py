@@ -137,3 +137,24 @@ def test_model_with_unfinished_job_cannot_be_deleted(client, auth, model_id):
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
     assert client.delete(f"/v1/models/{model_id}", headers=auth).status_code == 204
     assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["model_id"] == model_id
+
+
+@pytest.mark.parametrize("recipe, target, field", [
+    ({"steps": [{"op": "quantize"}]}, {"runtime": "pytorch"}, "target.runtime"),
+    ({"steps": [{"op": "prune", "method": "structured", "sparsity": 0.5}]}, {}, "recipe.steps.0.method"),
+    ({"steps": [{"op": "export", "formats": ["pt2"]}]}, {}, "recipe.steps.0.formats"),
+    ({"steps": [{"op": "export", "formats": ["onnx", "hf"]}]}, {}, "recipe.steps.0.formats"),
+])
+def test_recipes_an_onnx_model_cannot_take_are_422(client, auth, model_id, recipe, target, field):
+    response = submit(client, auth, model_id, recipe, target=target)
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(field), response.json()
+
+
+def test_pt2_model_takes_pytorch_target_and_torch_methods(client, auth, upload, pt2_bytes):
+    model_id = upload(pt2_bytes, filename="m.pt2").json()["id"]
+    response = submit(client, auth, model_id, {"steps": [{"op": "prune", "method": "structured", "sparsity": 0.5},
+                                                         {"op": "quantize", "method": "weight_only", "dtype": "int4"},
+                                                         {"op": "export", "formats": ["pt2", "safetensors"]}]},
+                      target={"runtime": "pytorch"})
+    assert response.status_code == 201, response.text
