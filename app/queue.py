@@ -18,9 +18,11 @@ def make_celery(settings: Settings) -> Celery:
     transport_options: dict = {}
     if broker_url.startswith("filesystem://"):
         folder = settings.broker_folder()
-        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        for sub in ("processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
-                             "processed_folder": str(folder / "processed"), "store_processed": False}
+                             "processed_folder": str(folder / "processed"), "store_processed": False,
+                             "control_folder": str(folder / "control")}
     elif broker_url.startswith(("redis://", "rediss://")):
         # An unacked message comes back after the visibility timeout; keep it longer than any job may run.
         transport_options = {"visibility_timeout": settings.job_time_limit + 600,
