@@ -125,7 +125,7 @@ def read_member(path: Path, name: str, *, max_bytes: int) -> bytes:
         if kind == ZIP:
             with zipfile.ZipFile(path) as archive:
                 for info in archive.infolist():
-                    if not info.is_dir() and _normalise(info.filename) == name:
+                    if not info.is_dir() and _normalise(info.orig_filename) == name:
                         with archive.open(info) as member:
                             return _read_capped(member, name, max_bytes)
         else:
@@ -163,7 +163,7 @@ def extract_archive(
             with zipfile.ZipFile(path) as archive:
                 members = list(_zip_members(archive, rules))  # the whole directory is vetted first
                 for info, name in members:
-                    if info.is_dir():
+                    if name in rules.folders:
                         writer.directory(name)
                     else:
                         with archive.open(info) as source:
@@ -171,7 +171,7 @@ def extract_archive(
         else:
             with _open_tar(path, kind) as tar:
                 for info, name in _tar_members(tar, rules):
-                    if info.isdir():
+                    if name in rules.folders:
                         writer.directory(name)
                     else:
                         source = tar.extractfile(info)

@@ -15,7 +15,7 @@ import re
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
@@ -166,13 +166,9 @@ def detect_format(path: Path, filename: str | None, declared: str | None) -> str
 
 
 def stored_extension(path: Path, fmt: str) -> str:
-    """The extension an upload is stored under: a Hugging Face archive keeps its own kind (zip, tar.gz, tar)."""
-    if fmt == "hf":
-        kind = archives.archive_kind(path)
-        if kind is None:
-            raise UnsupportedModelFile("corrupt_archive", "the Hugging Face model archive is not a zip or tar")
-        return kind
-    return fmt
+    """The extension an upload is stored under: a Hugging Face archive keeps its own kind (zip, tar.gz, tar),
+    which detect_format has already established."""
+    return (archives.archive_kind(path) or fmt) if fmt == "hf" else fmt
 
 
 def vet_hf(path: Path, subject: str = "the archive", *,
@@ -213,22 +209,24 @@ def vet_hf(path: Path, subject: str = "the archive", *,
 def remote_code_reason(document: object) -> str | None:
     """Why a config would make transformers import code from the model directory, or None.
 
+    Nested configs (text_config, ...) count too; walked with a list, not recursion, so depth cannot crash it.
     Shared with the worker, which checks the extracted files again before loading anything.
     """
-    if isinstance(document, dict):
-        if "auto_map" in document:
-            return "sets auto_map (custom model classes)"
-        if document.get("trust_remote_code") is True:
-            return "sets trust_remote_code"
-        children: Iterable[object] = document.values()
-    elif isinstance(document, list):
-        children = document
-    else:
-        return None
-    return next((reason for child in children if (reason := remote_code_reason(child))), None)
+    pending = [document]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            if "auto_map" in item:
+                return "sets auto_map (custom model classes)"
+            if item.get("trust_remote_code") is True:
+                return "sets trust_remote_code"
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return None
 
 
-def _read_json_member(path: Path, listing: archives.ArchiveListing, name: str, subject: str) -> object:
+def _read_json_member(path: Path, listing: archives.ArchiveListing, name: str, subject: str) -> dict[str, object]:
     try:
         data = archives.read_member(path, listing.member(name), max_bytes=MAX_CONFIG_BYTES)
     except archives.ArchiveError as exc:

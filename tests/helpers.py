@@ -26,3 +26,38 @@ def save_onnx(path: Path, in_features: int = 16, hidden: int = 32, out_features:
     torch.onnx.export(make_mlp(in_features, hidden, out_features), (torch.randn(batch, in_features),), str(path),
                       dynamo=True, external_data=False, verbose=False)
     return path
+
+
+TINY_BERT = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "intermediate_size": 64}
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *(f"w{i}" for i in range(95))]
+
+
+def pack(folder: Path, archive: Path) -> Path:
+    """A folder as an upload: a zip or tar.gz (by suffix) with the folder as its single top-level entry."""
+    import tarfile
+    import zipfile
+
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+            for path in sorted(folder.rglob("*")):
+                out.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}")
+    else:
+        with tarfile.open(archive, "w:gz") as out:
+            out.add(folder, arcname=folder.name)
+    return archive
+
+
+def save_tiny_bert(folder: Path, num_labels: int | None = 3, seed: int = 0):
+    """A tiny BERT (classifier when num_labels, else base encoder) with an offline tokenizer, save_pretrained'd."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(**TINY_BERT, **({"num_labels": num_labels} if num_labels else {}))
+    model = (transformers.BertForSequenceClassification(config) if num_labels else transformers.BertModel(config))
+    model.eval().save_pretrained(folder)
+    vocab = folder.parent / f"{folder.name}-vocab.txt"
+    vocab.write_text("\n".join(VOCAB))
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    return model

@@ -91,7 +91,9 @@ def download_model(model_id: str, request: Request, tenant: CurrentTenant, sessi
                    storage: StorageDep) -> Response:
     model = get_owned_model(session, tenant, model_id)
     extension = model.storage_key.rsplit("/", 1)[-1].partition(".")[2]  # pt2, onnx, zip, tar.gz or tar
-    filename = f"{model.name.rsplit('.', 1)[0]}.{extension}".replace('"', "")
+    stem = model.name.removesuffix(f".{extension}") if model.name.endswith(f".{extension}") \
+        else model.name.rsplit(".", 1)[0]
+    filename = f"{stem}.{extension}".replace('"', "")
     try:
         return stream_object(request, storage, model.storage_key, size=model.size_bytes, sha256=model.sha256,
                              filename=filename)

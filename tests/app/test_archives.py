@@ -106,6 +106,13 @@ def test_files_at_the_top_and_dot_slash_names(tmp_path: Path) -> None:
     assert files_under(tmp_path / "out") == {"config.json", "model.safetensors"}
 
 
+def test_zip_folder_marked_only_by_its_mode(tmp_path: Path) -> None:
+    path = make_zip(tmp_path / "m.zip", [(zip_entry("bert/empty", stat.S_IFDIR | 0o755), b""), *MODEL_FILES])
+    assert "empty" not in list_archive(path).files
+    extract_archive(path, tmp_path / "out")
+    assert (tmp_path / "out" / "bert" / "empty").is_dir()
+
+
 def test_macos_resource_forks_are_skipped(tmp_path: Path) -> None:
     path = make_zip(tmp_path / "m.zip", [*MODEL_FILES, ("__MACOSX/bert/._config.json", b"\0\5\26\7")])
     assert list_archive(path).root == "bert"

@@ -64,7 +64,7 @@ def test_api_and_worker_on_postgres_redis_s3(tmp_path, processes, pg_database, r
     objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="artifacts")["Contents"]
     keys = [o["Key"] for o in objects]
     job_id = result["job"]["id"]
-    assert any(k.endswith(f"jobs/{job_id}/model.onnx") for k in keys)
+    assert any(f"jobs/{job_id}/" in k and k.endswith(".onnx") for k in keys)
     assert all(k.startswith("modelpress/tenants/") for k in keys)
     assert 'modelpress_jobs{status="succeeded"} 1.0' in httpx.get(f"{base}/metrics", timeout=10).text
 

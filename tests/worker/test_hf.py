@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tarfile
 import zipfile
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 import torch
 import transformers
 
+from tests.helpers import pack
 from worker.errors import JobFailure
 from worker.formats.hf import export_hf_onnx, inspect_hf, load_hf, save_hf, verify_hf_zip
 
@@ -29,18 +29,6 @@ class SystemCall:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (os.system, (self.command,))
-
-
-def pack(folder: Path, archive: Path) -> Path:
-    """The folder as an upload: a zip or tar.gz (by suffix) with the folder as its single top-level entry."""
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
-            for path in sorted(folder.rglob("*")):
-                out.write(path, f"{folder.name}/{path.relative_to(folder).as_posix()}")
-    else:
-        with tarfile.open(archive, "w:gz") as out:
-            out.add(folder, arcname=folder.name)
-    return archive
 
 
 def edit_config(folder: Path, **changes: object) -> None:
@@ -175,13 +163,15 @@ def test_weights_that_do_not_fit_the_config(tmp_path: Path, model_copy: Path) ->
     edit_config(model_copy, id2label={str(i): f"L{i}" for i in range(5)},
                 label2id={f"L{i}": i for i in range(5)})
     refused = failure(tmp_path, model_copy)
-    assert refused.code == "weights_mismatch" and "classifier" in refused.message
+    assert refused.code == "weights_mismatch"
+    assert "classifier.weight (weights [3, 32], config [5, 32])" in refused.message
 
 
 def test_unsafe_archive_is_refused(tmp_path: Path, classifier_dir: Path) -> None:
     archive = pack(classifier_dir, tmp_path / "bert.zip")
     with zipfile.ZipFile(archive, "a") as out:
         out.writestr("../escape.txt", b"x")
+    (tmp_path / "work").mkdir()
     with pytest.raises(JobFailure) as failed:
         load_hf(archive, tmp_path / "work")
     assert failed.value.code == "unsafe_archive"

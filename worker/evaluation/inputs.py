@@ -1,6 +1,7 @@
 """Evaluation inputs generated from a model's input description, when no dataset is given.
 
-Seeded, so the baseline and the compressed model see exactly the same inputs.
+Seeded, so the baseline and the compressed model see exactly the same inputs. Text-model inputs with a
+fixed meaning get valid values: `attention_mask` all ones, `token_type_ids` all zeros.
 """
 
 from typing import Any
@@ -33,7 +34,11 @@ def generate_feeds(inputs: list[dict[str, Any]], batches: int, seed: int = 0) ->
         batch = []
         for spec, shape in zip(inputs, shapes):
             dtype = spec["dtype"]
-            if dtype == "bool":
+            if spec["name"] == "attention_mask":
+                batch.append(np.ones(shape, dtype=dtype if dtype != "bool" else bool))
+            elif spec["name"] == "token_type_ids":
+                batch.append(np.zeros(shape, dtype=dtype))
+            elif dtype == "bool":
                 batch.append(rng.integers(0, 2, size=shape).astype(bool))
             elif dtype.startswith(("int", "uint")):
                 batch.append(rng.integers(0, INT_HIGH, size=shape).astype(dtype))

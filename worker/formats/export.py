@@ -4,6 +4,7 @@ Symbolic input dims (named strings in the input description) become dynamic dims
 uploaded with a dynamic batch or sequence keeps it.
 """
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,11 @@ def example_args(inputs: list[dict[str, Any]], feeds: list[np.ndarray], device: 
     return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in feeds)
 
 
-def dynamic_shapes(inputs: list[dict[str, Any]]) -> tuple | None:
-    """torch.export dynamic-shape spec: one Dim per distinct symbol name, shared where names repeat."""
+def dynamic_shapes(inputs: list[dict[str, Any]], module: torch.nn.Module) -> tuple | None:
+    """torch.export dynamic-shape spec: one Dim per distinct symbol name, shared where names repeat.
+
+    The spec mirrors the forward signature: a `forward(*tensors)` takes one tuple for all of its inputs.
+    """
     dims: dict[str, Any] = {}
     spec = []
     for item in inputs:
@@ -31,12 +35,17 @@ def dynamic_shapes(inputs: list[dict[str, Any]]) -> tuple | None:
                     name = f"d_{name}"
                 axes[axis] = dims.setdefault(name, torch.export.Dim.AUTO)
         spec.append(axes or None)
-    return tuple(spec) if dims else None
+    if not dims:
+        return None
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    if len(parameters) == 1 and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        return (tuple(spec),)
+    return tuple(spec)
 
 
 def export_program(module: torch.nn.Module, inputs: list[dict[str, Any]], args: tuple) -> torch.export.ExportedProgram:
     try:
-        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(inputs), strict=False)
+        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(inputs, module), strict=False)
     except Exception as exc:
         raise JobFailure("export_failed", f"torch.export failed: {exc.__class__.__name__}: {str(exc)[:300]}") from None
 

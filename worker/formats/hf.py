@@ -116,7 +116,10 @@ def load_hf(archive: Path, workdir: Path) -> HFModel:
 
 def inspect_hf(archive: Path, workdir: Path) -> dict[str, Any]:
     """What the model page shows for a Hugging Face upload. Raises JobFailure when it cannot be used."""
-    hf = load_hf(archive, workdir)
+    return describe(load_hf(archive, workdir))
+
+
+def describe(hf: HFModel) -> dict[str, Any]:
     parameters = list(hf.model.parameters())  # tied weights are listed once
     architecture = {"model_type": hf.config["model_type"], "class": type(hf.model).__name__}
     for field in ARCHITECTURE_FIELDS:
@@ -199,6 +202,7 @@ def export_hf_onnx(hf: HFModel, path: Path, batch: int = 2, seq: int = 16) -> Pa
 
 
 def _extract(archive: Path, workdir: Path) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
     dest = Path(tempfile.mkdtemp(prefix="hf-", dir=workdir))
     try:
         return extract_archive(archive, dest, max_total_bytes=UNPACK_FACTOR * get_settings().max_upload_bytes)
@@ -292,17 +296,26 @@ def _vet_pickled_weights(path: Path) -> None:
 
 def _build(model_class: type, model_dir: Path, use_safetensors: bool) -> transformers.PreTrainedModel:
     try:
+        # Mismatched shapes are collected (not raised) so they are reported below like missing keys.
         model, loading = model_class.from_pretrained(model_dir, local_files_only=True,
                                                      use_safetensors=use_safetensors, dtype=torch.float32,
-                                                     output_loading_info=True)
+                                                     ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as exc:
         raise JobFailure("invalid_model", f"transformers could not build {model_class.__name__} from the archive: "
                                           f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
-    problems = [f"{kind.replace('_', ' ')}: {sorted(map(str, loading[kind]))[:10]}"
+    problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(_key_text, loading[kind]))[:10])}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if loading.get(kind)]
     if problems:
         raise JobFailure("weights_mismatch", f"the weights do not fit {type(model).__name__}: {'; '.join(problems)}")
     return model.float().eval()
+
+
+def _key_text(entry: object) -> str:
+    """A loading-report entry: a key, or (key, shape in the weights, shape the config asks for)."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, stored, expected = entry
+        return f"{key} (weights {list(stored)}, config {list(expected)})"
+    return str(entry)
 
 
 def _load_tokenizer(model_dir: Path) -> Any:

@@ -134,3 +134,28 @@ def test_pt2_with_planted_pickle_is_refused_at_upload(upload, tmp_path):
     assert response.status_code == 415
     assert response.json()["error"]["code"] == "unsafe_pickle"
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".zip", ".tar.gz"])
+def test_hf_archive_upload_is_detected(upload, tmp_path, suffix):
+    from tests.helpers import pack, save_tiny_bert
+
+    folder = tmp_path / "bert"
+    save_tiny_bert(folder)
+    response = upload(pack(folder, tmp_path / f"bert{suffix}").read_bytes(), filename=f"bert{suffix}")
+    assert response.status_code == 201, response.text
+    assert response.json()["format"] == "hf"
+
+
+def test_hf_archive_with_remote_code_is_refused(upload, tmp_path):
+    import json
+
+    from tests.helpers import pack, save_tiny_bert
+
+    folder = tmp_path / "bert"
+    save_tiny_bert(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "evil.Model"}}))
+    response = upload(pack(folder, tmp_path / "bert.zip").read_bytes(), filename="bert.zip")
+    assert response.status_code == 415
+    assert response.json()["error"]["code"] == "remote_code_refused"

@@ -1,0 +1,418 @@
+"""Training after compression: knowledge distillation and fine-tuning, plus smaller students to distill into.
+
+Pruning and quantization lose quality; a few epochs of training win most of it back. `distill` trains a
+student to match the original model (the teacher), whose soft targets carry more than labels do (Hinton et
+al.); `finetune` trains on labels alone. Both keep pruned weights at zero (masks re-applied after every
+step), can fake-quantize Linear weights so the model learns weights that survive quantization, keep the
+best epoch's weights, and stop cleanly on cancellation or at a deadline.
+
+Models are whatever the pipeline carries: torch.export GraphModules (lifted layers; their train/eval mode
+cannot be switched) and Hugging Face adapters (ordinary modules). A model takes positional tensors in input
+order and returns a tensor or a tuple of tensors; the first output is what is trained.
+"""
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from app.schemas.recipe import PruneStep
+from worker.compression.structured import prune_graph_channels
+from worker.errors import JobCancelled, JobFailure
+
+Tensors = tuple[list[torch.Tensor], torch.Tensor | None]  # inputs, labels
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 32
+    temperature: float = 2.0      # distillation only
+    alpha: float = 0.5            # weight of the soft-target loss; hard-label loss gets 1 - alpha
+    hidden_weight: float = 0.0    # > 0: also match extra outputs (MSE) where teacher and student shapes agree
+    fake_quant_bits: int | None = None  # quantization-aware training of Linear weights
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class TrainData:
+    inputs: list[np.ndarray]      # one array per model input, N samples each on axis 0
+    labels: np.ndarray | None     # int class labels [N] or None
+
+
+@dataclass
+class TrainResult:
+    history: list[dict]           # per epoch: epoch, train_loss, val_loss, val_accuracy, seconds
+    best_epoch: int               # 1-based epoch whose weights were kept (0: every epoch diverged)
+    stopped: str | None           # None, or "time_budget" (cancellation re-raises JobCancelled)
+
+
+@dataclass
+class _Objective:
+    """The loss: soft * (teacher match) + hard * CE(labels) + hidden * MSE(extra outputs).
+
+    The teacher match on [batch, classes] logits is T^2 * KL(teacher || student) at temperature T, the usual
+    implementation of Hinton's soft-target loss (T^2 keeps its gradients on the scale of the CE term); on any
+    other first output (an encoder's [batch, seq, hidden] states) it is the MSE between the two. Extra outputs
+    (tuple elements after the first) are paired by position and matched where their shapes agree.
+    Terms that need labels are left out when the data has none (validation data without labels).
+    """
+
+    soft: float
+    hard: float
+    hidden: float
+    temperature: float
+
+    def __call__(self, student: list[torch.Tensor], teacher: list[torch.Tensor] | None,
+                 labels: torch.Tensor | None) -> torch.Tensor | None:
+        first = student[0].float()
+        terms = []
+        if self.hard > 0:
+            if first.dim() != 2:
+                raise JobFailure("invalid_recipe", "training on labels needs [batch, classes] logits as the "
+                                                   f"model's first output, got shape {list(first.shape)}; distill "
+                                                   "from the original model with alpha=1 instead (no labels used)")
+            if labels is not None:
+                if int(labels.max()) >= first.shape[1]:
+                    raise JobFailure("invalid_dataset", f"label {int(labels.max())} is out of range: the model "
+                                                        f"has {first.shape[1]} classes")
+                terms.append(self.hard * F.cross_entropy(first, labels))
+        if self.soft > 0:
+            terms.append(self.soft * self._match(first, teacher[0].float()))
+        if self.hidden > 0:
+            pairs = [(s, t) for s, t in zip(student[1:], teacher[1:]) if s.shape == t.shape]
+            if pairs:
+                terms.append(self.hidden * sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / len(pairs))
+        return sum(terms) if terms else None
+
+    def _match(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        if student.shape != teacher.shape:
+            raise JobFailure("invalid_recipe", f"the student's first output has shape {list(student.shape)}, the "
+                                               f"teacher's {list(teacher.shape)}: they must match to distill")
+        if student.dim() != 2:
+            return F.mse_loss(student, teacher)
+        t = self.temperature
+        return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                        reduction="batchmean", log_target=True) * t * t
+
+
+class _FakeQuant(nn.Module):
+    """Symmetric per-output-channel quantize-dequantize, as the real int quantization does it.
+
+    The rounding passes gradients straight through (w + (q - w).detach()), so the float weights keep
+    learning while the loss sees the quantized ones: training settles where quantization hurts least.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.qmax = 2 ** (bits - 1) - 1
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale = weight.detach().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / self.qmax
+        quantized = torch.clamp(torch.round(weight / scale), -self.qmax - 1, self.qmax) * scale
+        return weight + (quantized - weight).detach()
+
+
+def distill(teacher: nn.Module, student: nn.Module, train: TrainData, val: TrainData | None, cfg: TrainConfig, *,
+            masks: dict[str, torch.Tensor] | None = None, device: str = "cpu", static_batch: int | None = None,
+            on_epoch: Callable[[int, dict], None] = lambda epoch, record: None,
+            check: Callable[[], None] = lambda: None, deadline: float | None = None) -> TrainResult:
+    """Train `student` in place on alpha * soft-target loss + (1 - alpha) * CE; see _Objective."""
+    _validate(cfg)
+    if cfg.alpha < 1 and train.labels is None:
+        raise JobFailure("invalid_dataset", f"distillation with alpha={cfg.alpha} needs labels (the hard-label "
+                                            "loss gets weight 1 - alpha): add a labels array to the training "
+                                            "dataset, or use alpha=1 to learn from the teacher's outputs alone")
+    objective = _Objective(soft=cfg.alpha, hard=1 - cfg.alpha, hidden=cfg.hidden_weight,
+                           temperature=cfg.temperature)
+    _set_training(teacher, False)
+    return _train(student, teacher, objective, train, val, cfg, masks, device, static_batch, on_epoch, check,
+                  deadline)
+
+
+def finetune(model: nn.Module, train: TrainData, val: TrainData | None, cfg: TrainConfig, *,
+             masks: dict[str, torch.Tensor] | None = None, device: str = "cpu", static_batch: int | None = None,
+             on_epoch: Callable[[int, dict], None] = lambda epoch, record: None,
+             check: Callable[[], None] = lambda: None, deadline: float | None = None) -> TrainResult:
+    """Train `model` in place on cross-entropy against labels (a classifier: first output [batch, classes])."""
+    _validate(cfg)
+    if train.labels is None:
+        raise JobFailure("invalid_dataset", "fine-tuning needs labels: add a labels array of class ids to the "
+                                            "training dataset, or distill from the original model with alpha=1, "
+                                            "which needs no labels")
+    objective = _Objective(soft=0.0, hard=1.0, hidden=0.0, temperature=1.0)
+    return _train(model, None, objective, train, val, cfg, masks, device, static_batch, on_epoch, check, deadline)
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if not 0 <= cfg.alpha <= 1:
+        raise JobFailure("invalid_recipe", f"alpha must be between 0 and 1, got {cfg.alpha}")
+    if cfg.temperature <= 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise JobFailure("invalid_recipe", "temperature and lr must be positive, epochs and batch_size at least 1")
+    if cfg.fake_quant_bits is not None and not 2 <= cfg.fake_quant_bits <= 8:
+        raise JobFailure("invalid_recipe", f"fake_quant_bits must be between 2 and 8, got {cfg.fake_quant_bits}")
+
+
+def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective, train: TrainData,
+           val: TrainData | None, cfg: TrainConfig, masks: dict[str, torch.Tensor] | None, device: str,
+           static_batch: int | None, on_epoch: Callable[[int, dict], None], check: Callable[[], None],
+           deadline: float | None) -> TrainResult:
+    """The loop shared by distill and finetune.
+
+    Keeps the weights of the best epoch (validation accuracy, else validation loss, else training loss; a
+    diverged epoch never counts) and loads them back at the end, on cancellation and at the deadline. When
+    the deadline passes mid-epoch the partial epoch is still evaluated, so its training is not wasted.
+    """
+    train_tensors = _tensors(train, "training")
+    val_tensors = _tensors(val, "validation") if val is not None else None
+    samples = len(train_tensors[0][0])
+    if static_batch and samples < static_batch:
+        raise JobFailure("invalid_dataset", f"the model was exported for batches of exactly {static_batch}, but "
+                                            f"the training data has only {samples} samples")
+    size = static_batch or cfg.batch_size
+    use_teacher = teacher is not None and (objective.soft > 0 or objective.hidden > 0)
+    torch.manual_seed(cfg.seed)  # dropout in Hugging Face models
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for parameter in student.parameters():
+        if parameter.is_floating_point():
+            parameter.requires_grad_(True)  # exported programs may hold frozen parameters
+    fake_quantized = _add_fake_quant(student, cfg.fake_quant_bits) if cfg.fake_quant_bits else []
+    try:
+        masks = {name: mask.to(device=device, dtype=_weight(student.get_submodule(name)).dtype)
+                 for name, mask in (masks or {}).items()}
+        optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
+                                      weight_decay=cfg.weight_decay)
+        best_state, best_score, best_epoch = _snapshot(student), -math.inf, 0
+        history: list[dict] = []
+        stopped = None
+        try:
+            for epoch in range(1, cfg.epochs + 1):
+                started = time.perf_counter()
+                _set_training(student, True)
+                loss_sum, seen = 0.0, 0
+                order = torch.randperm(samples, generator=generator)
+                for start in range(0, samples - (samples % size if static_batch else 0), size):
+                    check()
+                    index = order[start:start + size]
+                    inputs, labels = _batch(train_tensors, index, device)
+                    if use_teacher:
+                        with torch.no_grad():
+                            teacher_out = _outputs(teacher(*inputs))
+                    else:
+                        teacher_out = None
+                    loss = objective(_outputs(student(*inputs)), teacher_out, labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    _apply_masks(student, masks)
+                    loss_sum += float(loss.detach()) * len(index)
+                    seen += len(index)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        stopped = "time_budget"
+                        break
+                _set_training(student, False)
+                val_loss, val_accuracy = (None, None) if val_tensors is None else _evaluate(
+                    student, teacher if use_teacher else None, objective, val_tensors, size, bool(static_batch),
+                    device, check)
+                train_loss = loss_sum / seen
+                score = _score(train_loss, val_loss, val_accuracy)
+                if score > best_score:
+                    best_state, best_score, best_epoch = _snapshot(student), score, epoch
+                record = {"epoch": epoch, "train_loss": _finite(train_loss), "val_loss": _finite(val_loss),
+                          "val_accuracy": val_accuracy, "seconds": round(time.perf_counter() - started, 3)}
+                history.append(record)
+                on_epoch(epoch, record)
+                if stopped:
+                    break
+        except JobCancelled:
+            student.load_state_dict(best_state)
+            raise
+        student.load_state_dict(best_state)
+        return TrainResult(history=history, best_epoch=best_epoch, stopped=stopped)
+    finally:
+        _remove_fake_quant(fake_quantized)
+        _set_training(student, False)
+
+
+def _tensors(data: TrainData, role: str) -> Tensors:
+    if not data.inputs:
+        raise JobFailure("invalid_dataset", f"the {role} data has no input arrays")
+    samples = len(data.inputs[0])
+    if samples == 0 or any(len(array) != samples for array in data.inputs):
+        raise JobFailure("invalid_dataset", f"the {role} input arrays must hold the same number (> 0) of samples, "
+                                            f"got {[len(array) for array in data.inputs]}")
+    inputs = [torch.from_numpy(np.ascontiguousarray(array)) for array in data.inputs]
+    if data.labels is None:
+        return inputs, None
+    if data.labels.shape != (samples,) or not np.issubdtype(data.labels.dtype, np.integer):
+        raise JobFailure("invalid_dataset", f"the {role} labels must be {samples} integer class ids, got "
+                                            f"{data.labels.dtype} of shape {list(data.labels.shape)}")
+    if data.labels.min() < 0:
+        raise JobFailure("invalid_dataset", f"the {role} labels hold a negative class id")
+    return inputs, torch.from_numpy(data.labels.astype(np.int64))
+
+
+def _batch(tensors: Tensors, index: torch.Tensor, device: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    inputs, labels = tensors
+    return [t[index].to(device) for t in inputs], None if labels is None else labels[index].to(device)
+
+
+def _outputs(result: torch.Tensor | tuple | list) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+def _evaluate(student: nn.Module, teacher: nn.Module | None, objective: _Objective, data: Tensors, size: int,
+              static: bool, device: str, check: Callable[[], None]) -> tuple[float | None, float | None]:
+    """(loss, accuracy) over all of `data`; a short last batch is padded for static-batch models."""
+    samples = len(data[0][0])
+    loss_sum = correct = loss_count = labelled = 0
+    with torch.no_grad():
+        for start in range(0, samples, size):
+            check()
+            index = torch.arange(start, min(start + size, samples))
+            count = len(index)
+            if static and count < size:
+                index = torch.cat([index, index[:1].repeat(size - count)])
+            inputs, labels = _batch(data, index, device)
+            labels = None if labels is None else labels[:count]
+            student_out = [o[:count] for o in _outputs(student(*inputs))]
+            teacher_out = None if teacher is None else [o[:count] for o in _outputs(teacher(*inputs))]
+            loss = objective(student_out, teacher_out, labels)
+            if loss is not None:
+                loss_sum += float(loss) * count
+                loss_count += count
+            if labels is not None and student_out[0].dim() == 2:
+                correct += int((student_out[0].argmax(dim=1) == labels).sum())
+                labelled += count
+    return (loss_sum / loss_count if loss_count else None), (correct / labelled if labelled else None)
+
+
+def _score(train_loss: float, val_loss: float | None, val_accuracy: float | None) -> float:
+    """Higher is better; a non-finite loss (diverged) is never kept."""
+    loss = train_loss if val_loss is None else val_loss
+    if not math.isfinite(loss):
+        return -math.inf
+    return val_accuracy if val_accuracy is not None else -loss
+
+
+def _finite(value: float | None) -> float | None:
+    """JSON (and PostgreSQL jsonb) has no NaN or infinity: a diverged loss is recorded as None."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.detach().to("cpu", copy=True) for key, value in module.state_dict().items()}
+
+
+def _set_training(module: nn.Module | None, training: bool) -> None:
+    """torch.export modules (they have a .graph) refuse train()/eval(): their graph was fixed at export."""
+    if module is not None and not hasattr(module, "graph"):
+        module.train(training)
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    """The trainable weight, also while a fake-quant parametrization computes `layer.weight` from it."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+def _apply_masks(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, mask in masks.items():
+            _weight(module.get_submodule(name)).mul_(mask)
+
+
+def _add_fake_quant(module: nn.Module, bits: int) -> list[nn.Linear]:
+    layers = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    for layer in layers:
+        parametrize.register_parametrization(layer, "weight", _FakeQuant(bits))
+    return layers
+
+
+def _remove_fake_quant(layers: list[nn.Linear]) -> None:
+    """Back to plain float weights (the latent ones), which the later quantize step quantizes for real."""
+    for layer in layers:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+
+
+# --- students ------------------------------------------------------------------------------------------------
+
+
+def shrink_student(teacher: nn.Module, depth: float, width: float, hf=None) -> tuple[nn.Module, dict]:
+    """A smaller model to distill into, initialised from the teacher (never from scratch: it trains faster).
+
+    Hugging Face transformers (`hf`, a worker.formats.hf.HFModel): fewer layers, taken evenly spaced from
+    the teacher as DistilBERT did (every other layer at depth 0.5). torch.export graphs: narrower hidden
+    layers, keeping the channels with the largest weight norms (structured pruning). The teacher is not
+    changed. Returns (student module with the teacher's inputs and outputs, details).
+    """
+    if not (0 < depth <= 1 and 0 < width <= 1):
+        raise JobFailure("invalid_recipe", f"depth and width are fractions of the teacher in (0, 1], got depth "
+                                           f"{depth}, width {width}")
+    if hf is not None:
+        if width != 1:
+            raise JobFailure("invalid_recipe", "narrower transformers are not supported: use width 1.0 and depth "
+                                               "< 1 (fewer layers) for Hugging Face models")
+        return _fewer_layers(hf, depth)
+    if not hasattr(teacher, "graph"):
+        raise JobFailure("unsupported_model", "a student can be derived from Hugging Face transformers and "
+                                              "torch.export models only")
+    if depth != 1:
+        raise JobFailure("invalid_recipe", "removing layers from a torch.export model is not supported (its graph "
+                                           "fixes the layer sequence): use depth 1.0 and width < 1 (narrower "
+                                           "layers)")
+    student = copy.deepcopy(teacher)
+    before = _widths(student)
+    if width < 1:
+        prune_graph_channels(student, PruneStep(op="prune", method="structured", sparsity=1 - width))
+    after = _widths(student)
+    return student, {"width": width,
+                     "channels": {name: {"teacher": before[name], "student": after[name]} for name in before},
+                     "init": "teacher channels with the largest weight norms"}
+
+
+def _widths(module: nn.Module) -> dict[str, int]:
+    return {name: layer.weight.shape[0] for name, layer in module.named_modules()
+            if isinstance(layer, (nn.Linear, nn.Conv2d))}
+
+
+def _fewer_layers(hf, depth: float) -> tuple[nn.Module, dict]:
+    """A transformers model of the same class with fewer layers; every weight copied from the teacher."""
+    from worker.formats.hf import TextModelAdapter
+
+    teacher = hf.model
+    config = copy.deepcopy(teacher.config)
+    layers = config.num_hidden_layers
+    count = max(1, round(depth * layers))
+    chosen = [i * layers // count for i in range(count)]
+    stacks = [name for name, m in teacher.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layers]
+    if len(stacks) != 1:
+        raise JobFailure("unsupported_model", f"cannot find the single list of {layers} layers in "
+                                              f"{type(teacher).__name__} to take the student's layers from")
+    config.num_hidden_layers = count
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in chosen]
+    student = type(teacher)(config)
+    prefix = stacks[0] + "."
+    source = teacher.state_dict()
+    state = {}
+    for key in student.state_dict():
+        name = key
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            name = f"{prefix}{chosen[int(index)]}.{rest}"
+        state[key] = source[name]
+    student.load_state_dict(state)
+    student = student.float().eval()
+    module = TextModelAdapter(student, hf.input_names, hf.output_names, hf.module.extra).eval()
+    return module, {"layers": {"teacher": layers, "student": count}, "init": f"teacher layers {chosen}"}
