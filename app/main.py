@@ -5,7 +5,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import artifacts, datasets, jobs, models, service
+from app.api import artifacts, datasets, jobs, models, presets, service
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
 from app.errors import install_error_handlers
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     app.state.storage = open_storage(settings.resolved_storage_url())
     app.state.metrics = Metrics(session_factory)
     install_error_handlers(app)
-    for router in (service.router, models.router, datasets.router, jobs.router, artifacts.router):
+    for router in (service.router, models.router, datasets.router, jobs.router, artifacts.router, presets.router):
         app.include_router(router)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

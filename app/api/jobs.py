@@ -29,7 +29,7 @@ IDEMPOTENCY_WINDOW = timedelta(hours=24)
 
 def job_public(job: Job) -> JobPublic:
     return JobPublic(
-        id=job.id, name=job.name, model_id=job.model_id, status=job.status, recipe=job.recipe,
+        id=job.id, name=job.name, model_id=job.model_id, status=job.status, recipe=job.recipe, tune=job.tune,
         datasets=job.datasets, target=job.target, webhook_url=job.webhook_url,
         progress={"fraction": job.progress_fraction, "step": job.progress_step, "message": job.progress_message},
         error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
@@ -64,6 +64,23 @@ def _replay(session, tenant_id: str, key: str, request_hash: str) -> Job | None:
     return job
 
 
+def _check_students(session, tenant, body: JobCreate) -> None:
+    """An uploaded student must be one of the tenant's models, and usable."""
+    for recipe in body.candidates():
+        for index, step in enumerate(recipe.steps):
+            student_id = getattr(getattr(step, "student", None), "model_id", None)
+            if student_id is None:
+                continue
+            student = session.get(Model, student_id)
+            field = f"recipe.steps.{index}.student.model_id"
+            if student is None or student.tenant_id != tenant.id:
+                raise ApiError(404, "not_found", f"{field}: model {student_id!r} not found")
+            if student.status == "invalid" or student.format == "onnx":
+                raise ApiError(422, "invalid_request", f"{field}: the student must be a valid .pt2 or Hugging Face "
+                                                       f"model (model {student_id!r} is {student.format}, "
+                                                       f"{student.status})")
+
+
 @router.post("", status_code=201, response_model=JobPublic)
 async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                      session_factory: SessionFactoryDep, celery: CeleryDep,
@@ -80,9 +97,11 @@ async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep
     if model.status == "invalid":
         raise ApiError(409, "model_invalid", f"model_id: model {model.id!r} is invalid: {model.error}")
     try:
-        check_recipe_for_model(body.recipe, body.target, model.format)
+        for recipe in body.candidates():
+            check_recipe_for_model(recipe, body.target, model.format)
     except ValueError as exc:
         raise ApiError(422, "invalid_request", str(exc)) from None
+    _check_students(session, tenant, body)
     for role, dataset_id in body.datasets.model_dump().items():
         if dataset_id is None:
             continue
@@ -92,7 +111,9 @@ async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep
     try:
         job = jobs.create_job(
             session, tenant_id=tenant.id, model_id=model.id, name=body.name,
-            recipe=body.recipe.model_dump(mode="json"), datasets=body.datasets.model_dump(mode="json"),
+            recipe=body.recipe.model_dump(mode="json") if body.recipe else None,
+            tune=body.tune.model_dump(mode="json") if body.tune else None,
+            datasets=body.datasets.model_dump(mode="json"),
             target=body.target.model_dump(mode="json"), queue=body.target.queue,
             webhook_url=str(body.webhook_url) if body.webhook_url else None,
             idempotency_key=idempotency_key, request_hash=request_hash)

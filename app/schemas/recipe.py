@@ -72,12 +72,56 @@ class PruneStep(StrictModel):
         return self
 
 
+class AnalyzeStep(StrictModel):
+    op: Literal["analyze"]
+    bins: int = Field(default=32, ge=4, le=256)
+
+
+class Shrink(StrictModel):
+    depth: float = Field(default=1.0, gt=0.0, le=1.0)
+    width: float = Field(default=1.0, gt=0.0, le=1.0)
+
+
+class Student(StrictModel):
+    model_id: str | None = Field(default=None, min_length=1, max_length=40)
+    shrink: Shrink | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "Student":
+        if (self.model_id is None) == (self.shrink is None):
+            raise ValueError("give either model_id (an uploaded student) or shrink (derived from the teacher)")
+        if self.shrink is not None and self.shrink.depth == 1.0 and self.shrink.width == 1.0:
+            raise ValueError("shrink: depth or width must be below 1 for the student to be smaller")
+        return self
+
+
+class Training(StrictModel):
+    epochs: int = Field(default=3, ge=1, le=1000)
+    lr: float = Field(default=1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+
+
+class DistillStep(Training):
+    op: Literal["distill"]
+    student: Student
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0)
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
+    hidden_weight: float = Field(default=0.0, ge=0.0, le=100.0)
+
+
+class FinetuneStep(Training):
+    op: Literal["finetune"]
+    quantization_aware: bool = False
+
+
 class ExportStep(StrictModel):
     op: Literal["export"]
     formats: list[Literal["onnx", "pt2", "hf", "safetensors"]] = Field(min_length=1, max_length=4)
 
 
-Step = Annotated[QuantizeStep | PruneStep | ExportStep, Field(discriminator="op")]
+Step = Annotated[QuantizeStep | PruneStep | DistillStep | FinetuneStep | AnalyzeStep | ExportStep,
+                 Field(discriminator="op")]
+TRAINING_OPS = ("distill", "finetune")
 
 
 class Recipe(StrictModel):
@@ -87,9 +131,9 @@ class Recipe(StrictModel):
     def _order(self) -> "Recipe":
         quantized = False
         for index, step in enumerate(self.steps):
-            if quantized and step.op != "export":
+            if quantized and step.op not in ("export", "analyze"):
                 raise ValueError(f"steps.{index}: a {step.op!r} step cannot follow a quantize step; "
-                                 "quantize last (only export may follow)")
+                                 "quantize last (only analyze and export may follow)")
             quantized = quantized or step.op == "quantize"
         return self
 
@@ -122,6 +166,8 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
                                  "target.runtime 'pytorch'")
             if step.method == "static" and not datasets.calibration:
                 raise ValueError(f"datasets.calibration: {where} (static quantization) needs a calibration dataset")
+        if step.op in TRAINING_OPS and not datasets.train:
+            raise ValueError(f"datasets.train: {where} ({step.op}) needs a train dataset")
         if isinstance(step, PruneStep) and step.method == "activation_aware" and not datasets.calibration:
             raise ValueError(f"datasets.calibration: {where} (activation_aware pruning) needs a calibration "
                              "dataset")
@@ -136,8 +182,22 @@ def check_recipe_for_model(recipe: Recipe, target: Target, model_format: str) ->
             if isinstance(step, PruneStep) and step.method != "magnitude":
                 raise ValueError(f"recipe.steps.{index}.method: {step.method!r} pruning needs a PyTorch model "
                                  "(.pt2 or Hugging Face); ONNX models support magnitude pruning")
+            if step.op in TRAINING_OPS:
+                raise ValueError(f"recipe.steps.{index}.op: {step.op} needs a PyTorch model (.pt2 or Hugging "
+                                 "Face); an ONNX model cannot be trained here")
             if isinstance(step, ExportStep) and set(step.formats) - {"onnx"}:
                 raise ValueError(f"recipe.steps.{index}.formats: an ONNX model can only be exported as 'onnx'")
     for index, step in enumerate(recipe.steps):
         if isinstance(step, ExportStep) and "hf" in step.formats and model_format != "hf":
             raise ValueError(f"recipe.steps.{index}.formats: 'hf' export needs a Hugging Face model upload")
+
+
+class TuneSpec(StrictModel):
+    """Accuracy-aware tuning: try candidate recipes, keep the best one within the tolerance."""
+
+    metric: Literal["accuracy", "fidelity"] = "fidelity"
+    max_loss: float = Field(default=0.01, ge=0.0, le=1.0)
+    objective: Literal["size", "latency"] = "size"
+    max_trials: int = Field(default=8, ge=1, le=100)
+    time_budget_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    search: list[Recipe] | None = Field(default=None, min_length=1, max_length=100)

@@ -14,6 +14,9 @@ The suggested recipe follows fixed rules (constants below) so that a user can se
   50% when all of them are below PRUNE_LOW, else to 30%; no prune step when no layer qualifies;
 - torch models whose int4 sensitivity is below INT4_TINY everywhere get weight-only int4 (group 32) for the
   pytorch target as an alternative in the rationale.
+`exclude` entries are exact, anchored names: the ONNX node name for ONNX models; for torch models both the module
+name (`^fc$`, what pruning and the pytorch target match) and its weight's name (`^fc\\.weight$`, what the ONNX
+file made for the onnxruntime target names it). No recipe (None) is suggested for a model without such layers.
 """
 
 import json

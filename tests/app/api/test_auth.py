@@ -4,7 +4,7 @@ ROUTES = [("get", "/v1/models"), ("post", "/v1/models"), ("get", "/v1/models/x")
           ("delete", "/v1/models/x"), ("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", "/v1/jobs/x"),
           ("post", "/v1/jobs/x/cancel"), ("get", "/v1/jobs/x/report"), ("get", "/v1/jobs/x/artifacts"),
           ("get", "/v1/artifacts/x/download"), ("get", "/v1/datasets"), ("post", "/v1/datasets"),
-          ("get", "/v1/datasets/x"), ("delete", "/v1/datasets/x")]
+          ("get", "/v1/datasets/x"), ("delete", "/v1/datasets/x"), ("get", "/v1/presets")]
 
 
 @pytest.mark.parametrize("method, path", ROUTES)

@@ -158,3 +158,63 @@ def test_pt2_model_takes_pytorch_target_and_torch_methods(client, auth, upload, 
                                                          {"op": "export", "formats": ["pt2", "safetensors"]}]},
                       target={"runtime": "pytorch"})
     assert response.status_code == 201, response.text
+
+
+def test_presets_are_listed_and_usable(client, auth, model_id):
+    presets = {p["name"]: p for p in client.get("/v1/presets", headers=auth).json()["data"]}
+    assert {"int8-cpu", "sparse50-int8", "distill-half-int8"} <= set(presets)
+    assert presets["sparse50-int8"]["needs"] == ["calibration"]
+    job = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "preset": "int8-cpu"})
+    assert job.status_code == 201, job.text
+    assert job.json()["recipe"]["steps"][0]["op"] == "quantize"
+    unknown = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "preset": "shrink-ray"})
+    assert unknown.status_code == 422 and "int8-cpu" in unknown.json()["error"]["message"]
+    both = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "preset": "int8-cpu",
+                                                        "recipe": RECIPE})
+    assert both.status_code == 422
+
+
+def test_tune_job_is_accepted_and_validated(client, auth, model_id):
+    body = {"model_id": model_id, "tune": {"metric": "fidelity", "max_loss": 0.01, "objective": "size",
+                                           "max_trials": 3, "search": [RECIPE]}}
+    response = client.post("/v1/jobs", headers=auth, json=body)
+    assert response.status_code == 201, response.text
+    assert response.json()["tune"]["max_trials"] == 3 and response.json()["recipe"] is None
+    accuracy = client.post("/v1/jobs", headers=auth, json={**body, "tune": {"metric": "accuracy"}})
+    assert accuracy.status_code == 422 and accuracy.json()["error"]["message"].startswith("datasets.eval")
+    nothing = client.post("/v1/jobs", headers=auth, json={"model_id": model_id})
+    assert nothing.status_code == 422
+    bad_search = client.post("/v1/jobs", headers=auth, json={**body, "tune": {"search": [{"steps": [
+        {"op": "prune", "method": "structured", "sparsity": 0.5}]}]}})
+    assert bad_search.status_code == 422  # an ONNX model cannot take structured pruning
+
+
+@pytest.mark.parametrize("step, field", [
+    ({"op": "distill", "student": {"shrink": {"depth": 0.5}}}, "datasets.train"),
+    ({"op": "finetune"}, "datasets.train"),
+    ({"op": "distill", "student": {}}, "recipe.steps.0.distill.student"),
+    ({"op": "distill", "student": {"shrink": {"depth": 1.0}}}, "recipe.steps.0.distill.student"),
+    ({"op": "distill", "student": {"shrink": {"depth": 0.5}}, "temperature": 0}, "recipe.steps.0.distill.temperature"),
+    ({"op": "distill", "student": {"shrink": {"depth": 0.5}}, "alpha": 1.5}, "recipe.steps.0.distill.alpha"),
+    ({"op": "analyze", "bins": 1}, "recipe.steps.0.analyze.bins"),
+])
+def test_training_steps_are_validated(client, auth, model_id, step, field):
+    response = submit(client, auth, model_id, {"steps": [step]})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(field), response.json()
+
+
+def test_student_model_must_be_the_tenants(client, make_key, upload, pt2_bytes, tmp_path):
+    import numpy as np
+
+    alice, bob = make_key(), make_key()
+    teacher = upload(pt2_bytes, filename="t.pt2", headers=alice).json()["id"]
+    bobs_model = upload(pt2_bytes, filename="s.pt2", headers=bob).json()["id"]
+    np.savez(tmp_path / "train.npz", x=np.zeros((8, 16), np.float32), labels=np.zeros(8, np.int64))
+    with open(tmp_path / "train.npz", "rb") as fh:
+        train = client.post("/v1/datasets", headers=alice, files={"file": ("train.npz", fh)}).json()["id"]
+    body = {"model_id": teacher, "datasets": {"train": train},
+            "recipe": {"steps": [{"op": "distill", "student": {"model_id": bobs_model}}]}}
+    response = client.post("/v1/jobs", headers=alice, json=body)
+    assert response.status_code == 404
+    assert response.json()["error"]["message"].startswith("recipe.steps.0.student.model_id")

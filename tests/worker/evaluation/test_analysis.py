@@ -178,7 +178,8 @@ def test_onnx_gemm_model_matches_the_torch_analysis(mlp_onnx):
         assert layer["mean"] == pytest.approx(w.mean(), abs=1e-7) and layer["std"] == pytest.approx(w.std(), rel=1e-5)
         assert sum(layer["histogram"]["counts"]) == w.size
         for variant in analysis.VARIANTS:
-            assert layer["sensitivity"][variant] == pytest.approx(torch_layer["sensitivity"][variant], rel=1e-3, abs=1e-9)
+            expected = torch_layer["sensitivity"][variant]
+            assert layer["sensitivity"][variant] == pytest.approx(expected, rel=1e-3, abs=1e-9)
     assert sum(layer["param_share"] for layer in result["layers"]) == pytest.approx(1.0)
     assert result["totals"]["params"] == sum(w.size for w in initializers.values())
     assert not any("weight_only" in line for line in result["rationale"])  # pytorch-target alternative only
