@@ -9,6 +9,7 @@ import json
 import logging
 import shutil
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from app.config import get_settings
 from app.db import session_scope, utcnow
 from app.models import Dataset, Job, Model
 from app.queue import INSPECT_MODEL, RUN_JOB
-from app.schemas.recipe import Recipe, Target
+from app.schemas.recipe import Recipe, Target, TuneSpec
 from worker import resources
 from worker.celery_app import celery
 from worker.context import JobContext, with_db_retry
@@ -141,14 +142,31 @@ def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -
             if dataset is None or dataset.tenant_id != job.tenant_id:
                 raise JobFailure("dataset_missing", f"{role} dataset {dataset_id!r} was deleted")
             datasets[role] = (dataset.storage_key, dataset.format)
+        recipe = Recipe.model_validate(job.recipe) if job.recipe else None
+        tune = TuneSpec.model_validate(job.tune) if job.tune else None
+        students = {}
+        for candidate in ([recipe] if recipe else []) + list(tune.search or [] if tune else []):
+            for step in candidate.steps:
+                student_id = getattr(getattr(step, "student", None), "model_id", None)
+                if student_id:
+                    student = session.get(Model, student_id)
+                    if student is None or student.tenant_id != job.tenant_id:
+                        raise JobFailure("model_missing", f"student model {student_id!r} was deleted")
+                    students[student_id] = (student.storage_key, student.format)
     local = workdir / f"input.{model_format}"
     storage.get_file(model_key, local)
     dataset_files = {}
     for role, (key, fmt) in datasets.items():
         dataset_files[role] = (workdir / f"{role}.{fmt}", fmt)
         storage.get_file(key, dataset_files[role][0])
-    recipe, target = Recipe.model_validate(job.recipe), Target.model_validate(job.target)
-    result = Pipeline(recipe, target, local, model_format, dataset_files, workdir, settings, ctx).run()
+    student_files = {}
+    for student_id, (key, fmt) in students.items():
+        student_files[student_id] = (workdir / f"student-{student_id}.{fmt}", fmt)
+        storage.get_file(key, student_files[student_id][0])
+    # Training stops in time for the steps after it to finish within the job's soft time limit.
+    deadline = time.monotonic() + 0.8 * settings.job_soft_time_limit
+    result = Pipeline(recipe, Target.model_validate(job.target), local, model_format, dataset_files, workdir,
+                      settings, ctx, tune=tune, student_files=student_files, deadline=deadline).run()
     ctx.progress(0.95, "upload", "storing artifacts")
     metrics = {**result.metrics, "job_id": job.id, "model_id": job.model_id}
     report = workdir / "report.json"

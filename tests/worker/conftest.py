@@ -93,3 +93,18 @@ def add_dataset(worker_env, db):
         return dataset_id
 
     return _add
+
+
+@pytest.fixture
+def db_job_tune(db):
+    """Turn a job into a tuning job (as POST /v1/jobs with `tune` would store it)."""
+    from sqlalchemy import update
+
+    from app.models import Job
+
+    def _set(job_id: str, tune: dict, keep_recipe: bool = False) -> None:
+        with session_scope(db) as session:
+            values = {"tune": tune} if keep_recipe else {"tune": tune, "recipe": None}
+            session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+    return _set

@@ -178,8 +178,9 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
     if static_batch and samples < static_batch:
         raise JobFailure("invalid_dataset", f"the model was exported for batches of exactly {static_batch}, but "
                                             f"the training data has only {samples} samples")
-    size = static_batch or cfg.batch_size
-    use_teacher = teacher is not None and (objective.soft > 0 or objective.hidden > 0)
+    size, static = static_batch or cfg.batch_size, bool(static_batch)
+    if objective.soft == 0 and objective.hidden == 0:
+        teacher = None  # pure hard-label training: no need to run it
     torch.manual_seed(cfg.seed)  # dropout in Hugging Face models
     generator = torch.Generator().manual_seed(cfg.seed)
     for parameter in student.parameters():
@@ -197,33 +198,11 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
         try:
             for epoch in range(1, cfg.epochs + 1):
                 started = time.perf_counter()
-                _set_training(student, True)
-                loss_sum, seen = 0.0, 0
                 order = torch.randperm(samples, generator=generator)
-                for start in range(0, samples - (samples % size if static_batch else 0), size):
-                    check()
-                    index = order[start:start + size]
-                    inputs, labels = _batch(train_tensors, index, device)
-                    if use_teacher:
-                        with torch.no_grad():
-                            teacher_out = _outputs(teacher(*inputs))
-                    else:
-                        teacher_out = None
-                    loss = objective(_outputs(student(*inputs)), teacher_out, labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    _apply_masks(student, masks)
-                    loss_sum += float(loss.detach()) * len(index)
-                    seen += len(index)
-                    if deadline is not None and time.monotonic() >= deadline:
-                        stopped = "time_budget"
-                        break
-                _set_training(student, False)
+                train_loss, out_of_time = _train_epoch(student, teacher, objective, optimizer, train_tensors, order,
+                                                       size, static, masks, device, check, deadline)
                 val_loss, val_accuracy = (None, None) if val_tensors is None else _evaluate(
-                    student, teacher if use_teacher else None, objective, val_tensors, size, bool(static_batch),
-                    device, check)
-                train_loss = loss_sum / seen
+                    student, teacher, objective, val_tensors, size, static, device, check)
                 score = _score(train_loss, val_loss, val_accuracy)
                 if score > best_score:
                     best_state, best_score, best_epoch = _snapshot(student), score, epoch
@@ -231,7 +210,8 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
                           "val_accuracy": val_accuracy, "seconds": round(time.perf_counter() - started, 3)}
                 history.append(record)
                 on_epoch(epoch, record)
-                if stopped:
+                if out_of_time:
+                    stopped = "time_budget"
                     break
         except JobCancelled:
             student.load_state_dict(best_state)
@@ -240,6 +220,41 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
         return TrainResult(history=history, best_epoch=best_epoch, stopped=stopped)
     finally:
         _remove_fake_quant(fake_quantized)
+
+
+def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
+                 optimizer: torch.optim.Optimizer, data: Tensors, order: torch.Tensor, size: int, static: bool,
+                 masks: dict[str, torch.Tensor], device: str, check: Callable[[], None],
+                 deadline: float | None) -> tuple[float, bool]:
+    """One pass over the data in `order`; returns (mean training loss, whether it stopped at the deadline).
+
+    Static-batch models cannot take a short last batch: the remainder is dropped (it is reshuffled next
+    epoch, so no sample is left out for good).
+    """
+    samples = len(order)
+    end = samples - samples % size if static else samples
+    loss_sum, seen = 0.0, 0
+    _set_training(student, True)
+    try:
+        for start in range(0, end, size):
+            check()
+            index = order[start:start + size]
+            inputs, labels = _batch(data, index, device)
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = _outputs(teacher(*inputs))
+            loss = objective(_outputs(student(*inputs)), teacher_out, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _apply_masks(student, masks)
+            loss_sum += float(loss.detach()) * len(index)
+            seen += len(index)
+            if deadline is not None and time.monotonic() >= deadline:
+                return loss_sum / seen, True
+        return loss_sum / seen, False
+    finally:
         _set_training(student, False)
 
 

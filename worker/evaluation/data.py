@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.compression.train import TrainData
 from worker.datasets import DatasetArrays, batches, load_arrays, match_inputs, tokenize_texts
 from worker.errors import JobFailure
 from worker.evaluation.inputs import generate_feeds
@@ -14,6 +15,7 @@ GENERATED_BATCHES = 8
 DYNAMIC_BATCH = 16
 MAX_EVAL_SAMPLES = 512
 MAX_CALIBRATION_SAMPLES = 256
+MAX_TRAIN_SAMPLES = 200_000
 TEXT_MAX_LENGTH = 128
 
 
@@ -22,10 +24,12 @@ class JobData:
     eval_batches: list[list[np.ndarray]]
     eval_labels: list[np.ndarray] | None
     calibration: list[list[np.ndarray]] | None
+    train: TrainData | None = None
+    val: TrainData | None = None
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def _batch_size(inputs: list[dict[str, Any]]) -> tuple[int, bool]:
+def batch_size(inputs: list[dict[str, Any]]) -> tuple[int, bool]:
     first = inputs[0]["shape"][0] if inputs and inputs[0]["shape"] else None
     return (first, True) if isinstance(first, int) else (DYNAMIC_BATCH, False)
 
@@ -49,11 +53,14 @@ def _take(data: DatasetArrays, limit: int) -> DatasetArrays:
 
 def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
     """`files` maps a role (eval, calibration, train) to (local path, dataset format)."""
-    size, static = _batch_size(loaded.inputs)
+    size, static = batch_size(loaded.inputs)
     description: dict[str, Any] = {}
+    val = None
     if "eval" in files:
         data = _take(_arrays(*files["eval"], loaded, "eval"), MAX_EVAL_SAMPLES)
-        split = batches(match_inputs(data, loaded.inputs, "eval"), size, data.labels, static=static, role="eval")
+        arrays = match_inputs(data, loaded.inputs, "eval")
+        val = TrainData(inputs=arrays, labels=data.labels)
+        split = batches(arrays, size, data.labels, static=static, role="eval")
         eval_batches = [feeds for feeds, _ in split.batches]
         labels = [lab for _, lab in split.batches] if data.labels is not None else None
         description.update(inputs="eval dataset", samples=sum(b[0].shape[0] for b in eval_batches),
@@ -70,7 +77,13 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
         split = batches(match_inputs(data, loaded.inputs, "calibration"), size, static=static, role="calibration")
         calibration = [feeds for feeds, _ in split.batches]
         description["calibration_samples"] = sum(b[0].shape[0] for b in calibration)
-    return JobData(eval_batches=eval_batches, eval_labels=labels, calibration=calibration, description=description)
+    train = None
+    if "train" in files:
+        data = _take(_arrays(*files["train"], loaded, "train"), MAX_TRAIN_SAMPLES)
+        train = TrainData(inputs=match_inputs(data, loaded.inputs, "train"), labels=data.labels)
+        description["train_samples"] = len(train.inputs[0])
+    return JobData(eval_batches=eval_batches, eval_labels=labels, calibration=calibration, train=train, val=val,
+                   description=description)
 
 
 def accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray] | None) -> float | None:

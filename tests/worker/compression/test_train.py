@@ -76,7 +76,7 @@ def teacher(task):
 def test_distillation_beats_hard_labels_with_few_labels(task, teacher):
     """100 labelled samples: the student trained on them alone vs the same student (same init, same epochs)
     distilled from the teacher's soft targets on those samples plus 1000 unlabelled ones (alpha=1: no labels).
-    Measured: teacher 0.89, hard labels 0.75-0.77, distilled 0.86-0.88 (seeds 0-3 of the labelled set)."""
+    Measured: teacher 0.89; hard labels 0.73-0.76, distilled 0.86-0.87 (labelled sets 10-12, student inits 5-6)."""
     x_test, y_test = task["test"]
     assert accuracy(teacher, x_test, y_test) > 0.85
     (x_few, y_few), (x_more, _) = make_task(100, 10), make_task(1000, 20)
@@ -261,8 +261,8 @@ def quantized_accuracy(model: nn.Module, bits: int, x: np.ndarray, y: np.ndarray
 def test_fake_quant_training_survives_low_bit_quantization():
     """Features on scales from 1 to 0.001 make per-channel int4 weights lossy (the large first-layer weights
     of the small features set each row's scale). Fine-tuning the same model with and without fake
-    quantization, then quantizing both for real. Measured over model seeds 0-2: int4 0.70-0.72 without, 0.75
-    with; int3 0.61-0.63 without, 0.72-0.75 with."""
+    quantization, then quantizing both for real. Measured over model seeds 0-3 (float 0.75-0.77): int4
+    0.67-0.71 without, 0.74-0.78 with; int3 0.49-0.63 without, 0.72-0.75 with."""
     scales = (10.0 ** (-3 * np.arange(16) / 15)).astype(np.float32)
     (x, y), (x_val, y_val), (x_test, y_test) = (make_task(n, s, 16, 4, scales) for n, s in
                                                 ((3000, 0), (500, 1), (2000, 2)))
@@ -276,7 +276,7 @@ def test_fake_quant_training_survives_low_bit_quantization():
         assert not any(parametrize.is_parametrized(m) for m in model.modules())
         assert all(type(p) is nn.Parameter and p.dtype == torch.float32 for p in model.parameters())
         results[bits] = {b: quantized_accuracy(model, b, x_test, y_test) for b in (4, 3)}
-    assert results[4][4] > results[None][4] + 0.02, results
+    assert results[4][4] > results[None][4] + 0.03, results
     assert results[3][3] > results[None][3] + 0.05, results
 
 
@@ -305,6 +305,8 @@ def test_shrink_transformer_takes_every_other_layer_and_distills(tmp_path):
 
     torch.manual_seed(0)
     teacher = BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).eval()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(100)  # logits that differ between inputs, something to distill
     hf = hf_model(teacher, ["logits"], tmp_path)
     student, details = shrink_student(hf.module, 0.5, 1.0, hf=hf)
     assert details == {"layers": {"teacher": 4, "student": 2}, "init": "teacher layers [0, 2]"}
@@ -350,3 +352,14 @@ def test_shrink_exported_mlp_narrows_hidden_layers():
     assert same_weights(state(teacher), before)
     with pytest.raises(JobFailure, match="depth 1.0"):
         shrink_student(teacher, 0.5, 1.0)
+
+
+def test_narrow_exported_student_distills_back_close_to_its_teacher(task, teacher):
+    """A quarter of the hidden width (the largest-norm neurons) loses accuracy; distillation wins it back.
+    Measured: teacher 0.89, narrowed 0.72, distilled 0.86."""
+    x_test, y_test = task["test"]
+    graph = exported(copy.deepcopy(teacher).eval(), 4, dynamic=True)
+    student, _ = shrink_student(graph, 1.0, 0.25)
+    narrowed = accuracy(student, x_test, y_test)
+    distill(graph, student, TrainData(task["train"].inputs, None), task["val"], TrainConfig(epochs=3, alpha=1.0))
+    assert accuracy(student, x_test, y_test) > max(narrowed + 0.08, accuracy(teacher, x_test, y_test) - 0.06)
