@@ -1,4 +1,4 @@
-"""The `modelpress` command: serve (embedded all-in-one), api, worker, migrate, keys create."""
+"""The `modelpress` command: serve (embedded all-in-one), api, worker, migrate, keys create / list / revoke."""
 
 import argparse
 import os
@@ -17,13 +17,13 @@ def _migrate(settings: Settings) -> None:
     upgrade(settings.resolved_database_url())
 
 
-def _create_key(settings: Settings, tenant_name: str) -> str:
+def _create_key(settings: Settings, tenant_name: str, name: str | None = None) -> str:
     from app.auth import create_api_key
     from app.db import make_engine, make_session_factory, session_scope
 
     engine = make_engine(settings.resolved_database_url())
     with session_scope(make_session_factory(engine)) as session:
-        _, key = create_api_key(session, tenant_name)
+        _, key = create_api_key(session, tenant_name, name)
     engine.dispose()
     return key
 
@@ -120,9 +120,59 @@ def cmd_migrate(_: argparse.Namespace) -> int:
 def cmd_keys_create(args: argparse.Namespace) -> int:
     settings = get_settings()
     _migrate(settings)
-    key = _create_key(settings, args.tenant)
+    key = _create_key(settings, args.tenant, args.name)
     print(f"Created an API key for tenant {args.tenant!r}. Store it now; it is not shown again.")
     print(key)
+    return 0
+
+
+def _format_time(value) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value else "-"
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.db import make_engine, make_session_factory, utcnow
+    from app.models import ApiKey, Tenant
+
+    settings = get_settings()
+    _migrate(settings)
+    engine = make_engine(settings.resolved_database_url())
+    with make_session_factory(engine)() as session:
+        tenant = session.scalar(select(Tenant).where(Tenant.name == args.tenant))
+        rows = session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant.id).order_by(ApiKey.id)).all() \
+            if tenant else []
+    engine.dispose()
+    if tenant is None:
+        print(f"error: no tenant named {args.tenant!r}", file=sys.stderr)
+        return 1
+    now = utcnow()
+    print(f"{'ID':<34} {'PREFIX':<13} {'STATUS':<8} {'CREATED':<21} {'LAST USED':<21} {'EXPIRES':<21} NAME")
+    for row in rows:
+        status = "active" if row.is_active(now) else "revoked" if row.revoked_at else "expired"
+        print(f"{row.id:<34} {row.prefix:<13} {status:<8} {_format_time(row.created_at):<21} "
+              f"{_format_time(row.last_used_at):<21} {_format_time(row.expires_at):<21} {row.name or '-'}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from app.auth import revoke
+    from app.db import make_engine, make_session_factory, session_scope
+    from app.models import ApiKey
+
+    settings = get_settings()
+    _migrate(settings)
+    engine = make_engine(settings.resolved_database_url())
+    with session_scope(make_session_factory(engine)) as session:
+        row = session.get(ApiKey, args.key_id)
+        if row is not None:
+            revoke(row)
+    engine.dispose()
+    if row is None:
+        print(f"error: no key with id {args.key_id!r}", file=sys.stderr)
+        return 1
+    print(f"Revoked key {args.key_id} (tenant {row.tenant.name!r}); it is refused from now on.")
     return 0
 
 
@@ -153,7 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser("create", help="create a tenant if needed and an API key for it")
     create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="a label for the key, shown by keys list")
     create.set_defaults(func=cmd_keys_create)
+    list_ = keys_sub.add_parser("list", help="list a tenant's keys (never the secrets)")
+    list_.add_argument("--tenant", required=True)
+    list_.set_defaults(func=cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key: it is refused from the next request on")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(func=cmd_keys_revoke)
     return parser
 
 

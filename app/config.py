@@ -24,6 +24,16 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 60.0
     dispatch_interval: float = 5.0
     dispatch_retry_after: float = 10.0
+    # Partial uploads and storage objects that no database row refers to (left by a killed process) are removed
+    # by the API's housekeeping once they are this old (seconds); younger ones may still be in flight.
+    orphan_age: float = Field(default=3600.0, gt=0)
+
+    # Per-tenant limits; 0 means unlimited. The rate is a token bucket: bursts of up to this many requests,
+    # refilled at this many per minute, shared by all API processes through Redis when the broker is Redis.
+    tenant_requests_per_minute: int = Field(default=1200, ge=0)
+    tenant_max_active_jobs: int = Field(default=100, ge=0, description="queued + running jobs of one tenant")
+    tenant_max_storage_bytes: int = Field(default=100 * 1024**3, ge=0,
+                                          description="models + datasets + artifacts of one tenant")
 
     # Measurement: latency runs per model after warm-up, threads for ONNX Runtime.
     latency_runs: int = 50

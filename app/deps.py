@@ -1,5 +1,6 @@
 """FastAPI dependencies as Annotated aliases: SessionDep, CurrentTenant, SettingsDep, StorageDep, CeleryDep."""
 
+import math
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -46,15 +47,24 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
 def get_current_tenant(request: Request, session: SessionDep) -> Tenant:
+    """Authenticate the key, then take one token of the tenant's request rate: every /v1 route is limited."""
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
                        {"WWW-Authenticate": "Bearer"})
-    tenant = auth.tenant_for_key(session, key.strip())
-    if tenant is None:
+    row = auth.authenticate(session, key.strip())
+    if row is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
-    return tenant
+    limiter = request.app.state.rate_limiter
+    if limiter is not None:
+        wait = limiter.acquire(row.tenant_id)
+        if wait > 0:
+            raise ApiError(429, "rate_limited", "too many requests for this tenant; retry after the number of "
+                                                "seconds in the Retry-After header",
+                           {"Retry-After": str(max(1, math.ceil(wait)))})
+    auth.touch(session, row)
+    return row.tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

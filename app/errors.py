@@ -1,10 +1,12 @@
 """The service's error shape and one place that turns every failure into it (no stack trace ever leaves)."""
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +22,34 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error response: `{"error": {"code", "message"}}`."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {400: "Bad request (malformed body, cursor or multipart)",
+                 401: "Missing, invalid or revoked API key",
+                 404: "Not found (another tenant's resources are reported as not found too)",
+                 409: "Conflict with the resource's state",
+                 413: "Too large, or past the tenant's storage quota (`quota_exceeded`)",
+                 415: "Unsupported format or media type",
+                 416: "Range not satisfiable",
+                 422: "Invalid body or parameters (the message names the field)",
+                 429: "Rate limited (`rate_limited`, with Retry-After in seconds) or too many jobs (`too_many_jobs`)",
+                 503: "A dependency (database, broker, storage) is unavailable"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for error statuses, so clients and schema checks know every answer."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
 def not_found(kind: str, resource_id: str) -> ApiError:

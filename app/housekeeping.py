@@ -4,12 +4,15 @@
   (broker down), `dispatched_at` stays NULL and this loop sends it again later: nothing is lost.
 - Reap: a worker heartbeats its running job. A job whose heartbeat went stale (worker killed, machine gone)
   is re-queued, or failed after `job_max_attempts`; the broker alone does not bring such jobs back.
-Every step is a guarded UPDATE, so several API replicas can run this loop side by side.
+- Sweep: a process killed mid-upload leaves a partial file in the upload temp folder, and one killed between
+  storing a file and committing its row leaves an object no row refers to; both go once `orphan_age` old.
+Every step is a guarded UPDATE or an idempotent delete, so several API replicas can run this loop side by side.
 """
 
 import logging
 import threading
-from datetime import timedelta
+import time
+from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 from sqlalchemy import select, update
@@ -18,8 +21,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import jobs
 from app.config import Settings
 from app.db import session_scope, utcnow
-from app.models import Job, Model
+from app.models import Artifact, Dataset, Job, Model
 from app.queue import send_inspection, send_job
+from app.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +101,72 @@ def reap(factory: sessionmaker[Session], settings: Settings) -> dict[str, list[s
     return outcome
 
 
+def _created_at(row_id: str) -> datetime | None:
+    """When an id was minted (ids start with their creation time in milliseconds, see app.ids)."""
+    try:
+        return datetime.fromtimestamp(int(row_id.split("_", 1)[1][:12], 16) / 1000, UTC)
+    except (IndexError, ValueError):
+        return None
+
+
+def _orphan_keys(session: Session, keys: list[str], cutoff: datetime) -> list[str]:
+    """Keys under `tenants/<tenant>/<models|datasets|jobs>/<id>/` that no row refers to and that are older than
+    `cutoff`. Age is the owner's: its id's time, or a finished job's end (a running job is still storing its
+    outputs, before its artifact rows exist). Keys of any other shape are never touched."""
+    owned: dict[str, list[tuple[str, str]]] = {"models": [], "datasets": [], "jobs": []}
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) >= 5 and parts[0] == "tenants" and parts[2] in owned:
+            owned[parts[2]].append((parts[3], key))
+    referenced: set[str] = set()
+    ages: dict[str, datetime | None] = {}
+    for kind, table in (("models", Model), ("datasets", Dataset)):
+        ids = sorted({owner for owner, _ in owned[kind]})
+        referenced.update(session.scalars(select(table.storage_key).where(table.id.in_(ids))))
+        ages.update((owner, _created_at(owner)) for owner in ids)
+    job_ids = sorted({owner for owner, _ in owned["jobs"]})
+    referenced.update(session.scalars(select(Artifact.storage_key).where(Artifact.job_id.in_(job_ids))))
+    ages.update((owner, _created_at(owner)) for owner in job_ids)
+    for job_id, status, finished_at in session.execute(
+            select(Job.id, Job.status, Job.finished_at).where(Job.id.in_(job_ids))):
+        ages[job_id] = finished_at if jobs.JobStatus(status).is_terminal() else None
+    return [key for kind in owned.values() for owner, key in kind
+            if key not in referenced and ages[owner] is not None and ages[owner] < cutoff]
+
+
+def sweep_orphans(factory: sessionmaker[Session], storage: Storage, settings: Settings) -> int:
+    """Remove partial upload files and unreferenced storage objects older than `orphan_age`; returns how many."""
+    cutoff = utcnow() - timedelta(seconds=settings.orphan_age)
+    removed = 0
+    tmp = settings.upload_tmp_dir()
+    for path in tmp.iterdir() if tmp.is_dir() else []:
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff.timestamp():
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # its upload finished and removed it meanwhile
+            pass
+    keys = storage.list_keys("tenants")
+    orphans: list[str] = []
+    with factory() as session:
+        for start in range(0, len(keys), 1000):  # bounded IN lists, whatever the size of the store
+            orphans += _orphan_keys(session, keys[start:start + 1000], cutoff)
+    for key in orphans:
+        storage.delete(key)
+    if removed or orphans:
+        log.warning("housekeeping removed %d partial upload(s) and %d unreferenced object(s): %s", removed,
+                    len(orphans), ", ".join(orphans))
+    return removed + len(orphans)
+
+
 class Housekeeper:
-    """Runs reap + dispatch every `dispatch_interval` seconds on a daemon thread."""
+    """Runs reap + dispatch every `dispatch_interval` seconds on a daemon thread, and the sweep every quarter
+    of `orphan_age` (listing the whole store is too costly for every round)."""
 
     def __init__(self, factory: sessionmaker[Session], celery: Celery, settings: Settings):
         self.factory, self.celery, self.settings = factory, celery, settings
+        self.storage = open_storage(settings.resolved_storage_url())
+        self._next_sweep = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="housekeeper", daemon=True)
 
@@ -117,5 +182,8 @@ class Housekeeper:
             try:
                 reap(self.factory, self.settings)
                 dispatch_pending(self.factory, self.celery, self.settings)
-            except Exception as exc:  # database or broker down: try again next round
+                if time.monotonic() >= self._next_sweep:
+                    sweep_orphans(self.factory, self.storage, self.settings)
+                    self._next_sweep = time.monotonic() + self.settings.orphan_age / 4
+            except Exception as exc:  # database, broker or storage down: try again next round
                 log.warning("housekeeping round failed: %s", exc)

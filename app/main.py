@@ -5,11 +5,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api import artifacts, datasets, jobs, models, presets, service
+from app.api import artifacts, datasets, jobs, keys, models, presets, service
 from app.config import Settings, get_settings
 from app.db import make_engine, make_session_factory
-from app.errors import install_error_handlers
+from app.errors import error_responses, install_error_handlers
 from app.housekeeping import Housekeeper
+from app.limits import make_rate_limiter
 from app.observability import Metrics, MetricsMiddleware
 from app.queue import make_celery
 from app.storage import open_storage
@@ -40,9 +41,13 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     app.state.celery = celery
     app.state.storage = open_storage(settings.resolved_storage_url())
     app.state.metrics = Metrics(session_factory)
+    app.state.rate_limiter = make_rate_limiter(settings)
     install_error_handlers(app)
-    for router in (service.router, models.router, datasets.router, jobs.router, artifacts.router, presets.router):
-        app.include_router(router)
+    app.include_router(service.router)
+    # Every /v1 route authenticates (401), is rate limited (429), validates its input (422) and needs the
+    # database (503); route-specific errors are declared on the routes.
+    for router in (models.router, datasets.router, jobs.router, artifacts.router, presets.router, keys.router):
+        app.include_router(router, responses=error_responses(401, 422, 429, 503))
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

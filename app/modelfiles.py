@@ -32,6 +32,9 @@ MAX_SCAN_BYTES = 256 * 1024 * 1024
 
 # config.json and tokenizer_config.json are read whole at upload; real ones are a few kilobytes.
 MAX_CONFIG_BYTES = 1024 * 1024
+# A Hugging Face archive may unpack to this many times the upload limit (safetensors hardly compress). The API
+# checks the declared sizes against it at upload, the worker the bytes it really writes.
+UNPACK_FACTOR = 4
 
 _HEAD_BYTES = 1024 * 1024
 _PICKLE_PROTO = 0x80
@@ -146,8 +149,12 @@ class UnsafeModelFile(UnsupportedModelFile):
         super().__init__("unsafe_pickle", message)
 
 
-def detect_format(path: Path, filename: str | None, declared: str | None) -> str:
-    """Return the format of the upload at `path`, judged by content, after vetting it."""
+def detect_format(path: Path, filename: str | None, declared: str | None, *,
+                  max_unpacked_bytes: int = archives.DEFAULT_MAX_TOTAL_BYTES) -> str:
+    """Return the format of the upload at `path`, judged by content, after vetting it.
+
+    `max_unpacked_bytes` caps what a Hugging Face archive may expand to (UNPACK_FACTOR x the upload limit).
+    """
     if declared is not None and declared not in SUPPORTED_FORMATS:
         raise UnsupportedModelFile(
             "unsupported_format", f"declared format {declared!r} is not supported; {_SUPPORTED_HINT}"
@@ -161,7 +168,7 @@ def detect_format(path: Path, filename: str | None, declared: str | None) -> str
     if detected == "pt2":
         vet_pt2(path)
     elif detected == "hf":
-        vet_hf(path, subject)
+        vet_hf(path, subject, max_unpacked_bytes=max_unpacked_bytes)
     return detected
 
 

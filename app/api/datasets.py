@@ -11,10 +11,10 @@ from app.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, 
 from app.errors import ApiError, not_found
 from app.ids import new_id
 from app.jobs import JobStatus
+from app.limits import check_storage_quota, receive_upload_within_quota
 from app.models import Dataset, Job
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.datasets import DatasetPublic, DatasetsPublic
-from app.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -33,7 +33,7 @@ def get_owned_dataset(session, tenant, dataset_id: str) -> Dataset:
 async def upload_dataset(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
                          settings: SettingsDep, storage: StorageDep) -> Dataset:
     """Upload an `.npz`, `.safetensors` or `.jsonl` dataset; it is validated before anything is stored."""
-    upload = await receive_upload(request, settings.upload_tmp_dir(), settings.max_upload_bytes, {"name"})
+    upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name"})
     try:
         try:
             facts = await run_in_threadpool(inspect_dataset, upload.file.path, upload.file.filename)
@@ -48,6 +48,7 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
                           num_samples=facts.num_samples, has_labels=facts.has_labels, info=facts.info)
         try:
             with session_factory() as session:
+                check_storage_quota(session, tenant.id, upload.file.size, settings.tenant_max_storage_bytes)
                 session.add(dataset)
                 session.commit()
         except Exception:

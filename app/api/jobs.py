@@ -13,10 +13,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from app import jobs
-from app.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep
+from app.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from app.db import utcnow
 from app.errors import ApiError, not_found
 from app.housekeeping import dispatch_job
+from app.limits import check_active_jobs
 from app.models import Dataset, Job, Model
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.jobs import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
@@ -83,7 +84,7 @@ def _check_students(session, tenant, body: JobCreate) -> None:
 
 @router.post("", status_code=201, response_model=JobPublic)
 async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
-                     session_factory: SessionFactoryDep, celery: CeleryDep,
+                     session_factory: SessionFactoryDep, celery: CeleryDep, settings: SettingsDep,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
     request_hash = _request_hash(body)
     if idempotency_key:
@@ -108,6 +109,7 @@ async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.tenant_id != tenant.id:
             raise ApiError(404, "not_found", f"datasets.{role}: dataset {dataset_id!r} not found")
+    check_active_jobs(session, tenant.id, settings.tenant_max_active_jobs)  # a replay above is never refused
     try:
         job = jobs.create_job(
             session, tenant_id=tenant.id, model_id=model.id, name=body.name,

@@ -14,11 +14,11 @@ from app.errors import ApiError, not_found
 from app.housekeeping import dispatch_inspection
 from app.ids import new_id
 from app.jobs import JobStatus
+from app.limits import check_storage_quota, receive_upload_within_quota
 from app.models import Job, Model
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.models import ModelPublic, ModelsPublic
 from app.storage import ObjectNotFound
-from app.uploads import receive_upload
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -41,12 +41,13 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
                        settings: SettingsDep, storage: StorageDep, celery: CeleryDep) -> Model:
     """Upload a `.pt2` (torch.export), `.onnx` or Hugging Face archive; a worker inspects it and sets it ready or
     invalid."""
-    upload = await receive_upload(request, settings.upload_tmp_dir(), settings.max_upload_bytes, {"name", "format"})
+    upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name", "format"})
     try:
         declared = upload.fields.get("format") or None
         try:
+            unpacked_limit = modelfiles.UNPACK_FACTOR * settings.max_upload_bytes
             fmt = await run_in_threadpool(modelfiles.detect_format, upload.file.path, upload.file.filename,
-                                          declared)
+                                          declared, max_unpacked_bytes=unpacked_limit)
         except modelfiles.UnsupportedModelFile as exc:
             raise ApiError(415, exc.code, exc.message) from None
         name = (upload.fields.get("name") or upload.file.filename)[:200]
@@ -58,6 +59,7 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
                       sha256=upload.file.sha256, storage_key=key, status="uploaded")
         try:
             with session_factory() as session:
+                check_storage_quota(session, tenant.id, upload.file.size, settings.tenant_max_storage_bytes)
                 session.add(model)
                 session.commit()
         except Exception:

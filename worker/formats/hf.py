@@ -26,14 +26,12 @@ import transformers
 
 from app.archives import ArchiveError, extract_archive
 from app.config import get_settings
-from app.modelfiles import MAX_CONFIG_BYTES, remote_code_reason
+from app.modelfiles import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
 from worker.errors import JobFailure
 from worker.evaluation.runtime import ort_session, run_onnx
 
 transformers.utils.logging.disable_progress_bar()
 
-# An archive may unpack to this many times the upload limit (safetensors hardly compress).
-UNPACK_FACTOR = 4
 # Text inputs the adapter passes, in this order, when the model's forward takes them.
 OPTIONAL_INPUTS = ("attention_mask", "token_type_ids")
 # Which outputs the adapter returns: the first group the model produces.

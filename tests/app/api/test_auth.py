@@ -4,7 +4,8 @@ ROUTES = [("get", "/v1/models"), ("post", "/v1/models"), ("get", "/v1/models/x")
           ("delete", "/v1/models/x"), ("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", "/v1/jobs/x"),
           ("post", "/v1/jobs/x/cancel"), ("get", "/v1/jobs/x/report"), ("get", "/v1/jobs/x/artifacts"),
           ("get", "/v1/artifacts/x/download"), ("get", "/v1/datasets"), ("post", "/v1/datasets"),
-          ("get", "/v1/datasets/x"), ("delete", "/v1/datasets/x"), ("get", "/v1/presets")]
+          ("get", "/v1/datasets/x"), ("delete", "/v1/datasets/x"), ("get", "/v1/presets"), ("get", "/v1/keys"),
+          ("post", "/v1/keys"), ("post", "/v1/keys/x/revoke"), ("post", "/v1/keys/x/rotate")]
 
 
 @pytest.mark.parametrize("method, path", ROUTES)
@@ -20,7 +21,7 @@ def test_every_v1_route_is_covered(client):
     paths = {(m, p) for p, ops in schema.items() if p.startswith("/v1") for m in ops}
     covered = {(m, p.replace("/x", "/{id}")) for m, p in ROUTES}
     normalised = {(m, p.replace("{model_id}", "{id}").replace("{job_id}", "{id}").replace("{artifact_id}", "{id}")
-                  .replace("{dataset_id}", "{id}"))
+                  .replace("{dataset_id}", "{id}").replace("{key_id}", "{id}"))
                   for m, p in paths}
     assert normalised == covered
 

@@ -1,0 +1,178 @@
+"""Per-tenant limits: request rate (in-process and shared through Redis, failing open), jobs, stored bytes."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from app import limits
+from app.db import make_engine, make_session_factory, session_scope
+from app.ids import new_id
+from app.limits import LocalRateLimiter, check_storage_quota, storage_used
+from app.main import create_app
+from app.models import ApiKey, Artifact
+
+QUANTIZE = {"recipe": {"steps": [{"op": "quantize"}]}}
+
+
+@pytest.fixture
+def limited(settings):
+    """A client for an app whose settings are the test's settings plus the given limits."""
+    clients = []
+
+    def _client(**overrides) -> TestClient:
+        client = TestClient(create_app(settings.model_copy(update=overrides), housekeeping=False))
+        clients.append(client.__enter__())
+        return client
+
+    yield _client
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+def tenant_id(settings, headers) -> str:
+    engine = make_engine(settings.resolved_database_url())
+    with make_session_factory(engine)() as session:
+        key = session.query(ApiKey).filter_by(prefix=headers["Authorization"].split("_")[1]).one()
+    engine.dispose()
+    return key.tenant_id
+
+
+def assert_rate_limited(response) -> None:
+    assert response.status_code == 429
+    assert response.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(response.headers["Retry-After"]) <= 20  # 3 a minute: one token back every 20 s
+
+
+def test_rate_limit_in_process(limited, make_key):
+    client = limited(tenant_requests_per_minute=3, broker_url=None)
+    alice, bob = make_key(), make_key()
+    for _ in range(3):
+        assert client.get("/v1/models", headers=alice).status_code == 200
+    assert_rate_limited(client.get("/v1/models", headers=alice))
+    assert_rate_limited(client.post("/v1/keys", headers=alice))  # every /v1 route, whatever its method
+    assert client.get("/v1/models", headers=bob).status_code == 200  # per tenant
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200
+    assert client.get("/v1/models", headers={"Authorization": "Bearer mp_x_y"}).status_code == 401
+
+
+def test_token_bucket_refills(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(limits.time, "monotonic", lambda: now[0])
+    limiter = LocalRateLimiter(60)
+    assert all(limiter.acquire("t") == 0 for _ in range(60))
+    assert limiter.acquire("t") == pytest.approx(1.0)
+    now[0] += 1.0
+    assert limiter.acquire("t") == 0
+    assert limiter.acquire("t") > 0
+
+
+def test_rate_limit_is_shared_through_redis(limited, make_key, redis_url):
+    """Two apps stand for two API processes: the bucket lives in Redis, not in either of them."""
+    first = limited(tenant_requests_per_minute=3, broker_url=redis_url)
+    second = limited(tenant_requests_per_minute=3, broker_url=redis_url)
+    assert isinstance(first.app.state.rate_limiter, limits.RedisRateLimiter)
+    headers = make_key()
+    assert first.get("/v1/models", headers=headers).status_code == 200
+    assert second.get("/v1/models", headers=headers).status_code == 200
+    assert first.get("/v1/models", headers=headers).status_code == 200
+    assert_rate_limited(second.get("/v1/models", headers=headers))
+    assert_rate_limited(first.get("/v1/models", headers=headers))
+    assert second.get("/v1/models", headers=make_key()).status_code == 200
+
+
+def test_redis_outage_fails_open(limited, make_key, caplog):
+    client = limited(tenant_requests_per_minute=1, broker_url="redis://127.0.0.1:1/0")
+    headers = make_key()
+    with caplog.at_level(logging.WARNING, logger="app.limits"):
+        for _ in range(5):
+            assert client.get("/v1/models", headers=headers).status_code == 200
+    warnings = [r for r in caplog.records if r.name == "app.limits"]
+    assert len(warnings) == 1 and "Redis unavailable" in warnings[0].getMessage()
+
+
+def test_zero_means_unlimited(limited, make_key):
+    client = limited(tenant_requests_per_minute=0, tenant_max_active_jobs=0, tenant_max_storage_bytes=0)
+    assert client.app.state.rate_limiter is None
+    headers = make_key()
+    assert all(client.get("/v1/presets", headers=headers).status_code == 200 for _ in range(20))
+
+
+def test_active_jobs_limit(limited, make_key, onnx_bytes):
+    client = limited(tenant_max_active_jobs=2)
+    headers = make_key()
+    model = client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).json()
+    body = {"model_id": model["id"], **QUANTIZE}
+    first = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "one"}, json=body)
+    assert first.status_code == 201
+    assert client.post("/v1/jobs", headers=headers, json=body).status_code == 201
+    refused = client.post("/v1/jobs", headers=headers, json=body)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
+    replay = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "one"}, json=body)
+    assert replay.status_code == 201 and replay.json()["id"] == first.json()["id"]
+    assert client.post("/v1/jobs", headers=make_key(), json=body).status_code == 404  # other tenants unaffected
+
+    assert client.post(f"/v1/jobs/{first.json()['id']}/cancel", headers=headers).status_code == 202
+    assert client.post("/v1/jobs", headers=headers, json=body).status_code == 201
+
+
+def chunked_upload(client, headers, data: bytes):
+    """A multipart upload without Content-Length (chunked), so only the streamed size can be checked."""
+    boundary = "quota-boundary"
+    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.onnx"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for start in range(0, len(data), 4096):
+            yield data[start:start + 4096]
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    return client.post("/v1/models", headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+                       content=body())
+
+
+def assert_quota_exceeded(response) -> None:
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "quota_exceeded"
+
+
+def test_storage_quota(limited, settings, make_key, onnx_bytes):
+    quota = len(onnx_bytes) + 1000
+    client = limited(tenant_max_storage_bytes=quota)
+    headers = make_key()
+    model = client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)})
+    assert model.status_code == 201
+    assert_quota_exceeded(client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}))
+    assert_quota_exceeded(chunked_upload(client, headers, onnx_bytes))
+    big = client.post("/v1/models", headers=headers, files={"file": ("big.onnx", b"\0" * (quota + 128 * 1024))})
+    assert_quota_exceeded(big)  # refused on its declared Content-Length
+    arrays = io.BytesIO()
+    np.savez(arrays, x=np.zeros((400, 4), dtype=np.float32))
+    assert_quota_exceeded(client.post("/v1/datasets", headers=headers, files={"file": ("d.npz", arrays.getvalue())}))
+    assert client.post("/v1/models", headers=make_key(), files={"file": ("m.onnx", onnx_bytes)}).status_code == 201
+
+    assert client.delete(f"/v1/models/{model.json()['id']}", headers=headers).status_code == 204
+    assert client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).status_code == 201
+
+
+def test_quota_counts_artifacts_and_checks_the_real_size(limited, settings, make_key, onnx_bytes):
+    client = limited()
+    headers = make_key()
+    model = client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).json()
+    job = client.post("/v1/jobs", headers=headers, json={"model_id": model["id"], **QUANTIZE}).json()
+    tenant = tenant_id(settings, headers)
+    engine = make_engine(settings.resolved_database_url())
+    with session_scope(make_session_factory(engine)) as session:
+        session.add(Artifact(id=new_id("art"), tenant_id=tenant, job_id=job["id"], kind="model", format="onnx",
+                             filename="m.onnx", size_bytes=5000, sha256="0" * 64, storage_key="k"))
+    with session_scope(make_session_factory(engine)) as session:
+        assert storage_used(session, tenant) == len(onnx_bytes) + 5000
+        check_storage_quota(session, tenant, 10, len(onnx_bytes) + 5010)
+        with pytest.raises(limits.ApiError) as refused:
+            check_storage_quota(session, tenant, 11, len(onnx_bytes) + 5010)
+    engine.dispose()
+    assert (refused.value.status_code, refused.value.code) == (413, "quota_exceeded")
