@@ -6,6 +6,7 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings
@@ -46,14 +47,18 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
-def get_current_tenant(request: Request, session: SessionDep) -> Tenant:
+# Declares the bearer scheme in the OpenAPI schema (clients, /docs, schema checks see that /v1 needs a key);
+# auto_error is off so that a missing key gets the service's own 401 body.
+bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer mp_...`")
+
+
+def get_current_tenant(request: Request, session: SessionDep,
+                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
     """Authenticate the key, then take one token of the tenant's request rate: every /v1 route is limited."""
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    if credentials is None or not credentials.credentials.strip():
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
                        {"WWW-Authenticate": "Bearer"})
-    row = auth.authenticate(session, key.strip())
+    row = auth.authenticate(session, credentials.credentials.strip())
     if row is None:
         raise ApiError(401, "unauthorized", "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
     limiter = request.app.state.rate_limiter

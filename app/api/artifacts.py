@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.deps import CurrentTenant, SessionDep, StorageDep
 from app.downloads import stream_object
-from app.errors import ApiError, not_found
+from app.errors import ApiError, error_responses, not_found
 from app.models import Artifact
 from app.storage import ObjectNotFound
 
@@ -14,7 +14,8 @@ MEDIA_TYPES = {"json": "application/json"}
 
 
 @router.get("/{artifact_id}/download", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"}})
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
+                       **error_responses(404, 416)})
 def download_artifact(artifact_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
                       storage: StorageDep) -> Response:
     artifact = session.get(Artifact, artifact_id)

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from app.datasets import DatasetError, inspect_dataset
 from app.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
-from app.errors import ApiError, not_found
+from app.errors import ApiError, error_responses, not_found
 from app.ids import new_id
 from app.jobs import JobStatus
 from app.limits import check_storage_quota, receive_upload_within_quota
@@ -26,7 +26,8 @@ def get_owned_dataset(session, tenant, dataset_id: str) -> Dataset:
     return dataset
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, openapi_extra={
+@router.post("", status_code=201, response_model=DatasetPublic, responses=error_responses(400, 413, 415),
+             openapi_extra={
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
         "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"}}}}}}})
@@ -59,7 +60,7 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
     return dataset
 
 
-@router.get("", response_model=DatasetsPublic)
+@router.get("", response_model=DatasetsPublic, responses=error_responses(400))
 def list_datasets(tenant: CurrentTenant, session: SessionDep,
                   limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None) -> dict:
     query = select(Dataset).where(Dataset.tenant_id == tenant.id)
@@ -67,12 +68,13 @@ def list_datasets(tenant: CurrentTenant, session: SessionDep,
     return {"data": rows, "next_cursor": next_cursor}
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic)
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))
 def get_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep) -> Dataset:
     return get_owned_dataset(session, tenant, dataset_id)
 
 
-@router.delete("/{dataset_id}", status_code=204, response_class=Response)
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses=error_responses(404, 409))
 def delete_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
     dataset = get_owned_dataset(session, tenant, dataset_id)
     # Job.datasets is JSON ({"calibration": id, ...}); a tenant's unfinished jobs are few, so match them here

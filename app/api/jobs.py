@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from app import jobs
 from app.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from app.db import utcnow
-from app.errors import ApiError, not_found
+from app.errors import ApiError, error_responses, not_found
 from app.housekeeping import dispatch_job
 from app.limits import check_active_jobs
 from app.models import Dataset, Job, Model
@@ -82,7 +82,7 @@ def _check_students(session, tenant, body: JobCreate) -> None:
                                                        f"{student.status})")
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+@router.post("", status_code=201, response_model=JobPublic, responses=error_responses(400, 404, 409))
 async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                      session_factory: SessionFactoryDep, celery: CeleryDep, settings: SettingsDep,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
@@ -132,7 +132,7 @@ async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep
     return JSONResponse(jsonable_encoder(job_public(job)), status_code=201)
 
 
-@router.get("", response_model=JobsPublic)
+@router.get("", response_model=JobsPublic, responses=error_responses(400))
 def list_jobs(tenant: CurrentTenant, session: SessionDep,
               limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None,
               status: jobs.JobStatus | None = None, model_id: str | None = None) -> JobsPublic:
@@ -145,7 +145,8 @@ def list_jobs(tenant: CurrentTenant, session: SessionDep,
     return JobsPublic(data=[job_public(j) for j in rows], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses={304: {"description": "not modified"}})
+@router.get("/{job_id}", response_model=JobPublic,
+            responses={304: {"description": "not modified"}, **error_responses(404)})
 def get_job(job_id: str, request: Request, tenant: CurrentTenant, session: SessionDep) -> Response:
     """Sends an ETag; a poller that sends it back in If-None-Match gets a body-less 304 until the job changes."""
     body = json.dumps(jsonable_encoder(job_public(get_owned_job(session, tenant, job_id))),
@@ -156,7 +157,7 @@ def get_job(job_id: str, request: Request, tenant: CurrentTenant, session: Sessi
     return Response(body, media_type="application/json", headers={"ETag": etag})
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic)
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=error_responses(404, 409))
 def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     job = get_owned_job(session, tenant, job_id)
     if not jobs.request_cancel(session, job):
@@ -166,7 +167,7 @@ def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPu
     return job_public(job)
 
 
-@router.get("/{job_id}/report")
+@router.get("/{job_id}/report", responses=error_responses(404))
 def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
     job = get_owned_job(session, tenant, job_id)
     if not job.metrics:
@@ -174,6 +175,6 @@ def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
     return job.metrics
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=error_responses(404))
 def list_artifacts(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
     return {"data": get_owned_job(session, tenant, job_id).artifacts}

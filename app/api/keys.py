@@ -42,7 +42,7 @@ def list_keys(tenant: CurrentTenant, session: SessionDep,
     return KeysPublic(data=[key_public(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.post("", status_code=201, response_model=KeyCreated)
+@router.post("", status_code=201, response_model=KeyCreated, responses=error_responses(400))
 def create_key(tenant: CurrentTenant, session: SessionDep,
                body: Annotated[KeyCreate | None, Body()] = None) -> KeyCreated:
     """A new key for the caller's tenant; `key` is shown in this response only."""
@@ -60,7 +60,8 @@ def revoke_key(key_id: str, tenant: CurrentTenant, session: SessionDep) -> KeyPu
     return key_public(row)
 
 
-@router.post("/{key_id}/rotate", status_code=201, response_model=KeyCreated, responses=error_responses(404, 409))
+@router.post("/{key_id}/rotate", status_code=201, response_model=KeyCreated,
+             responses=error_responses(400, 404, 409))
 def rotate_key(key_id: str, tenant: CurrentTenant, session: SessionDep,
                body: Annotated[KeyRotate | None, Body()] = None) -> KeyCreated:
     """A replacement key, shown once; the old key stops at once, or after `grace_seconds` (both work until then)."""

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from app import modelfiles
 from app.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.downloads import stream_object
-from app.errors import ApiError, not_found
+from app.errors import ApiError, error_responses, not_found
 from app.housekeeping import dispatch_inspection
 from app.ids import new_id
 from app.jobs import JobStatus
@@ -32,7 +32,7 @@ def get_owned_model(session, tenant, model_id: str) -> Model:
     return model
 
 
-@router.post("", status_code=201, response_model=ModelPublic, openapi_extra={
+@router.post("", status_code=201, response_model=ModelPublic, responses=error_responses(400, 413, 415), openapi_extra={
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
         "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
@@ -71,7 +71,7 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
     return model
 
 
-@router.get("", response_model=ModelsPublic)
+@router.get("", response_model=ModelsPublic, responses=error_responses(400))
 def list_models(tenant: CurrentTenant, session: SessionDep,
                 limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None,
                 status: str | None = None) -> dict:
@@ -82,13 +82,14 @@ def list_models(tenant: CurrentTenant, session: SessionDep,
     return {"data": rows, "next_cursor": next_cursor}
 
 
-@router.get("/{model_id}", response_model=ModelPublic)
+@router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))
 def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep) -> Model:
     return get_owned_model(session, tenant, model_id)
 
 
 @router.get("/{model_id}/download", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"}})
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
+                       **error_responses(404, 416)})
 def download_model(model_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
                    storage: StorageDep) -> Response:
     model = get_owned_model(session, tenant, model_id)
@@ -103,7 +104,7 @@ def download_model(model_id: str, request: Request, tenant: CurrentTenant, sessi
         raise ApiError(404, "not_found", f"the file of model {model_id!r} is missing from storage") from None
 
 
-@router.delete("/{model_id}", status_code=204, response_class=Response)
+@router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
 def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
     model = get_owned_model(session, tenant, model_id)
     active = session.scalar(select(Job.id).where(Job.model_id == model.id,

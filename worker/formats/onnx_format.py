@@ -1,5 +1,6 @@
 """ONNX models: validated with the checker and loaded by ONNX Runtime; external data is refused."""
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ def _load_checked(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise JobFailure("invalid_model", f"not a readable ONNX model: {exc.__class__.__name__}") from None
-    for tensor in model.graph.initializer:
+    for where, tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise JobFailure("invalid_model", f"initializer {tensor.name!r} uses external data; upload a single "
-                                              "self-contained .onnx file")
+            location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+            raise JobFailure("invalid_model", f"{where} uses external data (location {location[:200]!r}); upload "
+                                              "a single self-contained .onnx file")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -30,13 +32,60 @@ def _load_checked(path: Path) -> onnx.ModelProto:
     return model
 
 
+def _tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor the model holds and where: initializers, sparse initializers and node attributes, in the
+    graph, in subgraphs (If/Loop/Scan bodies) and in local functions. Walked with lists, not recursion."""
+    graphs = [model.graph]
+    nodes = [node for function in model.functions for node in function.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            for tensor in graph.initializer:
+                yield f"initializer {tensor.name!r}", tensor
+            for sparse in graph.sparse_initializer:
+                yield f"sparse initializer {sparse.values.name!r}", sparse.values
+                yield f"sparse initializer {sparse.values.name!r}", sparse.indices
+            nodes.extend(graph.node)
+            continue
+        node = nodes.pop()
+        for attribute in node.attribute:
+            where = f"attribute {attribute.name!r} of {node.op_type} node {node.name!r}"
+            for tensor in [attribute.t, *attribute.tensors]:
+                yield where, tensor
+            for sparse in [attribute.sparse_tensor, *attribute.sparse_tensors]:
+                yield where, sparse.values
+                yield where, sparse.indices
+            graphs.extend([attribute.g, *attribute.graphs])
+
+
+def _packed_weights(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
+    """MatMulNBits weight initializers -> (bits, logical element count K x N); their scales are bookkeeping."""
+    packed = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            packed[node.input[1]] = (attrs.get("bits", 4), attrs["K"] * attrs["N"])
+            packed.update({name: (0, 0) for name in node.input[2:] if name})
+    return packed
+
+
 def count_params(model: onnx.ModelProto) -> tuple[int, int]:
-    """(params, nonzero params) over the weights; quantization scales and zero points are bookkeeping."""
+    """(params, nonzero params) over the weights, counting packed low-bit weights by their logical size;
+    quantization scales and zero points are bookkeeping."""
+    packed = _packed_weights(model)
     total = nonzero = 0
     for tensor in model.graph.initializer:
         if tensor.name.endswith(("_scale", "_zero_point")):
             continue
         array = onnx.numpy_helper.to_array(tensor)
+        if tensor.name in packed:
+            bits, count = packed[tensor.name]
+            if count:
+                # symmetric MatMulNBits stores value v as v + 2^(bits-1): a zero weight is the midpoint code
+                codes = np.stack([array & 0xF, array >> 4], axis=-1).ravel() if bits == 4 else array.ravel()
+                total += count
+                nonzero += min(count, int(np.count_nonzero(codes != 2 ** (bits - 1))))
+            continue
         total += array.size
         nonzero += int(np.count_nonzero(array))
     return total, nonzero
@@ -51,8 +100,9 @@ def inspect(path: Path) -> dict[str, Any]:
     model = _load_checked(path)
     try:
         session = ort_session(path, "cpu")
-    except Exception as exc:
-        raise JobFailure("invalid_model", f"ONNX Runtime cannot load the model: {str(exc)[:500]}") from None
+    except Exception as exc:  # its message names the worker's scratch path: show the file name instead
+        reason = str(exc).replace(str(path), path.name)
+        raise JobFailure("invalid_model", f"ONNX Runtime cannot load the model: {reason[:500]}") from None
     params, nonzero = count_params(model)
     ops: dict[str, int] = {}
     for node in model.graph.node:

@@ -80,3 +80,13 @@ def test_module_methods_export_and_stay_faithful(tmp_path, fields):
 def test_module_exclude_keeps_layer_in_float():
     quantized, details = quantize_module(make_mlp(16, 32, 4), q(method="weight_only", exclude=["^4$"]))
     assert details["quantized_layers"] == 2 and type(quantized[4]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_weight_only_onnx_counts_logical_params(tmp_path, dtype):
+    from worker.formats.onnx_format import count_params
+
+    source = save_onnx(tmp_path / "m.onnx", 64, 128, 8)
+    out = tmp_path / "q.onnx"
+    quantize_onnx(source, out, q(method="weight_only", dtype=dtype, granularity="group", group_size=32), None)
+    assert count_params(onnx.load(str(out)))[0] == count_params(onnx.load(str(source)))[0]
