@@ -87,6 +87,22 @@ def _check_finite(name: str, array: np.ndarray) -> None:
                                             "datasets must hold finite values")
 
 
+def check_labels(labels: np.ndarray | None, model_outputs: list[dict[str, Any]], role: str) -> None:
+    """Class ids must index the model's first output when it is [batch, classes]: a larger id would count as
+    silently wrong in accuracy and break the loss in training, so the job fails naming it instead."""
+    if labels is None or len(labels) == 0 or not model_outputs:
+        return
+    shape = model_outputs[0]["shape"]
+    if len(shape) != 2 or not isinstance(shape[1], int):
+        return
+    classes = shape[1]
+    if int(labels.max()) >= classes:
+        index = int(np.argmax(labels >= classes))
+        raise JobFailure("invalid_dataset", f"{role} dataset: label {int(labels[index])} at sample {index} is out "
+                                            f"of range: the model's first output has {classes} classes (labels "
+                                            f"0..{classes - 1})")
+
+
 def _shape_text(dims: tuple | list) -> str:
     inner = ", ".join(str(d) for d in dims)
     return f"({inner},)" if len(dims) == 1 else f"({inner})"

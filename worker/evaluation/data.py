@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from worker.compression.train import TrainData
-from worker.datasets import DatasetArrays, batches, load_arrays, match_inputs, tokenize_texts
+from worker.datasets import DatasetArrays, batches, check_labels, load_arrays, match_inputs, tokenize_texts
 from worker.errors import JobFailure
 from worker.evaluation.inputs import generate_feeds
 
@@ -58,6 +58,7 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
     val = None
     if "eval" in files:
         data = _take(_arrays(*files["eval"], loaded, "eval"), MAX_EVAL_SAMPLES)
+        check_labels(data.labels, loaded.outputs, "eval")
         arrays = match_inputs(data, loaded.inputs, "eval")
         val = TrainData(inputs=arrays, labels=data.labels)
         split = batches(arrays, size, data.labels, static=static, role="eval")
@@ -80,6 +81,7 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
     train = None
     if "train" in files:
         data = _take(_arrays(*files["train"], loaded, "train"), MAX_TRAIN_SAMPLES)
+        check_labels(data.labels, loaded.outputs, "train")
         train = TrainData(inputs=match_inputs(data, loaded.inputs, "train"), labels=data.labels)
         description["train_samples"] = len(train.inputs[0])
     return JobData(eval_batches=eval_batches, eval_labels=labels, calibration=calibration, train=train, val=val,
