@@ -215,7 +215,7 @@ def main() -> None:
 
         cancel_queued(client)
 
-        print(f"\n## 2. Large uploads and downloads (API peak RSS, VmHWM)")
+        print("\n## 2. Large uploads and downloads (API peak RSS, VmHWM)")
         print("| file | upload MB/s | download MB/s | API peak RSS before MB | after MB |")
         print("|---|---|---|---|---|")
         for gigabytes in (0.1, args.big_gb):

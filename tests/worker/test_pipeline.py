@@ -4,7 +4,6 @@ import gzip
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 
 from app.models import Job

@@ -6,7 +6,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from app.models import Dataset, Job
+from app.models import Dataset
 from app.db import session_scope
 from app.ids import new_id
 from app.storage import open_storage
