@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 60.0
     dispatch_interval: float = 5.0
     dispatch_retry_after: float = 10.0
+    # A job still queued this long after its message went out is sent again: the broker may have lost it.
+    redispatch_after: float = 600.0
     # Partial uploads and storage objects that no database row refers to (left by a killed process) are removed
     # by the API's housekeeping once they are this old (seconds); younger ones may still be in flight.
     orphan_age: float = Field(default=3600.0, gt=0)

@@ -1,7 +1,9 @@
 """Background duties of the API process: send what was committed but not sent, and rescue abandoned work.
 
 - Dispatch: a job (or model inspection) row is committed before its message is sent. If the send fails
-  (broker down), `dispatched_at` stays NULL and this loop sends it again later: nothing is lost.
+  (broker down), `dispatched_at` stays NULL and this loop sends it again later: nothing is lost. A broker can
+  also lose what it held (a Redis restarted without persistence): a job still queued `redispatch_after`
+  seconds after its message went out is sent again; a duplicate message is dropped by `jobs.claim`.
 - Reap: a worker heartbeats its running job. A job whose heartbeat went stale (worker killed, machine gone)
   is re-queued, or failed after `job_max_attempts`; the broker alone does not bring such jobs back.
 - Sweep: a process killed mid-upload leaves a partial file in the upload temp folder, and one killed between
@@ -16,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 
 from celery import Celery
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import jobs
@@ -28,9 +31,12 @@ from app.storage import Storage, open_storage
 log = logging.getLogger(__name__)
 
 
-def _mark_dispatched(factory: sessionmaker[Session], table, row_id: str) -> bool:
+def _mark_dispatched(factory: sessionmaker[Session], table, row_id: str,
+                     sent_before: datetime | None = None) -> bool:
+    """Take the send of a row that was never sent (or, for a re-send, last sent before `sent_before`)."""
+    unsent = table.dispatched_at.is_(None) if sent_before is None else table.dispatched_at < sent_before
     with session_scope(factory) as session:
-        result = session.execute(update(table).where(table.id == row_id, table.dispatched_at.is_(None))
+        result = session.execute(update(table).where(table.id == row_id, unsent)
                                  .values(dispatched_at=utcnow()).execution_options(synchronize_session=False))
         return result.rowcount == 1
 
@@ -41,9 +47,10 @@ def _unmark_dispatched(factory: sessionmaker[Session], table, row_id: str) -> No
                         .execution_options(synchronize_session=False))
 
 
-def dispatch_job(factory: sessionmaker[Session], celery: Celery, job_id: str, queue: str) -> bool:
+def dispatch_job(factory: sessionmaker[Session], celery: Celery, job_id: str, queue: str,
+                 sent_before: datetime | None = None) -> bool:
     """Send "run job X" once; on a broker failure leave the job queued and undispatched for a later retry."""
-    if not _mark_dispatched(factory, Job, job_id):
+    if not _mark_dispatched(factory, Job, job_id, sent_before):
         return False
     try:
         send_job(celery, job_id, queue)
@@ -69,16 +76,24 @@ def dispatch_inspection(factory: sessionmaker[Session], celery: Celery, model_id
 def dispatch_pending(factory: sessionmaker[Session], celery: Celery, settings: Settings) -> int:
     """Send every queued job and uploaded model whose message is not (or no longer) on the broker."""
     before = utcnow() - timedelta(seconds=settings.dispatch_retry_after)
+    resend_before = utcnow() - timedelta(seconds=settings.redispatch_after)
     with session_scope(factory) as session:
         pending_jobs = session.execute(
             select(Job.id, Job.queue).where(Job.status == jobs.JobStatus.QUEUED, Job.dispatched_at.is_(None),
                                             Job.updated_at < before).order_by(Job.id).limit(500)).all()
+        lost_jobs = session.execute(
+            select(Job.id, Job.queue).where(Job.status == jobs.JobStatus.QUEUED, Job.dispatched_at < resend_before)
+            .order_by(Job.id).limit(500)).all()
         pending_models = session.scalars(
             select(Model.id).where(Model.status == "uploaded", Model.dispatched_at.is_(None),
                                    Model.created_at < before).order_by(Model.id).limit(500)).all()
     sent = 0
     for job_id, queue in pending_jobs:
         sent += dispatch_job(factory, celery, job_id, queue)
+    for job_id, queue in lost_jobs:
+        log.info("job %s is still queued %.0fs after its message was sent; sending it again", job_id,
+                 settings.redispatch_after)
+        sent += dispatch_job(factory, celery, job_id, queue, sent_before=resend_before)
     for model_id in pending_models:
         sent += dispatch_inspection(factory, celery, model_id)
     return sent
@@ -161,12 +176,18 @@ def sweep_orphans(factory: sessionmaker[Session], storage: Storage, settings: Se
 
 class Housekeeper:
     """Runs reap + dispatch every `dispatch_interval` seconds on a daemon thread, and the sweep every quarter
-    of `orphan_age` (listing the whole store is too costly for every round)."""
+    of `orphan_age` (listing the whole store is too costly for every round).
+
+    Workers cannot heartbeat while the database is down, so after an outage (and at start) the reaper waits
+    until the database has answered for `heartbeat_timeout`: a restart of the database must not re-queue, and
+    so run twice, every job that was running through it.
+    """
 
     def __init__(self, factory: sessionmaker[Session], celery: Celery, settings: Settings):
         self.factory, self.celery, self.settings = factory, celery, settings
         self.storage = open_storage(settings.resolved_storage_url())
         self._next_sweep = 0.0
+        self._reachable_since: float | None = None  # monotonic time since when the database has answered
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="housekeeper", daemon=True)
 
@@ -180,10 +201,20 @@ class Housekeeper:
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.dispatch_interval):
             try:
-                reap(self.factory, self.settings)
-                dispatch_pending(self.factory, self.celery, self.settings)
-                if time.monotonic() >= self._next_sweep:
-                    sweep_orphans(self.factory, self.storage, self.settings)
-                    self._next_sweep = time.monotonic() + self.settings.orphan_age / 4
-            except Exception as exc:  # database, broker or storage down: try again next round
+                self._round()
+            except DBAPIError as exc:
+                self._reachable_since = None
+                log.warning("housekeeping round failed, the database is unavailable: %s", exc)
+            except Exception as exc:  # broker or storage down: try again next round
                 log.warning("housekeeping round failed: %s", exc)
+
+    def _round(self) -> None:
+        now = time.monotonic()
+        if self._reachable_since is not None and now - self._reachable_since >= self.settings.heartbeat_timeout:
+            reap(self.factory, self.settings)
+        dispatch_pending(self.factory, self.celery, self.settings)
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now >= self._next_sweep:
+            sweep_orphans(self.factory, self.storage, self.settings)
+            self._next_sweep = now + self.settings.orphan_age / 4

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError
@@ -134,8 +135,14 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
                                          f"{max_bytes} bytes")
     collector = _Collector(tmp_dir, max_bytes, file_field, text_fields)
     parser = MultipartParser(params[b"boundary"], collector.callbacks())
+    received = 0
     try:
         async for chunk in request.stream():
+            # Counted here too: a body without Content-Length may grow by other means than the file (endless small
+            # parts, junk after the closing boundary, which the parser skips).
+            received += len(chunk)
+            if received > max_bytes + MULTIPART_OVERHEAD:
+                raise ApiError(413, "too_large", f"request body is larger than the limit of {max_bytes} bytes")
             parser.write(chunk)
         parser.finalize()
         if collector.result.file is None:
@@ -149,5 +156,7 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
     except Exception as exc:  # python-multipart parse errors, client disconnects
         collector.close()
         collector.result.discard()
-        raise ApiError(400, "bad_request", f"malformed multipart body: {exc.__class__.__name__}") from None
+        # The parser says what is wrong and where ("Maximum header size exceeded"); anything else is named only.
+        detail = str(exc) if isinstance(exc, MultipartParseError) else exc.__class__.__name__
+        raise ApiError(400, "bad_request", f"malformed multipart body: {detail}") from None
     return collector.result

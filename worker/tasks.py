@@ -50,11 +50,17 @@ def inspect_model(model_id: str) -> None:
     """Open an uploaded model safely and set it `ready` (with its description) or `invalid` (with why)."""
     from worker import formats
 
-    factory, storage = resources.session_factory(), resources.storage()
+    settings, factory, storage = resources.settings(), resources.session_factory(), resources.storage()
 
     def start(session):
         model = session.get(Model, model_id)
         if model is None or model.status != "uploaded":
+            return None
+        # A killed worker's message comes straight back (task_reject_on_worker_lost): without this bound, a model
+        # that kills whoever loads it (out of memory) would be inspected again as fast as it kills.
+        if model.inspect_attempts >= settings.job_max_attempts:
+            model.status = "invalid"
+            model.error = f"the worker inspecting this model died {model.inspect_attempts} times; giving up"
             return None
         model.inspect_attempts += 1
         return model.storage_key, model.format

@@ -31,7 +31,7 @@ from app.db import make_engine, make_session_factory, session_scope
 from app.housekeeping import sweep_orphans
 from app.ids import new_id
 from app.migrate import upgrade
-from app.models import Job, JobEvent
+from app.models import Job, JobEvent, Model
 from app.storage import open_storage
 from tests.conftest import _unavailable, create_pg_database, drop_pg_database, free_port
 from tests.e2e.conftest import MODELPRESS, Processes, http_ok, wait_until
@@ -193,6 +193,10 @@ class Service:
         assert os.getpgid(pid) == worker.pid
         return pid
 
+    def inspect_attempts(self, model_id: str) -> int:
+        with self.factory() as session:
+            return session.scalar(select(Model.inspect_attempts).where(Model.id == model_id))
+
     def events(self, job_id: str) -> list[str]:
         with self.factory() as session:
             return list(session.scalars(select(JobEvent.to_status).where(JobEvent.job_id == job_id)
@@ -244,6 +248,30 @@ def test_job_that_keeps_killing_its_worker_fails_after_max_attempts(tmp_path, pr
     assert service.job(job_id) == job
     assert worker.poll() is None  # only its pool processes died; Celery replaced them
     print(f"\nworker_lost after {job['attempts']} attempts, {elapsed:.1f}s from the first run")
+
+
+def test_inspection_that_keeps_killing_its_worker_marks_the_model_invalid(tmp_path, processes, pg_database,
+                                                                         private_redis, model_file):
+    """The same for the inspection of an upload (where a model too large for memory is first loaded): Celery
+    hands the message of a killed task straight back (`task_reject_on_worker_lost`), so without a bound of its
+    own the inspection would run again as fast as it dies."""
+    service = deploy(processes, tmp_path / "home", pg_database, private_redis.url, MODELPRESS_JOB_MAX_ATTEMPTS="2")
+    worker = service.start_worker("worker", QUICK)
+    model_id = service.upload(model_file)
+    started = time.monotonic()
+    for attempt in (1, 2):
+        wait_until(lambda: service.inspect_attempts(model_id) == attempt, 60, f"inspection {attempt}", processes,
+                   interval=0.05)
+        for pid in Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)  # the pool processes of our own worker
+    model = wait_until(lambda: (m := service.client.get(f"/v1/models/{model_id}").json())["status"] != "uploaded"
+                       and m, 30, "the model to be given up on", processes)
+    elapsed = time.monotonic() - started
+    assert model["status"] == "invalid", model
+    assert "died 2 times" in model["error"]
+    assert service.inspect_attempts(model_id) == 2
+    assert worker.poll() is None
+    print(f"\nmodel invalid after {service.inspect_attempts(model_id)} inspections, {elapsed:.1f}s after upload")
 
 
 def test_broker_restart_loses_no_job(tmp_path, processes, pg_database, private_redis, model_file):

@@ -6,7 +6,7 @@ the worker at the API's own database and storage, so an attack uploaded through 
 inspected or run by the worker, as in production.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +15,7 @@ from app.config import Settings, get_settings
 from app.models import Job, Model
 from tests.app.api.conftest import auth, client, make_key, onnx_bytes, pt2_bytes, upload  # noqa: F401
 from tests.hostile.builders import tree
-from tests.worker.conftest import add_dataset, add_job, add_model, db, worker_env  # noqa: F401
+from tests.worker.conftest import add_job, add_model, db, worker_env  # noqa: F401
 
 
 class Worker:
@@ -95,14 +95,3 @@ def marker(tmp_path: Path) -> Path:
     """Where a payload writes when it runs; tests check it is absent after each stage."""
     return tmp_path / "pwned"
 
-
-@pytest.fixture
-def model_status(client, auth) -> Callable[[str], dict]:  # noqa: F811
-    """The model as GET /v1/models/{id} shows it to its owner."""
-
-    def _get(model_id: str) -> dict:
-        response = client.get(f"/v1/models/{model_id}", headers=auth)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    return _get
