@@ -435,9 +435,11 @@ def test_api_killed_mid_upload_leaves_nothing_behind(tmp_path, processes, pg_dat
     print(f"\npartial upload and orphans removed {swept_s:.1f}s after the API restarted (orphan_age 2s)")
 
 
-def test_sigterm_finishes_the_running_job(tmp_path, processes, pg_database, private_redis, model_file):
+def test_sigterm_mid_job(tmp_path, processes, pg_database, private_redis, model_file):
     """SIGTERM to a worker's main process (docker stop, kubectl delete) is Celery's warm shutdown: the running
-    job finishes and succeeds, the queued one is left on the broker for the next worker."""
+    job finishes and succeeds, and the queued one stays on the broker for the next worker. SIGTERM to the whole
+    process group (systemd's default KillMode=control-group) kills the pool process mid-job instead: the job is
+    re-queued by the reaper and run again, never lost nor left `running`."""
     service = deploy(processes, tmp_path / "home", pg_database, private_redis.url)
     worker = service.start_worker("worker", SPAN)
     model_id = service.upload(model_file)
@@ -447,12 +449,20 @@ def test_sigterm_finishes_the_running_job(tmp_path, processes, pg_database, priv
     worker.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     assert worker.wait(timeout=90) == 0
-    shutdown_s = time.monotonic() - signalled
+    warm_s = time.monotonic() - signalled
     job = service.job(running)
     assert (job["status"], job["attempts"]) == ("succeeded", 1), (job, processes.output())
     assert service.job(waiting)["status"] == "queued"
 
+    group = service.start_worker("group", SPAN)
+    service.wait_measuring(waiting)
+    os.killpg(group.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    assert group.wait(timeout=90) == 0
+    assert service.job(waiting)["status"] == "running"  # until the reaper sees its heartbeat stop
     service.start_worker("next", QUICK)
     job = service.wait_finished(waiting)
-    assert (job["status"], job["attempts"]) == ("succeeded", 1), (job, processes.output())
-    print(f"\nwarm shutdown took {shutdown_s:.1f}s: the running job finished first")
+    rerun_s = time.monotonic() - signalled
+    assert (job["status"], job["attempts"]) == ("succeeded", 2), (job, processes.output())
+    print(f"\nwarm shutdown waited {warm_s:.1f}s for the running job to succeed; after a process-group SIGTERM "
+          f"the job was re-run and succeeded {rerun_s:.1f}s later")
