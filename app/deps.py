@@ -69,7 +69,11 @@ def get_current_tenant(request: Request, session: SessionDep,
                                                 "seconds in the Retry-After header",
                            {"Retry-After": str(max(1, math.ceil(wait)))})
     auth.touch(session, row)
-    return row.tenant
+    tenant = row.tenant
+    # End the read transaction: the request must not sit on a pooled connection while it streams an upload
+    # or waits for other work (that exhausted the pool under load and stalled every request).
+    session.commit()
+    return tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]

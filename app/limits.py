@@ -178,3 +178,21 @@ async def receive_upload_within_quota(request: Request, factory: sessionmaker[Se
         if exc.status_code == 413 and remaining < settings.max_upload_bytes:
             raise _quota_exceeded(used, quota) from None
         raise
+
+
+async def record_upload(factory: sessionmaker[Session], storage, key: str, row, tenant_id: str, size: int,
+                        settings: Settings) -> None:
+    """Insert an uploaded model's or dataset's row, checking the quota in the same transaction; on failure the
+    stored object is deleted so nothing is left without a row. The database work runs off the event loop."""
+
+    def insert() -> None:
+        with factory() as session:
+            check_storage_quota(session, tenant_id, size, settings.tenant_max_storage_bytes)
+            session.add(row)
+            session.commit()
+
+    try:
+        await run_in_threadpool(insert)
+    except Exception:
+        await run_in_threadpool(storage.delete, key)
+        raise

@@ -11,7 +11,7 @@ from app.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, 
 from app.errors import ApiError, error_responses, not_found
 from app.ids import new_id
 from app.jobs import JobStatus
-from app.limits import check_storage_quota, receive_upload_within_quota
+from app.limits import receive_upload_within_quota, record_upload
 from app.models import Dataset, Job
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.datasets import DatasetPublic, DatasetsPublic
@@ -47,14 +47,7 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
         dataset = Dataset(id=dataset_id, tenant_id=tenant.id, name=name, format=facts.format,
                           size_bytes=upload.file.size, sha256=upload.file.sha256, storage_key=key,
                           num_samples=facts.num_samples, has_labels=facts.has_labels, info=facts.info)
-        try:
-            with session_factory() as session:
-                check_storage_quota(session, tenant.id, upload.file.size, settings.tenant_max_storage_bytes)
-                session.add(dataset)
-                session.commit()
-        except Exception:
-            await run_in_threadpool(storage.delete, key)  # no orphan object when the row could not be written
-            raise
+        await record_upload(session_factory, storage, key, dataset, tenant.id, upload.file.size, settings)
     finally:
         upload.discard()
     return dataset

@@ -6,7 +6,6 @@ from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy import select, update
@@ -83,7 +82,7 @@ def _check_students(session, tenant, body: JobCreate) -> None:
 
 
 @router.post("", status_code=201, response_model=JobPublic, responses=error_responses(400, 404, 409))
-async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
+def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                      session_factory: SessionFactoryDep, celery: CeleryDep, settings: SettingsDep,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
     request_hash = _request_hash(body)
@@ -127,7 +126,7 @@ async def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep
             raise
         return JSONResponse(jsonable_encoder(job_public(existing)), status_code=201,
                             headers={"Idempotent-Replayed": "true"})
-    await run_in_threadpool(dispatch_job, session_factory, celery, job.id, job.queue)
+    dispatch_job(session_factory, celery, job.id, job.queue)
     session.refresh(job)
     return JSONResponse(jsonable_encoder(job_public(job)), status_code=201)
 

@@ -14,7 +14,7 @@ from app.errors import ApiError, error_responses, not_found
 from app.housekeeping import dispatch_inspection
 from app.ids import new_id
 from app.jobs import JobStatus
-from app.limits import check_storage_quota, receive_upload_within_quota
+from app.limits import receive_upload_within_quota, record_upload
 from app.models import Job, Model
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.models import ModelPublic, ModelsPublic
@@ -57,14 +57,8 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
         await run_in_threadpool(storage.put_file, key, upload.file.path)
         model = Model(id=model_id, tenant_id=tenant.id, name=name, format=fmt, size_bytes=upload.file.size,
                       sha256=upload.file.sha256, storage_key=key, status="uploaded")
-        try:
-            with session_factory() as session:
-                check_storage_quota(session, tenant.id, upload.file.size, settings.tenant_max_storage_bytes)
-                session.add(model)
-                session.commit()
-        except Exception:
-            await run_in_threadpool(storage.delete, key)  # no orphan object when the row could not be written
-            raise
+
+        await record_upload(session_factory, storage, key, model, tenant.id, upload.file.size, settings)
     finally:
         upload.discard()
     await run_in_threadpool(dispatch_inspection, session_factory, celery, model.id)

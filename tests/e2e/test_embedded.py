@@ -28,3 +28,33 @@ def test_serve_upload_quantize_download(tmp_path, processes):
     ranged = result["client"].get(f"/v1/artifacts/{result['artifacts']['report']['id']}/download",
                                   headers={"Range": "bytes=0-0"})
     assert ranged.status_code == 206 and ranged.content == b"{"
+
+
+def test_many_concurrent_submissions_do_not_stall(tmp_path, processes):
+    """More concurrent requests than pooled database connections: each must still be answered (a sync database
+    call on the event loop once deadlocked the server here)."""
+    import asyncio
+
+    import httpx
+
+    from tests.helpers import save_onnx
+
+    home, port = tmp_path / "home", free_port()
+    processes.start("serve", [*MODELPRESS, "serve", "--port", str(port)],
+                    {"MODELPRESS_HOME": str(home), "MODELPRESS_TENANT_REQUESTS_PER_MINUTE": "0"})
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_ok(f"{base}/readyz"), 90, "serve to become ready", processes)
+    headers = {"Authorization": f"Bearer {(home / 'api_key').read_text().strip()}"}
+    with open(save_onnx(tmp_path / "m.onnx"), "rb") as fh:
+        model_id = httpx.post(f"{base}/v1/models", headers=headers, files={"file": ("m.onnx", fh)}).json()["id"]
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            posts = [client.post("/v1/jobs", json={"model_id": model_id, "recipe": {"steps": [{"op": "analyze"}]}})
+                     for _ in range(48)]
+            gets = [client.get("/v1/models") for _ in range(48)]
+            return [r.status_code for r in await asyncio.gather(*posts, *gets)]
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(201) == 48 and statuses.count(200) == 48, statuses
