@@ -22,7 +22,9 @@ def make_celery(settings: Settings) -> Celery:
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
                              "processed_folder": str(folder / "processed"), "store_processed": False,
-                             "control_folder": str(folder / "control")}
+                             "control_folder": str(folder / "control"),
+                             # the default 1 s poll caps a filesystem queue at one message a second
+                             "polling_interval": 0.05}
     elif broker_url.startswith(("redis://", "rediss://")):
         # An unacked message comes back after the visibility timeout; keep it longer than any job may run.
         transport_options = {"visibility_timeout": settings.job_time_limit + 600,
