@@ -57,6 +57,14 @@ def not_found(kind: str, resource_id: str) -> ApiError:
     return ApiError(404, "not_found", f"{kind} {resource_id!r} not found")
 
 
+def get_owned(session, table, resource_id: str, tenant_id: str, kind: str):
+    """The tenant's row, or 404: another tenant's resource is reported as missing, never as forbidden."""
+    row = session.get(table, resource_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise not_found(kind, resource_id)
+    return row
+
+
 def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 
 from app.deps import CurrentTenant, SessionDep, StorageDep
 from app.downloads import stream_object
-from app.errors import ApiError, error_responses, not_found
+from app.errors import ApiError, error_responses, get_owned
 from app.models import Artifact
 from app.storage import ObjectNotFound
 
@@ -18,9 +18,7 @@ MEDIA_TYPES = {"json": "application/json"}
                        **error_responses(404, 416)})
 def download_artifact(artifact_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
                       storage: StorageDep) -> Response:
-    artifact = session.get(Artifact, artifact_id)
-    if artifact is None or artifact.tenant_id != tenant.id:
-        raise not_found("artifact", artifact_id)
+    artifact = get_owned(session, Artifact, artifact_id, tenant.id, "artifact")
     try:
         return stream_object(request, storage, artifact.storage_key, size=artifact.size_bytes,
                              sha256=artifact.sha256, filename=artifact.filename,

@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from app.datasets import DatasetError, inspect_dataset
 from app.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
-from app.errors import ApiError, error_responses, not_found
+from app.errors import ApiError, error_responses, get_owned
 from app.ids import new_id
 from app.jobs import JobStatus
 from app.limits import receive_upload_within_quota, record_upload
@@ -20,10 +20,7 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 def get_owned_dataset(session, tenant, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
-    if dataset is None or dataset.tenant_id != tenant.id:
-        raise not_found("dataset", dataset_id)
-    return dataset
+    return get_owned(session, Dataset, dataset_id, tenant.id, "dataset")
 
 
 @router.post("", status_code=201, response_model=DatasetPublic, responses=error_responses(400, 413, 415),

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from app import jobs
 from app.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from app.db import utcnow
-from app.errors import ApiError, error_responses, not_found
+from app.errors import ApiError, error_responses, get_owned
 from app.housekeeping import dispatch_job
 from app.limits import check_active_jobs
 from app.models import Dataset, Job, Model
@@ -39,10 +39,7 @@ def job_public(job: Job) -> JobPublic:
 
 
 def get_owned_job(session, tenant, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id:
-        raise not_found("job", job_id)
-    return job
+    return get_owned(session, Job, job_id, tenant.id, "job")
 
 
 def _request_hash(body: JobCreate) -> str:

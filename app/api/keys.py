@@ -8,7 +8,7 @@ from sqlalchemy import select
 from app import auth
 from app.db import utcnow
 from app.deps import CurrentTenant, SessionDep
-from app.errors import ApiError, error_responses, not_found
+from app.errors import ApiError, error_responses, get_owned
 from app.models import ApiKey, Tenant
 from app.pagination import MAX_LIMIT, page, paginate
 from app.schemas.keys import KeyCreate, KeyCreated, KeyPublic, KeyRotate, KeysPublic
@@ -27,10 +27,7 @@ def key_created(row: ApiKey, key: str) -> KeyCreated:
 
 
 def get_owned_key(session, tenant: Tenant, key_id: str) -> ApiKey:
-    row = session.get(ApiKey, key_id)
-    if row is None or row.tenant_id != tenant.id:
-        raise not_found("key", key_id)
-    return row
+    return get_owned(session, ApiKey, key_id, tenant.id, "key")
 
 
 @router.get("", response_model=KeysPublic, responses=error_responses(400))

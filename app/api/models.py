@@ -10,7 +10,7 @@ from sqlalchemy import select
 from app import modelfiles
 from app.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.downloads import stream_object
-from app.errors import ApiError, error_responses, not_found
+from app.errors import ApiError, error_responses, get_owned
 from app.housekeeping import dispatch_inspection
 from app.ids import new_id
 from app.jobs import JobStatus
@@ -26,10 +26,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def get_owned_model(session, tenant, model_id: str) -> Model:
-    model = session.get(Model, model_id)
-    if model is None or model.tenant_id != tenant.id:
-        raise not_found("model", model_id)
-    return model
+    return get_owned(session, Model, model_id, tenant.id, "model")
 
 
 @router.post("", status_code=201, response_model=ModelPublic, responses=error_responses(400, 413, 415), openapi_extra={
