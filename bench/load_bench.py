@@ -185,7 +185,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--big-gb", type=float, default=2.0)
-    parser.add_argument("--jobs", type=int, default=12)
+    parser.add_argument("--jobs", type=int, default=24)
+    parser.add_argument("--scaling-only", action="store_true", help="(redis mode) only the worker-scaling table")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="modelpress-load-"))
     service = Service(args.mode, work)
@@ -196,85 +197,97 @@ def main() -> None:
         model, _ = upload(client, save_onnx(work / "tiny.onnx", 16, 32, 4))
         job = wait_job(client, client.post("/v1/jobs", json={"model_id": model["id"], "recipe": RECIPE}).json()["id"])
         etag = client.get(f"/v1/jobs/{job['id']}").headers["etag"]
-
-        print(f"\nclients and server share this machine ({os.cpu_count()} cores)")
-        print(f"\n## 1. {args.clients} concurrent clients for {args.seconds:.0f} s each ({args.mode} mode)")
-        print("| request | req/s | p50 ms | p99 ms | 5xx/errors | statuses | ratio to /healthz |")
-        print("|---|---|---|---|---|---|---|")
-        runs = {
-            "GET /healthz": lambda c: c.get("/healthz"),
-            "GET /v1/jobs/{id}": lambda c: c.get(f"/v1/jobs/{job['id']}"),
-            "GET /v1/jobs/{id} + If-None-Match (304)": lambda c: c.get(f"/v1/jobs/{job['id']}",
-                                                                          headers={"If-None-Match": etag}),
-            "POST /v1/jobs": lambda c: c.post("/v1/jobs", json={"model_id": model["id"], "recipe": {
-                "steps": [{"op": "analyze"}]}}),
-        }
-        trivial = None
-        for name, request in runs.items():
-            result = asyncio.run(hammer(service.url, headers, args.clients, args.seconds, request))
-            trivial = trivial or result["rps"]
-            statuses = ", ".join(f"{code}: {count}" for code, count in sorted(result["statuses"].items()))
-            print(f"| {name} | {result['rps']:.0f} | {result['p50']:.1f} | {result['p99']:.1f} | "
-                  f"{result['errors']} | {statuses} | {result['rps'] / trivial:.2f} |")
-
-        cancel_queued(client)
-
-        print("\n## 2. Large uploads and downloads (API peak RSS, VmHWM)")
-        print("| file | upload MB/s | download MB/s | API peak RSS before MB | after MB |")
-        print("|---|---|---|---|---|")
-        for gigabytes in (0.1, args.big_gb):
-            path = big_model(work / f"big-{gigabytes}.pt2", gigabytes)
-            before = peak_rss_mb(service.api_pid())
-            uploaded, seconds = upload(client, path)
-            size_mb = path.stat().st_size / 1e6
-            start = time.perf_counter()
-            with client.stream("GET", f"/v1/models/{uploaded['id']}/download", timeout=3600) as response:
-                received = sum(len(chunk) for chunk in response.iter_bytes(1 << 20))
-            download_s = time.perf_counter() - start
-            assert received == path.stat().st_size
-            print(f"| {size_mb:,.0f} MB | {size_mb / seconds:.0f} | {size_mb / download_s:.0f} | {before:.0f} | "
-                  f"{peak_rss_mb(service.api_pid()):.0f} |")
-            client.delete(f"/v1/models/{uploaded['id']}")
-            path.unlink()
-
-        print("\n## 3. Queue latency (created_at -> started_at)")
-        idle = []
-        for _ in range(5):
-            created = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [
-                {"op": "analyze"}]}}).json()
-            idle.append(queue_wait(wait_job(client, created["id"])))
-        print(f"| {args.mode} idle | median {statistics.median(idle):.2f} s | max {max(idle):.2f} s |")
-
-        async def poll_while(seconds):
-            return await hammer(service.url, headers, args.clients, seconds,
-                                lambda c: c.get(f"/v1/jobs/{job['id']}"))
-
-        loaded = []
-        for _ in range(3):
-            created = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [
-                {"op": "analyze"}]}}).json()
-            load = asyncio.run(poll_while(3))
-            loaded.append(queue_wait(wait_job(client, created["id"])))
-        print(f"| {args.mode} while {args.clients} clients poll | median {statistics.median(loaded):.2f} s | "
-              f"max {max(loaded):.2f} s | ({load['rps']:.0f} polls/s) |")
-
+        if not args.scaling_only:
+            front_sections(service, client, headers, model, job, etag, args)
         if args.mode == "redis":
-            print("\n## 4. Draining a queue of jobs")
-            print("| workers | jobs | seconds | jobs/min |")
-            print("|---|---|---|---|")
-            for workers in (1, 2):
-                while len(service.workers) < workers:
-                    service.workers.append(service.run(f"worker{len(service.workers)}", "worker"))
-                    time.sleep(8)
-                start = time.monotonic()
-                ids = [client.post("/v1/jobs", json={"model_id": model["id"], "recipe": RECIPE}).json()["id"]
-                       for _ in range(args.jobs)]
-                for job_id in ids:
-                    wait_job(client, job_id)
-                elapsed = time.monotonic() - start
-                print(f"| {workers} | {args.jobs} | {elapsed:.1f} | {args.jobs / elapsed * 60:.1f} |")
+            scaling(service, client, work, args)
     finally:
         service.stop()
+
+
+def front_sections(service, client, headers, model, job, etag, args) -> None:
+    """Polling and submission load, large files, queue latency."""
+    work = service.work
+    print(f"\nclients and server share this machine ({os.cpu_count()} cores)")
+    print(f"\n## 1. {args.clients} concurrent clients for {args.seconds:.0f} s each ({args.mode} mode)")
+    print("| request | req/s | p50 ms | p99 ms | 5xx/errors | statuses | ratio to /healthz |")
+    print("|---|---|---|---|---|---|---|")
+    runs = {
+        "GET /healthz": lambda c: c.get("/healthz"),
+        "GET /v1/jobs/{id}": lambda c: c.get(f"/v1/jobs/{job['id']}"),
+        "GET /v1/jobs/{id} + If-None-Match (304)": lambda c: c.get(f"/v1/jobs/{job['id']}",
+                                                                      headers={"If-None-Match": etag}),
+        "POST /v1/jobs": lambda c: c.post("/v1/jobs", json={"model_id": model["id"], "recipe": {
+            "steps": [{"op": "analyze"}]}}),
+    }
+    trivial = None
+    for name, request in runs.items():
+        result = asyncio.run(hammer(service.url, headers, args.clients, args.seconds, request))
+        trivial = trivial or result["rps"]
+        statuses = ", ".join(f"{code}: {count}" for code, count in sorted(result["statuses"].items()))
+        print(f"| {name} | {result['rps']:.0f} | {result['p50']:.1f} | {result['p99']:.1f} | "
+              f"{result['errors']} | {statuses} | {result['rps'] / trivial:.2f} |")
+
+    cancel_queued(client)
+
+    print("\n## 2. Large uploads and downloads (API peak RSS, VmHWM)")
+    print("| file | upload MB/s | download MB/s | API peak RSS before MB | after MB |")
+    print("|---|---|---|---|---|")
+    for gigabytes in (0.1, args.big_gb):
+        path = big_model(work / f"big-{gigabytes}.pt2", gigabytes)
+        before = peak_rss_mb(service.api_pid())
+        uploaded, seconds = upload(client, path)
+        size_mb = path.stat().st_size / 1e6
+        start = time.perf_counter()
+        with client.stream("GET", f"/v1/models/{uploaded['id']}/download", timeout=3600) as response:
+            received = sum(len(chunk) for chunk in response.iter_bytes(1 << 20))
+        download_s = time.perf_counter() - start
+        assert received == path.stat().st_size
+        print(f"| {size_mb:,.0f} MB | {size_mb / seconds:.0f} | {size_mb / download_s:.0f} | {before:.0f} | "
+              f"{peak_rss_mb(service.api_pid()):.0f} |")
+        client.delete(f"/v1/models/{uploaded['id']}")
+        path.unlink()
+
+    print("\n## 3. Queue latency (created_at -> started_at)")
+    idle = []
+    for _ in range(5):
+        created = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [
+            {"op": "analyze"}]}}).json()
+        idle.append(queue_wait(wait_job(client, created["id"])))
+    print(f"| {args.mode} idle | median {statistics.median(idle):.2f} s | max {max(idle):.2f} s |")
+
+    async def poll_while(seconds):
+        return await hammer(service.url, headers, args.clients, seconds,
+                            lambda c: c.get(f"/v1/jobs/{job['id']}"))
+
+    loaded = []
+    for _ in range(3):
+        created = client.post("/v1/jobs", json={"model_id": model["id"], "recipe": {"steps": [
+            {"op": "analyze"}]}}).json()
+        load = asyncio.run(poll_while(3))
+        loaded.append(queue_wait(wait_job(client, created["id"])))
+    print(f"| {args.mode} while {args.clients} clients poll | median {statistics.median(loaded):.2f} s | "
+          f"max {max(loaded):.2f} s | ({load['rps']:.0f} polls/s) |")
+
+
+def scaling(service, client, work: Path, args) -> None:
+    """Jobs with real work (a 25 MB MLP quantized) drained by one worker, then by two."""
+    heavy, _ = upload(client, save_onnx(work / "heavy.onnx", 1024, 2048, 16))
+    wait_job(client, client.post("/v1/jobs", json={"model_id": heavy["id"], "recipe": RECIPE}).json()["id"])
+    print("\n## 4. Draining a queue of jobs (25 MB MLP, int8)")
+    print("| workers | jobs | seconds | jobs/min |")
+    print("|---|---|---|---|")
+    for workers in (1, 2):
+        while len(service.workers) < workers:
+            service.workers.append(service.run(f"worker{len(service.workers)}", "worker"))
+            time.sleep(10)
+        start = time.monotonic()
+        ids = [client.post("/v1/jobs", json={"model_id": heavy["id"], "recipe": RECIPE}).json()["id"]
+               for _ in range(args.jobs)]
+        for job_id in ids:
+            wait_job(client, job_id)
+        elapsed = time.monotonic() - start
+        print(f"| {workers} | {args.jobs} | {elapsed:.1f} | {args.jobs / elapsed * 60:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
