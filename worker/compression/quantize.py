@@ -11,7 +11,8 @@ layers that keep int8/packed-int4 buffers, fp16/bf16 casts.
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +53,21 @@ def excluded_nodes(model_path: Path, patterns: list[str]) -> list[str]:
             if any(rx.search(n) for rx in compiled for n in [node.name, *node.input] if n)]
 
 
-def _prepare(source: Path, destination: Path) -> Path:
+@contextmanager
+def _prepared(source: Path, destination: Path) -> Iterator[Path]:
+    """ONNX Runtime's pre-processing (shape inference, graph optimisation) before quantizing; the model as it
+    is when that fails, since it only helps. The intermediate file is removed afterwards."""
     prepared = destination.with_suffix(".prep.onnx")
     try:
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        return prepared
-    except Exception as exc:  # pre-processing only helps; quantize the model as it is when it fails
+    except Exception as exc:
         log.info("quantization pre-processing skipped: %s", exc)
-        return source
+        prepared = source
+    try:
+        yield prepared
+    finally:
+        if prepared != source:
+            prepared.unlink(missing_ok=True)
 
 
 def _failure(what: str, exc: Exception) -> JobFailure:
@@ -67,19 +75,16 @@ def _failure(what: str, exc: Exception) -> JobFailure:
 
 
 def onnx_dynamic_int8(source: Path, destination: Path, step: QuantizeStep) -> dict:
-    prepared = _prepare(source, destination)
-    exclude = excluded_nodes(prepared, step.exclude)
-    # ONNX Runtime rewrites Gemm as MatMul + Add before quantizing, naming the MatMul "<gemm name>_MatMul".
-    try:
-        quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8,
-                         per_channel=step.granularity == "per_channel",
-                         nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
-                         extra_options={"MatMulConstBOnly": True})
-    except Exception as exc:
-        raise _failure("ONNX Runtime dynamic quantization", exc) from None
-    finally:
-        if prepared != source:
-            prepared.unlink(missing_ok=True)
+    with _prepared(source, destination) as prepared:
+        exclude = excluded_nodes(prepared, step.exclude)
+        # ONNX Runtime rewrites Gemm as MatMul + Add before quantizing, naming the MatMul "<gemm name>_MatMul".
+        try:
+            quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8,
+                             per_channel=step.granularity == "per_channel",
+                             nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
+                             extra_options={"MatMulConstBOnly": True})
+        except Exception as exc:
+            raise _failure("ONNX Runtime dynamic quantization", exc) from None
     return {"method": "dynamic", "dtype": "int8", "granularity": step.granularity, "excluded_nodes": exclude,
             "tool": "onnxruntime.quantization.quantize_dynamic"}
 
@@ -94,21 +99,19 @@ class _Batches(CalibrationDataReader):
 
 def onnx_static_int8(source: Path, destination: Path, step: QuantizeStep,
                      calibration: list[list[np.ndarray]]) -> dict:
-    prepared = _prepare(source, destination)
-    exclude = excluded_nodes(prepared, step.exclude)
-    names = [i.name for i in onnx.load(str(prepared), load_external_data=False).graph.input
-             if i.name not in {t.name for t in onnx.load(str(prepared), load_external_data=False).graph.initializer}]
-    try:
-        quantize_static(str(prepared), str(destination), _Batches(names, calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=step.granularity == "per_channel",
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=exclude, calibrate_method=CALIBRATION[step.calibration_method],
-                        op_types_to_quantize=STATIC_OPS)
-    except Exception as exc:
-        raise _failure("ONNX Runtime static quantization", exc) from None
-    finally:
-        if prepared != source:
-            prepared.unlink(missing_ok=True)
+    with _prepared(source, destination) as prepared:
+        exclude = excluded_nodes(prepared, step.exclude)
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        weights = {t.name for t in graph.initializer}
+        names = [i.name for i in graph.input if i.name not in weights]
+        try:
+            quantize_static(str(prepared), str(destination), _Batches(names, calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=step.granularity == "per_channel",
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=exclude, calibrate_method=CALIBRATION[step.calibration_method],
+                            op_types_to_quantize=STATIC_OPS)
+        except Exception as exc:
+            raise _failure("ONNX Runtime static quantization", exc) from None
     return {"method": "static", "dtype": "int8", "granularity": step.granularity, "excluded_nodes": exclude,
             "calibration_method": step.calibration_method, "calibration_batches": len(calibration),
             "calibration_samples": int(sum(b[0].shape[0] for b in calibration)) if calibration else 0,
