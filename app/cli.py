@@ -6,19 +6,19 @@ import signal
 import subprocess
 import sys
 
-from app.config import Settings, get_settings
+from app.core.config import Settings, get_settings
 
 
 def _migrate(settings: Settings) -> None:
-    from app.migrate import upgrade
+    from app.core.migrate import upgrade
 
     settings.resolved_home().mkdir(parents=True, exist_ok=True)
     upgrade(settings.resolved_database_url())
 
 
 def _create_key(settings: Settings, tenant_name: str, name: str | None = None) -> str:
-    from app.auth import create_api_key
-    from app.db import make_engine, make_session_factory, session_scope
+    from app.core.auth import create_api_key
+    from app.core.db import make_engine, make_session_factory, session_scope
 
     engine = make_engine(settings.resolved_database_url())
     with session_scope(make_session_factory(engine)) as session:
@@ -31,8 +31,8 @@ def _ensure_first_key(settings: Settings) -> None:
     """Embedded mode: the first start creates a key for tenant 'default' and saves it under MODELPRESS_HOME."""
     from sqlalchemy import func, select
 
-    from app.db import make_engine
-    from app.models import ApiKey
+    from app.core.db import make_engine
+    from app.core.tables import ApiKey
 
     engine = make_engine(settings.resolved_database_url())
     with engine.connect() as conn:
@@ -57,7 +57,7 @@ def _worker_argv(queues: str, concurrency: int) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from app.api.main import create_app
 
     # Pin MODELPRESS_HOME to an absolute path so the API and the embedded worker agree on it.
     os.environ["MODELPRESS_HOME"] = str(get_settings().resolved_home())
@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from app.main import create_app
+    from app.api.main import create_app
 
     uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
     return 0
@@ -132,8 +132,8 @@ def _format_time(value) -> str:
 def cmd_keys_list(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from app.db import make_engine, make_session_factory, utcnow
-    from app.models import ApiKey, Tenant
+    from app.core.db import make_engine, make_session_factory, utcnow
+    from app.core.tables import ApiKey, Tenant
 
     settings = get_settings()
     _migrate(settings)
@@ -156,9 +156,9 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    from app.auth import revoke
-    from app.db import make_engine, make_session_factory, session_scope
-    from app.models import ApiKey
+    from app.core.auth import revoke
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.core.tables import ApiKey
 
     settings = get_settings()
     _migrate(settings)

@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.config import Settings  # noqa: E402
-from app.schemas.recipe import Recipe, Target  # noqa: E402
+from app.core.config import Settings  # noqa: E402
+from app.core.recipe import Recipe, Target  # noqa: E402
 from worker.evaluation import measure  # noqa: E402
-from worker.evaluation.runtime import open_runner  # noqa: E402
-from worker.pipeline import Pipeline  # noqa: E402
+from worker.runtime import open_runner  # noqa: E402
+from worker.pipeline.runner import Pipeline  # noqa: E402
 
 SUBJECTS = ["The committee", "My neighbour", "A small startup", "The orchestra", "Our football team", "The chef",
             "A migrating bird", "The old library", "This new phone", "The city council", "A curious child",

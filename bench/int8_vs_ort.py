@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compression_bench as bench  # noqa: E402
-from app.schemas.recipe import QuantizeStep  # noqa: E402
+from app.core.recipe import QuantizeStep  # noqa: E402
 from worker.compression.quantize import quantize_onnx  # noqa: E402
-from worker.evaluation.runtime import ort_session, run_onnx  # noqa: E402
+from worker.runtime import ort_session, run_onnx  # noqa: E402
 from worker.formats.hf import export_hf_onnx, load_hf  # noqa: E402
 
 ROUNDS = 25

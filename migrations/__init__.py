@@ -1,1 +1,1 @@
-"""Alembic migrations; `app.migrate` runs them on SQLite and PostgreSQL alike."""
+"""Alembic migrations; `app.core.migrate` runs them on SQLite and PostgreSQL alike."""

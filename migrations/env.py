@@ -1,9 +1,9 @@
-"""Alembic environment: the URL comes from the caller's Config (app.migrate), the metadata from app.models."""
+"""Alembic environment: the URL comes from the caller's Config (app.core.migrate), the metadata from app.core.tables."""
 
 from alembic import context
 
-from app.db import Base, make_engine
-import app.models  # noqa: F401  (registers the tables on Base.metadata)
+from app.core.db import Base, make_engine
+import app.core.tables  # noqa: F401  (registers the tables on Base.metadata)
 
 config = context.config
 

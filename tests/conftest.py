@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Settings
-from app.migrate import upgrade
+from app.core.config import Settings
+from app.core.migrate import upgrade
 
 # Anything that reads default settings at import time (the worker's Celery app) must not touch the checkout.
 os.environ.setdefault("MODELPRESS_HOME", tempfile.mkdtemp(prefix="modelpress-test-home-"))

@@ -12,8 +12,8 @@ from typing import TypeVar
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import jobs
-from app.db import session_scope
+from app.core import jobs
+from app.core.db import session_scope
 from worker.errors import JobCancelled, JobLost
 
 log = logging.getLogger(__name__)

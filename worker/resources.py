@@ -6,9 +6,9 @@ from functools import lru_cache
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import Settings, get_settings
-from app.db import make_engine, make_session_factory
-from app.storage import Storage, open_storage
+from app.core.config import Settings, get_settings
+from app.core.db import make_engine, make_session_factory
+from app.core.storage import Storage, open_storage
 
 
 @lru_cache

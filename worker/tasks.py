@@ -13,17 +13,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from app import jobs
-from app.config import get_settings
-from app.db import session_scope, utcnow
-from app.models import Dataset, Job, Model
-from app.queue import INSPECT_MODEL, RUN_JOB
-from app.schemas.recipe import Recipe, Target, TuneSpec
+from app.core import jobs
+from app.core.config import get_settings
+from app.core.db import session_scope, utcnow
+from app.core.tables import Dataset, Job, Model
+from app.core.queue import INSPECT_MODEL, RUN_JOB
+from app.core.recipe import Recipe, Target, TuneSpec
 from worker import resources
-from worker.celery_app import celery
 from worker.context import JobContext, with_db_retry
 from worker.errors import JobCancelled, JobFailure, JobLost
 
@@ -45,7 +45,7 @@ def _workdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
-@celery.task(name=INSPECT_MODEL, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
+@shared_task(name=INSPECT_MODEL, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
 def inspect_model(model_id: str) -> None:
     """Open an uploaded model safely and set it `ready` (with its description) or `invalid` (with why)."""
     from worker import formats
@@ -86,7 +86,7 @@ def inspect_model(model_id: str) -> None:
     log.info("model %s inspected: %s %s", model_id, status, error or "")
 
 
-@celery.task(name=RUN_JOB, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
+@shared_task(name=RUN_JOB, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
 def run_job(job_id: str) -> None:
     settings, factory, storage = resources.settings(), resources.session_factory(), resources.storage()
     worker_id = resources.worker_id()
@@ -124,7 +124,7 @@ def run_job(job_id: str) -> None:
 
 
 def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -> dict:
-    from worker.pipeline import Pipeline
+    from worker.pipeline.runner import Pipeline
 
     device = job.target.get("device", "cpu")
     if device == "cuda":

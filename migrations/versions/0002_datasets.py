@@ -8,7 +8,7 @@ Create Date: 2026-12-02 10:00:00
 import sqlalchemy as sa
 from alembic import op
 
-import app.db
+import app.core.db
 
 
 revision = '0002'
@@ -29,7 +29,7 @@ def upgrade() -> None:
     sa.Column('num_samples', sa.BigInteger(), nullable=False),
     sa.Column('has_labels', sa.Boolean(), nullable=False),
     sa.Column('info', sa.JSON(), nullable=False),
-    sa.Column('created_at', app.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', app.core.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from app.config import Settings, get_settings
-from app.models import Job, Model
+from app.core.config import Settings, get_settings
+from app.core.tables import Job, Model
 from tests.app.api.conftest import auth, client, make_key, onnx_bytes, pt2_bytes, upload  # noqa: F401
 from tests.hostile.builders import tree
 from tests.worker.conftest import add_job, add_model, db, worker_env  # noqa: F401

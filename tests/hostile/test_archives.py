@@ -135,7 +135,7 @@ def escape_from_extraction(home: Path, target: Path) -> str:
 
 
 def storage_keys(settings) -> list[str]:
-    from app.storage import open_storage
+    from app.core.storage import open_storage
 
     return open_storage(settings.resolved_storage_url()).list_keys("tenants")
 

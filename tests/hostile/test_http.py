@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from app.main import create_app
+from app.api.main import create_app
 from tests.conftest import free_port
 
 BOUNDARY = "hostileboundary"

@@ -5,9 +5,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
-from app.config import Settings
-from app.db import Base, make_engine
-from app.migrate import upgrade
+from app.core.config import Settings
+from app.core.db import Base, make_engine
+from app.core.migrate import upgrade
 from tests.conftest import create_pg_database, drop_pg_database
 
 

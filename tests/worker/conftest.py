@@ -4,14 +4,14 @@ from pathlib import Path
 
 import pytest
 
-from app.auth import create_api_key
-from app.config import Settings, get_settings
-from app.db import make_engine, make_session_factory, session_scope
-from app.ids import new_id
-from app.jobs import create_job
-from app.migrate import upgrade
-from app.models import Model
-from app.storage import open_storage
+from app.core.auth import create_api_key
+from app.core.config import Settings, get_settings
+from app.core.db import make_engine, make_session_factory, session_scope
+from app.core.ids import new_id
+from app.core.jobs import create_job
+from app.core.migrate import upgrade
+from app.core.tables import Model
+from app.core.storage import open_storage
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def add_dataset(worker_env, db):
     """Store an .npz dataset and its row, as an upload would."""
     import numpy as np
 
-    from app.models import Dataset
+    from app.core.tables import Dataset
 
     storage = open_storage(worker_env.resolved_storage_url())
 
@@ -100,7 +100,7 @@ def db_job_tune(db):
     """Turn a job into a tuning job (as POST /v1/jobs with `tune` would store it)."""
     from sqlalchemy import update
 
-    from app.models import Job
+    from app.core.tables import Job
 
     def _set(job_id: str, tune: dict, keep_recipe: bool = False) -> None:
         with session_scope(db) as session:

@@ -5,8 +5,8 @@ import pickle
 import pytest
 import torch
 
-from app.models import Model
-from tests.app.test_modelfiles import SystemCall, with_sample_inputs_pickle
+from app.core.tables import Model
+from tests.app.core.vetting.test_modelfiles import SystemCall, with_sample_inputs_pickle
 from tests.helpers import make_mlp, save_pt2
 from worker.errors import JobFailure
 

@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.models import Artifact, Job, JobEvent, Model
-from app.storage import open_storage
+from app.core.tables import Artifact, Job, JobEvent, Model
+from app.core.storage import open_storage
 from tests.helpers import make_mlp, save_onnx, save_pt2
 
 
@@ -61,7 +61,7 @@ def test_rerun_of_a_stale_job_replaces_outputs(tmp_path, worker_env, db, add_mod
     """A re-delivered job (its first worker died) runs again: attempts 2, still one model and one report."""
     from sqlalchemy import update
 
-    from app.db import session_scope, utcnow
+    from app.core.db import session_scope, utcnow
     from datetime import timedelta
 
     job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"))
@@ -81,7 +81,7 @@ def test_rerun_of_a_stale_job_replaces_outputs(tmp_path, worker_env, db, add_mod
 def test_finished_or_live_job_is_not_run_twice(tmp_path, worker_env, db, add_model, add_job):
     from sqlalchemy import update
 
-    from app.db import session_scope, utcnow
+    from app.core.db import session_scope, utcnow
 
     job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"))
     with session_scope(db) as session:  # alive on another worker

@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from app.schemas.recipe import PruneStep
+from app.core.recipe import PruneStep
 from worker.compression.quantize import compile_patterns
 from worker.errors import JobFailure
 

@@ -23,7 +23,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_dynamic, quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from app.schemas.recipe import QuantizeStep
+from app.core.recipe import QuantizeStep
 from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, replace_linears
 from worker.errors import JobFailure
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from app.schemas.recipe import PruneStep
+from app.core.recipe import PruneStep
 from worker.compression.quantize import compile_patterns
 from worker.errors import JobFailure
 

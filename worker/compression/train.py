@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from app.schemas.recipe import PruneStep
+from app.core.recipe import PruneStep
 from worker.compression.structured import prune_graph_channels
 from worker.errors import JobCancelled, JobFailure
 

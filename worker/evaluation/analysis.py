@@ -32,7 +32,7 @@ from onnx import helper, numpy_helper
 
 from worker.compression.modules import count_weights, quantize_weight
 from worker.compression.prune import ONNX_WEIGHT_INPUTS, PRUNABLE
-from worker.evaluation.runtime import run_onnx
+from worker.runtime import run_onnx
 from worker.formats.onnx_format import count_params
 
 MAX_BATCHES = 4  # sensitivity runs 3 variants per layer over these batches: keep it bounded

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from worker.compression.train import TrainData
-from worker.datasets import DatasetArrays, batches, check_labels, load_arrays, match_inputs, tokenize_texts
+from worker.dataset_arrays import DatasetArrays, batches, check_labels, load_arrays, match_inputs, tokenize_texts
 from worker.errors import JobFailure
 from worker.evaluation.inputs import generate_feeds
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.evaluation.runtime import open_runner
+from worker.runtime import open_runner
 
 Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
 

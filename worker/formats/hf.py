@@ -24,11 +24,11 @@ import numpy as np
 import torch
 import transformers
 
-from app.archives import ArchiveError, extract_archive
-from app.config import get_settings
-from app.modelfiles import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
+from app.core.vetting.archives import ArchiveError, extract_archive
+from app.core.config import get_settings
+from app.core.vetting.modelfiles import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
 from worker.errors import JobFailure
-from worker.evaluation.runtime import ort_session, run_onnx
+from worker.runtime import ort_session, run_onnx
 
 transformers.utils.logging.disable_progress_bar()
 

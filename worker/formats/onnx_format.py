@@ -8,7 +8,8 @@ import numpy as np
 import onnx
 
 from worker.errors import JobFailure
-from worker.evaluation.runtime import ort_session
+from worker.formats.loaded import LoadedModel
+from worker.runtime import ort_session
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
              "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
@@ -114,8 +115,6 @@ def inspect(path: Path) -> dict[str, Any]:
                              "producer": model.producer_name, "ops": ops}}
 
 
-def load(path: Path):
-    from worker.formats import LoadedModel
-
+def load(path: Path) -> LoadedModel:
     info = inspect(path)
     return LoadedModel(format="onnx", inputs=info["inputs"], outputs=info["outputs"], onnx_path=path, info=info)

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from app.modelfiles import UnsupportedModelFile, vet_pt2
+from app.core.vetting.modelfiles import UnsupportedModelFile, vet_pt2
 from worker.compression.modules import count_weights, lift_layers
 from worker.errors import JobFailure
+from worker.formats.loaded import LoadedModel
 
 
 def load_program(path: Path) -> torch.export.ExportedProgram:
@@ -54,9 +55,7 @@ def describe_outputs(program: torch.export.ExportedProgram) -> list[dict[str, An
     return described
 
 
-def load(path: Path):
-    from worker.formats import LoadedModel
-
+def load(path: Path) -> LoadedModel:
     program = load_program(path)
     inputs, outputs = describe_inputs(program), describe_outputs(program)
     module = lift_layers(program.module())

@@ -47,8 +47,8 @@ def test_other_tenants_resources_are_404(client, make_key, upload):
 def test_revoked_key_is_401(client, settings, make_key):
     from sqlalchemy import update
 
-    from app.db import make_engine, make_session_factory, session_scope, utcnow
-    from app.models import ApiKey
+    from app.core.db import make_engine, make_session_factory, session_scope, utcnow
+    from app.core.tables import ApiKey
 
     headers = make_key()
     assert client.get("/v1/models", headers=headers).status_code == 200
@@ -61,8 +61,8 @@ def test_revoked_key_is_401(client, settings, make_key):
 def test_keys_are_stored_hashed(settings, make_key):
     from sqlalchemy import select
 
-    from app.db import make_engine, make_session_factory
-    from app.models import ApiKey
+    from app.core.db import make_engine, make_session_factory
+    from app.core.tables import ApiKey
 
     key = make_key()["Authorization"].removeprefix("Bearer ")
     with make_session_factory(make_engine(settings.resolved_database_url()))() as session:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from tests.app.test_datasets import TouchOnUnpickle
+from tests.app.core.vetting.test_dataset_files import TouchOnUnpickle
 
 RECIPE = {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8"}]}
 
@@ -34,7 +34,7 @@ def upload_dataset(client, auth):
 
 
 def storage_keys(settings) -> list[str]:
-    from app.storage import open_storage
+    from app.core.storage import open_storage
 
     return open_storage(settings.resolved_storage_url()).list_keys("tenants")
 

@@ -24,8 +24,8 @@ def test_submit_job_is_queued_and_sent(client, auth, model_id, settings):
     assert job["attempts"] == 0 and job["error"] is None and job["artifacts"] == []
     assert job["recipe"]["steps"][0]["granularity"] == "per_channel"
     # The message really went to the broker (the database row was committed first).
-    from app.db import make_engine, make_session_factory
-    from app.models import Job
+    from app.core.db import make_engine, make_session_factory
+    from app.core.tables import Job
 
     with make_session_factory(make_engine(settings.resolved_database_url()))() as session:
         assert session.get(Job, job["id"]).dispatched_at is not None
@@ -67,8 +67,8 @@ def test_unknown_model_is_404_naming_model_id(client, auth):
 
 def test_cuda_jobs_go_to_the_gpu_queue(client, auth, model_id, settings):
     job = submit(client, auth, model_id, target={"device": "cuda"}).json()
-    from app.db import make_engine, make_session_factory
-    from app.models import Job
+    from app.core.db import make_engine, make_session_factory
+    from app.core.tables import Job
 
     with make_session_factory(make_engine(settings.resolved_database_url()))() as session:
         assert session.get(Job, job["id"]).queue == "gpu"

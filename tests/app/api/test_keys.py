@@ -6,9 +6,9 @@ import pytest
 from sqlalchemy import update
 
 from app.cli import main
-from app.config import get_settings
-from app.db import make_engine, make_session_factory, session_scope, utcnow
-from app.models import ApiKey
+from app.core.config import get_settings
+from app.core.db import make_engine, make_session_factory, session_scope, utcnow
+from app.core.tables import ApiKey
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app import limits
-from app.db import make_engine, make_session_factory, session_scope
-from app.ids import new_id
-from app.limits import LocalRateLimiter, check_storage_quota, storage_used
-from app.main import create_app
-from app.models import ApiKey, Artifact
+from app.api import limits
+from app.core.db import make_engine, make_session_factory, session_scope
+from app.core.ids import new_id
+from app.api.limits import LocalRateLimiter, check_storage_quota, storage_used
+from app.api.main import create_app
+from app.core.tables import ApiKey, Artifact
 
 QUANTIZE = {"recipe": {"steps": [{"op": "quantize"}]}}
 
@@ -87,10 +87,10 @@ def test_rate_limit_is_shared_through_redis(limited, make_key, redis_url):
 def test_redis_outage_fails_open(limited, make_key, caplog):
     client = limited(tenant_requests_per_minute=1, broker_url="redis://127.0.0.1:1/0")
     headers = make_key()
-    with caplog.at_level(logging.WARNING, logger="app.limits"):
+    with caplog.at_level(logging.WARNING, logger="app.api.limits"):
         for _ in range(5):
             assert client.get("/v1/models", headers=headers).status_code == 200
-    warnings = [r for r in caplog.records if r.name == "app.limits"]
+    warnings = [r for r in caplog.records if r.name == "app.api.limits"]
     assert len(warnings) == 1 and "Redis unavailable" in warnings[0].getMessage()
 
 

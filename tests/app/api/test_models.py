@@ -44,7 +44,7 @@ def test_download_roundtrip_with_range_and_etag(client, auth, upload, onnx_bytes
 
 
 def test_delete_model_removes_it_and_its_file(client, auth, upload, settings):
-    from app.storage import open_storage
+    from app.core.storage import open_storage
 
     model = upload().json()
     storage = open_storage(settings.resolved_storage_url())
@@ -124,7 +124,7 @@ def test_pagination_walks_all_models(client, auth, upload):
 
 
 def test_pt2_with_planted_pickle_is_refused_at_upload(upload, tmp_path):
-    from tests.app.test_modelfiles import SystemCall, with_sample_inputs_pickle
+    from tests.app.core.vetting.test_modelfiles import SystemCall, with_sample_inputs_pickle
     from tests.helpers import save_pt2
 
     marker = tmp_path / "pwned"

@@ -1,7 +1,7 @@
 from fastapi.testclient import TestClient
 
-from app.config import Settings
-from app.main import create_app
+from app.core.config import Settings
+from app.api.main import create_app
 
 
 def test_healthz_and_readyz(client):
@@ -21,7 +21,7 @@ def test_readyz_is_503_when_database_is_down(tmp_path):
 
 def test_readyz_is_503_when_broker_is_down(tmp_path):
     settings = Settings(home=tmp_path, broker_url="redis://127.0.0.1:1/0")
-    from app.migrate import upgrade
+    from app.core.migrate import upgrade
 
     upgrade(settings.resolved_database_url())
     with TestClient(create_app(settings, housekeeping=False)) as client:
@@ -67,7 +67,7 @@ def test_api_process_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from app.main import create_app; create_app(); "
+    code = ("import sys; from app.api.main import create_app; create_app(); "
             "bad = [m for m in ('torch', 'onnxruntime', 'transformers', 'onnx') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

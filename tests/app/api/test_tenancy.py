@@ -10,9 +10,9 @@ import re
 import numpy as np
 from sqlalchemy import update
 
-from app.db import make_engine, make_session_factory, session_scope
-from app.ids import new_id
-from app.models import ApiKey, Artifact, Job
+from app.core.db import make_engine, make_session_factory, session_scope
+from app.core.ids import new_id
+from app.core.tables import ApiKey, Artifact, Job
 
 PATH_PARAM = re.compile(r"{(\w+)}")
 ARTIFACT_BYTES = b'{"compression_ratio": 2.0}'

@@ -4,7 +4,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from app.schemas.recipe import PruneStep
+from app.core.recipe import PruneStep
 from tests.helpers import make_mlp, save_onnx
 from worker.compression.prune import apply_masks, layer_sparsity, prune_onnx, prune_unstructured
 from worker.errors import JobFailure

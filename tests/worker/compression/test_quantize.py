@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.schemas.recipe import QuantizeStep
+from app.core.recipe import QuantizeStep
 from tests.helpers import make_mlp, save_onnx
 from worker.compression.quantize import gemm_to_matmul, quantize_module, quantize_onnx
 

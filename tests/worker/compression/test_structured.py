@@ -1,6 +1,6 @@
 import torch
 
-from app.schemas.recipe import PruneStep
+from app.core.recipe import PruneStep
 from worker.compression.modules import lift_layers
 from worker.compression.structured import prune_graph_channels, prune_transformer_ffn
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from app.schemas.recipe import PruneStep
+from app.core.recipe import PruneStep
 from worker.compression.modules import WeightOnlyLinear, lift_layers, quantize_weight, replace_linears
 from worker.compression.prune import prune_unstructured
 from worker.compression.train import TrainConfig, TrainData, distill, finetune, shrink_student

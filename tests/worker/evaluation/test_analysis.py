@@ -6,7 +6,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from app.schemas.recipe import Recipe
+from app.core.recipe import Recipe
 from tests.helpers import make_mlp, save_onnx
 from worker.compression.modules import lift_layers
 from worker.compression.quantize import excluded_nodes

@@ -1,0 +1,134 @@
+"""The service's error shape and one place that turns every failure into it (no stack trace ever leaves)."""
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from app.core.storage import StorageError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error response: `{"error": {"code", "message"}}`."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS = {400: "Bad request (malformed body, cursor or multipart)",
+                 401: "Missing, invalid or revoked API key",
+                 404: "Not found (another tenant's resources are reported as not found too)",
+                 409: "Conflict with the resource's state",
+                 413: "Too large, or past the tenant's storage quota (`quota_exceeded`)",
+                 415: "Unsupported format or media type",
+                 416: "Range not satisfiable",
+                 422: "Invalid body or parameters (the message names the field)",
+                 429: "Rate limited (`rate_limited`, with Retry-After in seconds) or too many jobs (`too_many_jobs`)",
+                 503: "A dependency (database, broker, storage) is unavailable"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for error statuses, so clients and schema checks know every answer."""
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+
+
+def not_found(kind: str, resource_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"{kind} {resource_id!r} not found")
+
+
+def get_owned(session, table, resource_id: str, tenant_id: str, kind: str):
+    """The tenant's row, or 404: another tenant's resource is reported as missing, never as forbidden."""
+    row = session.get(table, resource_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise not_found(kind, resource_id)
+    return row
+
+
+def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """`recipe.steps.0.dtype: Input should be 'int8', 'int4', 'fp16' or 'bf16'` — the field first, then why."""
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+        # Discriminated unions add the tag as a path element ("quantize"); it is not a field name.
+        message = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        # Cross-field validators name their own field ("datasets.calibration: ..."): keep that as it is.
+        parts.append(f"{'.'.join(loc)}: {message}" if loc else message)
+    return "; ".join(parts) or "invalid request"
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request",
+               429: "rate_limited", 503: "unavailable"}
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the path takes: Starlette's 405 names only those of the first route whose path matched,
+    so `OPTIONS /v1/models/{id}` said `Allow: GET` although DELETE works there too."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if route.matches(request.scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, "invalid_request", describe_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "error")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
+        return error_response(exc.status_code, code, message, headers)
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
+        log.warning("database unavailable: %s", exc.orig)
+        return error_response(503, "database_unavailable", "the database is unavailable, try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(_: Request, exc: StorageError) -> JSONResponse:
+        log.warning("storage error: %s", exc)
+        return error_response(503, "storage_unavailable", "artifact storage is unavailable, try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+            return error_response(503, "database_unavailable", "the database is unavailable, try again shortly")
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "internal error")

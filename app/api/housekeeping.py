@@ -1,0 +1,220 @@
+"""Background duties of the API process: send what was committed but not sent, and rescue abandoned work.
+
+- Dispatch: a job (or model inspection) row is committed before its message is sent. If the send fails
+  (broker down), `dispatched_at` stays NULL and this loop sends it again later: nothing is lost. A broker can
+  also lose what it held (a Redis restarted without persistence): a job still queued `redispatch_after`
+  seconds after its message went out is sent again; a duplicate message is dropped by `jobs.claim`.
+- Reap: a worker heartbeats its running job. A job whose heartbeat went stale (worker killed, machine gone)
+  is re-queued, or failed after `job_max_attempts`; the broker alone does not bring such jobs back.
+- Sweep: a process killed mid-upload leaves a partial file in the upload temp folder, and one killed between
+  storing a file and committing its row leaves an object no row refers to; both go once `orphan_age` old.
+Every step is a guarded UPDATE or an idempotent delete, so several API replicas can run this loop side by side.
+"""
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core import jobs
+from app.core.config import Settings
+from app.core.db import session_scope, utcnow
+from app.core.tables import Artifact, Dataset, Job, Model
+from app.core.queue import send_inspection, send_job
+from app.core.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+def _mark_dispatched(factory: sessionmaker[Session], table, row_id: str,
+                     sent_before: datetime | None = None) -> bool:
+    """Take the send of a row that was never sent (or, for a re-send, last sent before `sent_before`)."""
+    unsent = table.dispatched_at.is_(None) if sent_before is None else table.dispatched_at < sent_before
+    with session_scope(factory) as session:
+        result = session.execute(update(table).where(table.id == row_id, unsent)
+                                 .values(dispatched_at=utcnow()).execution_options(synchronize_session=False))
+        return result.rowcount == 1
+
+
+def _unmark_dispatched(factory: sessionmaker[Session], table, row_id: str) -> None:
+    with session_scope(factory) as session:
+        session.execute(update(table).where(table.id == row_id).values(dispatched_at=None)
+                        .execution_options(synchronize_session=False))
+
+
+def dispatch_job(factory: sessionmaker[Session], celery: Celery, job_id: str, queue: str,
+                 sent_before: datetime | None = None) -> bool:
+    """Send "run job X" once; on a broker failure leave the job queued and undispatched for a later retry."""
+    if not _mark_dispatched(factory, Job, job_id, sent_before):
+        return False
+    try:
+        send_job(celery, job_id, queue)
+        return True
+    except Exception as exc:  # any broker/transport failure: retried by the loop
+        log.warning("could not send job %s to the broker (%s); it stays queued and will be re-sent", job_id, exc)
+        _unmark_dispatched(factory, Job, job_id)
+        return False
+
+
+def dispatch_inspection(factory: sessionmaker[Session], celery: Celery, model_id: str) -> bool:
+    if not _mark_dispatched(factory, Model, model_id):
+        return False
+    try:
+        send_inspection(celery, model_id)
+        return True
+    except Exception as exc:
+        log.warning("could not send inspection of %s (%s); will retry", model_id, exc)
+        _unmark_dispatched(factory, Model, model_id)
+        return False
+
+
+def dispatch_pending(factory: sessionmaker[Session], celery: Celery, settings: Settings) -> int:
+    """Send every queued job and uploaded model whose message is not (or no longer) on the broker."""
+    before = utcnow() - timedelta(seconds=settings.dispatch_retry_after)
+    resend_before = utcnow() - timedelta(seconds=settings.redispatch_after)
+    with session_scope(factory) as session:
+        pending_jobs = session.execute(
+            select(Job.id, Job.queue).where(Job.status == jobs.JobStatus.QUEUED, Job.dispatched_at.is_(None),
+                                            Job.updated_at < before).order_by(Job.id).limit(500)).all()
+        lost_jobs = session.execute(
+            select(Job.id, Job.queue).where(Job.status == jobs.JobStatus.QUEUED, Job.dispatched_at < resend_before)
+            .order_by(Job.id).limit(500)).all()
+        pending_models = session.scalars(
+            select(Model.id).where(Model.status == "uploaded", Model.dispatched_at.is_(None),
+                                   Model.created_at < before).order_by(Model.id).limit(500)).all()
+    sent = 0
+    for job_id, queue in pending_jobs:
+        sent += dispatch_job(factory, celery, job_id, queue)
+    for job_id, queue in lost_jobs:
+        log.info("job %s is still queued %.0fs after its message was sent; sending it again", job_id,
+                 settings.redispatch_after)
+        sent += dispatch_job(factory, celery, job_id, queue, sent_before=resend_before)
+    for model_id in pending_models:
+        sent += dispatch_inspection(factory, celery, model_id)
+    return sent
+
+
+def reap(factory: sessionmaker[Session], settings: Settings) -> dict[str, list[str]]:
+    """Rescue running jobs and pending inspections whose worker went away."""
+    with session_scope(factory) as session:
+        outcome = jobs.reap_stale(session, jobs.stale_cutoff(settings.heartbeat_timeout), settings.job_max_attempts)
+        inspect_cutoff = utcnow() - timedelta(seconds=settings.job_time_limit)
+        session.execute(update(Model).where(Model.status == "uploaded", Model.dispatched_at < inspect_cutoff,
+                                            Model.inspect_attempts >= settings.job_max_attempts)
+                        .values(status="invalid", error="inspection did not finish; the worker kept failing")
+                        .execution_options(synchronize_session=False))
+        session.execute(update(Model).where(Model.status == "uploaded", Model.dispatched_at < inspect_cutoff)
+                        .values(dispatched_at=None).execution_options(synchronize_session=False))
+    for kind, ids in outcome.items():
+        if ids:
+            log.warning("reaper %s jobs: %s", kind, ", ".join(ids))
+    return outcome
+
+
+def _created_at(row_id: str) -> datetime | None:
+    """When an id was minted (ids start with their creation time in milliseconds, see app.core.ids)."""
+    try:
+        return datetime.fromtimestamp(int(row_id.split("_", 1)[1][:12], 16) / 1000, UTC)
+    except (IndexError, ValueError):
+        return None
+
+
+def _orphan_keys(session: Session, keys: list[str], cutoff: datetime) -> list[str]:
+    """Keys under `tenants/<tenant>/<models|datasets|jobs>/<id>/` that no row refers to and that are older than
+    `cutoff`. Age is the owner's: its id's time, or a finished job's end (a running job is still storing its
+    outputs, before its artifact rows exist). Keys of any other shape are never touched."""
+    owned: dict[str, list[tuple[str, str]]] = {"models": [], "datasets": [], "jobs": []}
+    for key in keys:
+        parts = key.split("/")
+        if len(parts) >= 5 and parts[0] == "tenants" and parts[2] in owned:
+            owned[parts[2]].append((parts[3], key))
+    referenced: set[str] = set()
+    ages: dict[str, datetime | None] = {}
+    for kind, table in (("models", Model), ("datasets", Dataset)):
+        ids = sorted({owner for owner, _ in owned[kind]})
+        referenced.update(session.scalars(select(table.storage_key).where(table.id.in_(ids))))
+        ages.update((owner, _created_at(owner)) for owner in ids)
+    job_ids = sorted({owner for owner, _ in owned["jobs"]})
+    referenced.update(session.scalars(select(Artifact.storage_key).where(Artifact.job_id.in_(job_ids))))
+    ages.update((owner, _created_at(owner)) for owner in job_ids)
+    for job_id, status, finished_at in session.execute(
+            select(Job.id, Job.status, Job.finished_at).where(Job.id.in_(job_ids))):
+        ages[job_id] = finished_at if jobs.JobStatus(status).is_terminal() else None
+    return [key for kind in owned.values() for owner, key in kind
+            if key not in referenced and ages[owner] is not None and ages[owner] < cutoff]
+
+
+def sweep_orphans(factory: sessionmaker[Session], storage: Storage, settings: Settings) -> int:
+    """Remove partial upload files and unreferenced storage objects older than `orphan_age`; returns how many."""
+    cutoff = utcnow() - timedelta(seconds=settings.orphan_age)
+    removed = 0
+    tmp = settings.upload_tmp_dir()
+    for path in tmp.iterdir() if tmp.is_dir() else []:
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff.timestamp():
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # its upload finished and removed it meanwhile
+            pass
+    keys = storage.list_keys("tenants")
+    orphans: list[str] = []
+    with factory() as session:
+        for start in range(0, len(keys), 1000):  # bounded IN lists, whatever the size of the store
+            orphans += _orphan_keys(session, keys[start:start + 1000], cutoff)
+    for key in orphans:
+        storage.delete(key)
+    if removed or orphans:
+        log.warning("housekeeping removed %d partial upload(s) and %d unreferenced object(s): %s", removed,
+                    len(orphans), ", ".join(orphans))
+    return removed + len(orphans)
+
+
+class Housekeeper:
+    """Runs reap + dispatch every `dispatch_interval` seconds on a daemon thread, and the sweep every quarter
+    of `orphan_age` (listing the whole store is too costly for every round).
+
+    Workers cannot heartbeat while the database is down, so after an outage (and at start) the reaper waits
+    until the database has answered for `heartbeat_timeout`: a restart of the database must not re-queue, and
+    so run twice, every job that was running through it.
+    """
+
+    def __init__(self, factory: sessionmaker[Session], celery: Celery, settings: Settings):
+        self.factory, self.celery, self.settings = factory, celery, settings
+        self.storage = open_storage(settings.resolved_storage_url())
+        self._next_sweep = 0.0
+        self._reachable_since: float | None = None  # monotonic time since when the database has answered
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="housekeeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.settings.dispatch_interval):
+            try:
+                self._round()
+            except DBAPIError as exc:
+                self._reachable_since = None
+                log.warning("housekeeping round failed, the database is unavailable: %s", exc)
+            except Exception as exc:  # broker or storage down: try again next round
+                log.warning("housekeeping round failed: %s", exc)
+
+    def _round(self) -> None:
+        now = time.monotonic()
+        if self._reachable_since is not None and now - self._reachable_since >= self.settings.heartbeat_timeout:
+            reap(self.factory, self.settings)
+        dispatch_pending(self.factory, self.celery, self.settings)
+        if self._reachable_since is None:
+            self._reachable_since = now
+        if now >= self._next_sweep:
+            sweep_orphans(self.factory, self.storage, self.settings)
+            self._next_sweep = now + self.settings.orphan_age / 4

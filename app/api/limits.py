@@ -1,0 +1,198 @@
+"""Per-tenant limits: request rate (token bucket), queued + running jobs, stored bytes. 0 in Settings = unlimited.
+
+The rate limiter sits behind one small interface, `RateLimiter.acquire`. With a Redis broker the buckets
+live in that Redis (a Lua script, so every API process shares them and the refill uses Redis's clock);
+with the embedded filesystem broker there is one API process and the buckets live in it.
+"""
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+import redis
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.core.config import Settings
+from app.api.errors import ApiError
+from app.core.jobs import JobStatus
+from app.core.tables import Artifact, Dataset, Job, Model, Tenant
+from app.api.uploads import ParsedUpload, receive_upload
+
+log = logging.getLogger(__name__)
+
+# After a Redis error the limiter lets requests through without asking Redis for this long: an outage costs
+# one log line and one failed call per period, not a timeout on every request.
+REDIS_OUTAGE_BACKOFF = 5.0
+
+
+class RateLimiter(Protocol):
+    def acquire(self, tenant_id: str) -> float:
+        """Take one token: 0 if the request may go ahead, else the seconds until a token is back."""
+        ...
+
+
+class LocalRateLimiter:
+    """Token buckets in this process (embedded mode: a single API process)."""
+
+    def __init__(self, per_minute: int):
+        self.capacity = float(per_minute)
+        self.rate = per_minute / 60.0
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, tenant_id: str) -> float:
+        now = time.monotonic()
+        with self._lock:
+            tokens, at = self._buckets.get(tenant_id, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - at) * self.rate)
+            if tokens >= 1:
+                self._buckets[tenant_id] = (tokens - 1, now)
+                return 0.0
+            self._buckets[tenant_id] = (tokens, now)
+            return (1 - tokens) / self.rate
+
+
+# KEYS[1]: the tenant's bucket; ARGV[1]: capacity; ARGV[2]: tokens per second. Returns the wait as a string
+# (Redis would truncate a Lua number to an integer).
+_TOKEN_BUCKET = """
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local tokens = tonumber(state[1]) or capacity
+local at = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - at) * rate)
+local wait = 0
+if tokens >= 1 then
+  tokens = tokens - 1
+else
+  wait = (1 - tokens) / rate
+end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
+return tostring(wait)
+"""
+
+
+class RedisRateLimiter:
+    """Token buckets in the broker's Redis, shared by every API process. Fails open when Redis is down."""
+
+    def __init__(self, url: str, per_minute: int):
+        self.capacity = per_minute
+        self.rate = per_minute / 60.0
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        self.script = self.client.register_script(_TOKEN_BUCKET)
+        self._skip_until = 0.0
+
+    def acquire(self, tenant_id: str) -> float:
+        if time.monotonic() < self._skip_until:
+            return 0.0
+        try:
+            return float(self.script(keys=[f"modelpress:ratelimit:{tenant_id}"], args=[self.capacity, self.rate]))
+        except redis.RedisError as exc:
+            self._skip_until = time.monotonic() + REDIS_OUTAGE_BACKOFF
+            log.warning("rate limiter: Redis unavailable (%s: %s); letting requests through unlimited for %.0f s",
+                        exc.__class__.__name__, exc, REDIS_OUTAGE_BACKOFF)
+            return 0.0
+
+
+def make_rate_limiter(settings: Settings) -> RateLimiter | None:
+    """None when rate limiting is off (`tenant_requests_per_minute` 0)."""
+    per_minute = settings.tenant_requests_per_minute
+    if per_minute == 0:
+        return None
+    broker_url = settings.resolved_broker_url()
+    if broker_url.startswith(("redis://", "rediss://")):
+        return RedisRateLimiter(broker_url, per_minute)
+    return LocalRateLimiter(per_minute)
+
+
+def lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialise one tenant's check-then-insert until commit (FOR UPDATE on PostgreSQL; SQLite has one writer)."""
+    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+
+
+def check_active_jobs(session: Session, tenant_id: str, limit: int) -> None:
+    """429 `too_many_jobs` when the tenant already has `limit` queued or running jobs. Locks the tenant row."""
+    if limit == 0:
+        return
+    lock_tenant(session, tenant_id)
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
+    if active >= limit:
+        raise ApiError(429, "too_many_jobs", f"this tenant already has {active} queued or running jobs (the limit "
+                                             f"is {limit}); wait for one to finish or cancel one")
+
+
+def storage_used(session: Session, tenant_id: str) -> int:
+    """Bytes the tenant stores: its models, datasets and jobs' artifacts."""
+    return sum(session.scalar(select(func.coalesce(func.sum(table.size_bytes), 0))
+                              .where(table.tenant_id == tenant_id))
+               for table in (Model, Dataset, Artifact))
+
+
+def _quota_exceeded(used: int, quota: int) -> ApiError:
+    return ApiError(413, "quota_exceeded", f"this upload would take the tenant's stored bytes past its quota of "
+                                           f"{quota} bytes ({used} stored); delete models or datasets to make room")
+
+
+def check_storage_quota(session: Session, tenant_id: str, adding: int, quota: int) -> None:
+    """413 `quota_exceeded` unless `adding` more bytes fit. Locks the tenant row, so call it in the insert's
+    transaction: two concurrent uploads cannot both take the last free bytes."""
+    if quota == 0:
+        return
+    lock_tenant(session, tenant_id)
+    used = storage_used(session, tenant_id)
+    if used + adding > quota:
+        raise _quota_exceeded(used, quota)
+
+
+def _used(factory: sessionmaker[Session], tenant_id: str) -> int:
+    with factory() as session:
+        return storage_used(session, tenant_id)
+
+
+async def receive_upload_within_quota(request: Request, factory: sessionmaker[Session], tenant_id: str,
+                                      settings: Settings, text_fields: set[str]) -> ParsedUpload:
+    """Stream an upload, stopping at the smaller of the upload limit and what is left of the tenant's quota.
+
+    A declared Content-Length past what is left is refused before any byte is read, a body without one as soon
+    as it passes; the route checks the real size again in the transaction that records the upload.
+    """
+    quota = settings.tenant_max_storage_bytes
+    if quota == 0:
+        return await receive_upload(request, settings.upload_tmp_dir(), settings.max_upload_bytes, text_fields)
+    used = await run_in_threadpool(_used, factory, tenant_id)
+    remaining = quota - used
+    if remaining <= 0:
+        raise _quota_exceeded(used, quota)
+    try:
+        return await receive_upload(request, settings.upload_tmp_dir(), min(settings.max_upload_bytes, remaining),
+                                    text_fields)
+    except ApiError as exc:
+        if exc.status_code == 413 and remaining < settings.max_upload_bytes:
+            raise _quota_exceeded(used, quota) from None
+        raise
+
+
+async def record_upload(factory: sessionmaker[Session], storage, key: str, row, tenant_id: str, size: int,
+                        settings: Settings) -> None:
+    """Insert an uploaded model's or dataset's row, checking the quota in the same transaction; on failure the
+    stored object is deleted so nothing is left without a row. The database work runs off the event loop."""
+
+    def insert() -> None:
+        with factory() as session:
+            check_storage_quota(session, tenant_id, size, settings.tenant_max_storage_bytes)
+            session.add(row)
+            session.commit()
+
+    try:
+        await run_in_threadpool(insert)
+    except Exception:
+        await run_in_threadpool(storage.delete, key)
+        raise

@@ -1,0 +1,27 @@
+"""/v1/artifacts/{id}/download: the bytes of a job's output, with ETag (its sha256) and Range."""
+
+from fastapi import APIRouter, Request, Response
+
+from app.api.deps import CurrentTenant, SessionDep, StorageDep
+from app.api.downloads import stream_object
+from app.api.errors import ApiError, error_responses, get_owned
+from app.core.tables import Artifact
+from app.core.storage import ObjectNotFound
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+MEDIA_TYPES = {"json": "application/json"}
+
+
+@router.get("/{artifact_id}/download", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
+                       **error_responses(404, 416)})
+def download_artifact(artifact_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
+                      storage: StorageDep) -> Response:
+    artifact = get_owned(session, Artifact, artifact_id, tenant.id, "artifact")
+    try:
+        return stream_object(request, storage, artifact.storage_key, size=artifact.size_bytes,
+                             sha256=artifact.sha256, filename=artifact.filename,
+                             media_type=MEDIA_TYPES.get(artifact.format, "application/octet-stream"))
+    except ObjectNotFound:
+        raise ApiError(404, "not_found", f"the file of artifact {artifact_id!r} is missing from storage") from None

@@ -1,0 +1,81 @@
+"""/v1/datasets: streaming upload (validated before it is stored), list, get, delete."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+
+from app.core.vetting.dataset_files import DatasetError, inspect_dataset
+from app.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
+from app.api.errors import ApiError, error_responses, get_owned
+from app.core.ids import new_id
+from app.core.jobs import JobStatus
+from app.api.limits import receive_upload_within_quota, record_upload
+from app.core.tables import Dataset, Job
+from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.schemas import DatasetPublic, DatasetsPublic
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def get_owned_dataset(session, tenant, dataset_id: str) -> Dataset:
+    return get_owned(session, Dataset, dataset_id, tenant.id, "dataset")
+
+
+@router.post("", status_code=201, response_model=DatasetPublic, responses=error_responses(400, 413, 415),
+             openapi_extra={
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"}}}}}}})
+async def upload_dataset(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
+                         settings: SettingsDep, storage: StorageDep) -> Dataset:
+    """Upload an `.npz`, `.safetensors` or `.jsonl` dataset; it is validated before anything is stored."""
+    upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name"})
+    try:
+        try:
+            facts = await run_in_threadpool(inspect_dataset, upload.file.path, upload.file.filename)
+        except DatasetError as exc:
+            raise ApiError(415 if exc.code == "unsupported_format" else 422, exc.code, exc.message) from None
+        name = (upload.fields.get("name") or upload.file.filename)[:200]
+        dataset_id = new_id("ds")
+        key = f"tenants/{tenant.id}/datasets/{dataset_id}/data.{facts.format}"
+        await run_in_threadpool(storage.put_file, key, upload.file.path)
+        dataset = Dataset(id=dataset_id, tenant_id=tenant.id, name=name, format=facts.format,
+                          size_bytes=upload.file.size, sha256=upload.file.sha256, storage_key=key,
+                          num_samples=facts.num_samples, has_labels=facts.has_labels, info=facts.info)
+        await record_upload(session_factory, storage, key, dataset, tenant.id, upload.file.size, settings)
+    finally:
+        upload.discard()
+    return dataset
+
+
+@router.get("", response_model=DatasetsPublic, responses=error_responses(400))
+def list_datasets(tenant: CurrentTenant, session: SessionDep,
+                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None) -> dict:
+    query = select(Dataset).where(Dataset.tenant_id == tenant.id)
+    rows, next_cursor = page(session.scalars(paginate(query, Dataset.id, limit, cursor)).all(), limit)
+    return {"data": rows, "next_cursor": next_cursor}
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))
+def get_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep) -> Dataset:
+    return get_owned_dataset(session, tenant, dataset_id)
+
+
+@router.delete("/{dataset_id}", status_code=204, response_class=Response,
+               responses=error_responses(404, 409))
+def delete_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+    dataset = get_owned_dataset(session, tenant, dataset_id)
+    # Job.datasets is JSON ({"calibration": id, ...}); a tenant's unfinished jobs are few, so match them here
+    # rather than with dialect-specific JSON operators.
+    unfinished = session.execute(select(Job.id, Job.datasets).where(
+        Job.tenant_id == tenant.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))).all()
+    for job_id, refs in unfinished:
+        if dataset_id in (refs or {}).values():
+            raise ApiError(409, "dataset_in_use", f"dataset {dataset_id!r} is used by unfinished job {job_id!r}; "
+                                                  "cancel it or wait for it to finish")
+    session.delete(dataset)
+    session.commit()
+    storage.delete_prefix(f"tenants/{tenant.id}/datasets/{dataset_id}/")
+    return Response(status_code=204)

@@ -1,0 +1,109 @@
+"""/v1/models: streaming upload, list, get, download, delete."""
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy import select
+
+from app.core.vetting import modelfiles
+from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
+from app.api.downloads import stream_object
+from app.api.errors import ApiError, error_responses, get_owned
+from app.api.housekeeping import dispatch_inspection
+from app.core.ids import new_id
+from app.core.jobs import JobStatus
+from app.api.limits import receive_upload_within_quota, record_upload
+from app.core.tables import Job, Model
+from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.schemas import ModelPublic, ModelsPublic
+from app.core.storage import ObjectNotFound
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+
+def get_owned_model(session, tenant, model_id: str) -> Model:
+    return get_owned(session, Model, model_id, tenant.id, "model")
+
+
+@router.post("", status_code=201, response_model=ModelPublic, responses=error_responses(400, 413, 415), openapi_extra={
+    "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file"],
+        "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
+                       "format": {"type": "string", "enum": list(modelfiles.SUPPORTED_FORMATS)}}}}}}})
+async def upload_model(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
+                       settings: SettingsDep, storage: StorageDep, celery: CeleryDep) -> Model:
+    """Upload a `.pt2` (torch.export), `.onnx` or Hugging Face archive; a worker inspects it and sets it ready or
+    invalid."""
+    upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name", "format"})
+    try:
+        declared = upload.fields.get("format") or None
+        try:
+            unpacked_limit = modelfiles.UNPACK_FACTOR * settings.max_upload_bytes
+            fmt = await run_in_threadpool(modelfiles.detect_format, upload.file.path, upload.file.filename,
+                                          declared, max_unpacked_bytes=unpacked_limit)
+        except modelfiles.UnsupportedModelFile as exc:
+            raise ApiError(415, exc.code, exc.message) from None
+        name = (upload.fields.get("name") or upload.file.filename)[:200]
+        model_id = new_id("mdl")
+        extension = await run_in_threadpool(modelfiles.stored_extension, upload.file.path, fmt)
+        key = f"tenants/{tenant.id}/models/{model_id}/model.{extension}"
+        await run_in_threadpool(storage.put_file, key, upload.file.path)
+        model = Model(id=model_id, tenant_id=tenant.id, name=name, format=fmt, size_bytes=upload.file.size,
+                      sha256=upload.file.sha256, storage_key=key, status="uploaded")
+
+        await record_upload(session_factory, storage, key, model, tenant.id, upload.file.size, settings)
+    finally:
+        upload.discard()
+    await run_in_threadpool(dispatch_inspection, session_factory, celery, model.id)
+    return model
+
+
+@router.get("", response_model=ModelsPublic, responses=error_responses(400))
+def list_models(tenant: CurrentTenant, session: SessionDep,
+                limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None,
+                status: str | None = None) -> dict:
+    query = select(Model).where(Model.tenant_id == tenant.id)
+    if status:
+        query = query.where(Model.status == status)
+    rows, next_cursor = page(session.scalars(paginate(query, Model.id, limit, cursor)).all(), limit)
+    return {"data": rows, "next_cursor": next_cursor}
+
+
+@router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))
+def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep) -> Model:
+    return get_owned_model(session, tenant, model_id)
+
+
+@router.get("/{model_id}/download", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
+                       **error_responses(404, 416)})
+def download_model(model_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
+                   storage: StorageDep) -> Response:
+    model = get_owned_model(session, tenant, model_id)
+    extension = model.storage_key.rsplit("/", 1)[-1].partition(".")[2]  # pt2, onnx, zip, tar.gz or tar
+    stem = model.name.removesuffix(f".{extension}") if model.name.endswith(f".{extension}") \
+        else model.name.rsplit(".", 1)[0]
+    filename = f"{stem}.{extension}".replace('"', "")
+    try:
+        return stream_object(request, storage, model.storage_key, size=model.size_bytes, sha256=model.sha256,
+                             filename=filename)
+    except ObjectNotFound:
+        raise ApiError(404, "not_found", f"the file of model {model_id!r} is missing from storage") from None
+
+
+@router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
+def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+    model = get_owned_model(session, tenant, model_id)
+    active = session.scalar(select(Job.id).where(Job.model_id == model.id,
+                                                 Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])).limit(1))
+    if active:
+        raise ApiError(409, "model_in_use", f"model {model_id!r} is used by unfinished job {active!r}; "
+                                            "cancel it or wait for it to finish")
+    session.delete(model)
+    session.commit()
+    storage.delete_prefix(f"tenants/{tenant.id}/models/{model_id}/")
+    return Response(status_code=204)

@@ -1,0 +1,13 @@
+"""/v1/presets: the named recipes a job can use with `"preset": name`."""
+
+from fastapi import APIRouter
+
+from app.api.deps import CurrentTenant
+from app.core.presets import PRESETS
+
+router = APIRouter(prefix="/v1/presets", tags=["presets"])
+
+
+@router.get("")
+def list_presets(_: CurrentTenant) -> dict:
+    return {"data": [{"name": name, **preset} for name, preset in PRESETS.items()]}

@@ -1,0 +1,41 @@
+"""Service endpoints: liveness, readiness (database and broker reachable), Prometheus metrics."""
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from app.core.queue import check_broker
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+def _check_database(request: Request) -> None:
+    with request.app.state.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    checks = {}
+    for name, check in (("database", _check_database), ("broker", lambda r: check_broker(r.app.state.celery)),
+                        ("storage", lambda r: r.app.state.storage.check())):
+        try:
+            await run_in_threadpool(check, request)
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"unavailable: {exc.__class__.__name__}"
+    ready = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ready else "unavailable", "checks": checks},
+                        status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

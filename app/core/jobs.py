@@ -1,0 +1,179 @@
+"""The job state machine. Every status change of a job goes through this module, as a guarded UPDATE.
+
+queued -> running -> succeeded | failed | cancelled, plus:
+  queued -> cancelled            (cancelled before a worker took it)
+  running -> queued              (worker died: the reaper re-queues it, up to job_max_attempts)
+  running -> running             (a re-delivered message takes over a job whose heartbeat went stale)
+A terminal job never changes again. Guards live in the WHERE clauses, so two processes racing on one
+job cannot both win.
+"""
+
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.core.db import utcnow
+from app.core.ids import new_id
+from app.core.tables import Artifact, Job, JobEvent
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+TERMINAL = [s.value for s in JobStatus if s.is_terminal()]
+
+
+def _record(session: Session, job_id: str, from_status: str | None, to_status: str, message: str | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to_status, message=message))
+
+
+def create_job(session: Session, **fields: Any) -> Job:
+    job = Job(id=new_id("job"), status=JobStatus.QUEUED, **fields)
+    session.add(job)
+    session.flush()
+    _record(session, job.id, None, JobStatus.QUEUED)
+    return job
+
+
+def claim(session: Session, job_id: str, worker_id: str, stale_before: datetime) -> Job | None:
+    """Take a queued job (or a running one whose worker stopped heartbeating) for this worker.
+
+    Returns None when the job is not ours to run: finished, cancelled, or alive on another worker.
+    """
+    now = utcnow()
+    job = session.get(Job, job_id)
+    if job is None:
+        return None
+    previous = job.status
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .where(or_(Job.status == JobStatus.QUEUED,
+                   and_(Job.status == JobStatus.RUNNING, Job.heartbeat_at < stale_before)))
+        .where(Job.cancel_requested.is_(False))
+        .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker_id=worker_id, heartbeat_at=now,
+                started_at=now, updated_at=now, error_code=None, error_message=None,
+                progress_fraction=0.0, progress_step=None, progress_message="started")
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    _record(session, job_id, previous, JobStatus.RUNNING, f"attempt on {worker_id}")
+    session.flush()
+    session.refresh(job)
+    return job
+
+
+def heartbeat(session: Session, job_id: str, worker_id: str) -> tuple[bool, bool]:
+    """Refresh the heartbeat. Returns (still_owned, cancel_requested)."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False, False
+    return True, bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def set_progress(session: Session, job_id: str, worker_id: str, fraction: float, step: str | None,
+                 message: str | None) -> tuple[bool, bool]:
+    """Record progress (it doubles as a heartbeat). Returns (still_owned, cancel_requested)."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(progress_fraction=max(0.0, min(1.0, fraction)), progress_step=step, progress_message=message,
+                heartbeat_at=utcnow(), updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False, False
+    return True, bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, *, error_code: str | None = None,
+           error_message: str | None = None, metrics: dict[str, Any] | None = None,
+           artifacts: list[dict[str, Any]] | None = None) -> bool:
+    """Move a running job owned by `worker_id` to a terminal state, replacing its artifact rows.
+
+    Replacing (not appending) keeps a re-run job's artifacts free of duplicates.
+    """
+    assert status.is_terminal()
+    now = utcnow()
+    job = session.get(Job, job_id)
+    values: dict[str, Any] = dict(status=status, finished_at=now, updated_at=now, error_code=error_code,
+                                  error_message=error_message, metrics=metrics)
+    if status == JobStatus.SUCCEEDED:
+        values.update(progress_fraction=1.0, progress_message="done")
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(**values).execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    for old in list(job.artifacts):
+        session.delete(old)
+    session.flush()
+    for spec in artifacts or []:
+        session.add(Artifact(id=new_id("art"), tenant_id=job.tenant_id, job_id=job_id, **spec))
+    _record(session, job_id, JobStatus.RUNNING, status, error_message)
+    session.flush()
+    return True
+
+
+def request_cancel(session: Session, job: Job) -> bool:
+    """Cancel a queued job now, or flag a running one to stop at its next check. False if already finished."""
+    now = utcnow()
+    if job.status == JobStatus.QUEUED:
+        result = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+            .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=now, updated_at=now)
+            .execution_options(synchronize_session=False))
+        if result.rowcount == 1:
+            _record(session, job.id, JobStatus.QUEUED, JobStatus.CANCELLED, "cancelled before it started")
+            return True
+    result = session.execute(
+        update(Job).where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .values(cancel_requested=True, updated_at=now).execution_options(synchronize_session=False))
+    return result.rowcount == 1
+
+
+def reap_stale(session: Session, stale_before: datetime, max_attempts: int) -> dict[str, list[str]]:
+    """Running jobs whose heartbeat went stale: re-queue them, or fail them once attempts are used up."""
+    stale = session.scalars(
+        select(Job).where(Job.status == JobStatus.RUNNING, Job.heartbeat_at < stale_before)).all()
+    outcome: dict[str, list[str]] = {"requeued": [], "failed": [], "cancelled": []}
+    for job in stale:
+        guard = (Job.id == job.id, Job.status == JobStatus.RUNNING, Job.heartbeat_at < stale_before)
+        now = utcnow()
+        if job.cancel_requested:
+            values, kind, message = dict(status=JobStatus.CANCELLED, finished_at=now), "cancelled", \
+                "cancelled; its worker stopped responding"
+        elif job.attempts >= max_attempts:
+            values, kind = dict(status=JobStatus.FAILED, finished_at=now, error_code="worker_lost",
+                                error_message=f"the worker running this job stopped responding "
+                                              f"{job.attempts} times; giving up"), "failed"
+            message = values["error_message"]
+        else:
+            values, kind, message = dict(status=JobStatus.QUEUED, dispatched_at=None, worker_id=None,
+                                          progress_message="re-queued after its worker stopped responding"), \
+                "requeued", "worker stopped responding; re-queued"
+        result = session.execute(update(Job).where(*guard).values(updated_at=now, **values)
+                                 .execution_options(synchronize_session=False))
+        if result.rowcount == 1:
+            _record(session, job.id, JobStatus.RUNNING, values["status"], message)
+            outcome[kind].append(job.id)
+    return outcome
+
+
+def stale_cutoff(timeout_s: float) -> datetime:
+    return utcnow() - timedelta(seconds=timeout_s)

@@ -1,0 +1,2 @@
+"""Vetting of uploaded bytes (model files, archives, datasets), pure stdlib + numpy: the API runs it at upload
+and the worker again before it opens anything."""

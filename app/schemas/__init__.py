@@ -1,1 +1,0 @@
-"""Pydantic schemas shared by the API and the workers (no torch here)."""

@@ -1,0 +1,100 @@
+"""The job state machine: guarded transitions, history, re-queue and give-up rules."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.core import jobs
+from app.core.auth import create_api_key
+from app.core.db import make_engine, make_session_factory, session_scope, utcnow
+from app.core.ids import new_id
+from app.core.tables import Job, JobEvent
+
+
+@pytest.fixture
+def factory(settings):
+    engine = make_engine(settings.resolved_database_url())
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def job_id(factory):
+    with session_scope(factory) as session:
+        tenant, _ = create_api_key(session, new_id("tenant"))
+        return jobs.create_job(session, tenant_id=tenant.id, model_id="mdl_x", recipe={"steps": []}, datasets={},
+                               target={}, queue="cpu").id
+
+
+def _status(factory, job_id):
+    with factory() as session:
+        return session.get(Job, job_id)
+
+
+def test_claim_runs_once(factory, job_id):
+    cutoff = jobs.stale_cutoff(60)
+    with session_scope(factory) as session:
+        assert jobs.claim(session, job_id, "w1", cutoff) is not None
+    with session_scope(factory) as session:
+        assert jobs.claim(session, job_id, "w2", cutoff) is None  # alive on w1
+    job = _status(factory, job_id)
+    assert (job.status, job.worker_id, job.attempts) == ("running", "w1", 1)
+
+
+def test_finished_job_never_starts_again(factory, job_id):
+    with session_scope(factory) as session:
+        jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
+        assert jobs.finish(session, job_id, "w1", jobs.JobStatus.SUCCEEDED, metrics={"a": 1})
+    with session_scope(factory) as session:
+        assert jobs.claim(session, job_id, "w2", utcnow() + timedelta(days=1)) is None
+        assert not jobs.finish(session, job_id, "w1", jobs.JobStatus.FAILED, error_code="x", error_message="y")
+        assert not jobs.request_cancel(session, session.get(Job, job_id))
+    assert _status(factory, job_id).status == "succeeded"
+
+
+def test_cancelled_job_stays_cancelled(factory, job_id):
+    with session_scope(factory) as session:
+        assert jobs.request_cancel(session, session.get(Job, job_id))
+    with session_scope(factory) as session:
+        assert jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60)) is None
+    assert _status(factory, job_id).status == "cancelled"
+
+
+def test_finish_by_a_worker_that_lost_the_job_is_refused(factory, job_id):
+    with session_scope(factory) as session:
+        jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
+    with session_scope(factory) as session:  # w1 went silent; w2 takes over
+        session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow() - timedelta(hours=1)))
+    with session_scope(factory) as session:
+        assert jobs.claim(session, job_id, "w2", jobs.stale_cutoff(60)) is not None
+    with session_scope(factory) as session:
+        assert not jobs.finish(session, job_id, "w1", jobs.JobStatus.SUCCEEDED)
+        assert jobs.heartbeat(session, job_id, "w1") == (False, False)
+        assert jobs.finish(session, job_id, "w2", jobs.JobStatus.SUCCEEDED)
+    assert _status(factory, job_id).attempts == 2
+
+
+def test_reaper_requeues_then_gives_up(factory, job_id):
+    stale = utcnow() - timedelta(minutes=5)
+    for attempt in (1, 2):
+        with session_scope(factory) as session:
+            jobs.claim(session, job_id, f"w{attempt}", jobs.stale_cutoff(60))
+            session.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=stale))
+        with session_scope(factory) as session:
+            outcome = jobs.reap_stale(session, jobs.stale_cutoff(60), max_attempts=2)
+        expected = "requeued" if attempt == 1 else "failed"
+        assert outcome[expected] == [job_id]
+    job = _status(factory, job_id)
+    assert job.status == "failed" and job.error_code == "worker_lost" and "2 times" in job.error_message
+    with factory() as session:
+        history = session.scalars(select(JobEvent.to_status).where(JobEvent.job_id == job_id)
+                                  .order_by(JobEvent.id)).all()
+    assert history == ["queued", "running", "queued", "running", "failed"]
+
+
+def test_reaper_leaves_live_jobs_alone(factory, job_id):
+    with session_scope(factory) as session:
+        jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
+    with session_scope(factory) as session:
+        assert jobs.reap_stale(session, jobs.stale_cutoff(60), 3) == {"requeued": [], "failed": [], "cancelled": []}

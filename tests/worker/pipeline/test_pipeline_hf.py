@@ -1,0 +1,82 @@
+"""Hugging Face uploads through the worker's task: text datasets, quantization, structured pruning, hf export."""
+
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from app.core.tables import Dataset
+from app.core.db import session_scope
+from app.core.ids import new_id
+from app.core.storage import open_storage
+from tests.helpers import VOCAB, pack, save_tiny_bert
+from tests.worker.pipeline.test_pipeline import fetch, finished, run_job
+
+
+@pytest.fixture
+def bert_archive(tmp_path):
+    folder = tmp_path / "tiny-bert"
+    save_tiny_bert(folder, num_labels=3)
+    return pack(folder, tmp_path / "tiny-bert.zip")
+
+
+@pytest.fixture
+def add_text_dataset(worker_env, db):
+    storage = open_storage(worker_env.resolved_storage_url())
+
+    def _add(model, path, count=40):
+        rng = np.random.default_rng(0)
+        lines = []
+        for _ in range(count):
+            words = rng.choice(VOCAB[5:], size=rng.integers(3, 9))
+            lines.append(json.dumps({"text": " ".join(words), "label": int(rng.integers(0, 3))}))
+        path.write_text("\n".join(lines) + "\n")
+        with session_scope(db) as session:
+            dataset_id = new_id("ds")
+            key = f"tenants/{model.tenant_id}/datasets/{dataset_id}/data.jsonl"
+            storage.put_file(key, path)
+            session.add(Dataset(id=dataset_id, tenant_id=model.tenant_id, name=path.name, format="jsonl",
+                                size_bytes=path.stat().st_size, sha256="0" * 64, storage_key=key,
+                                num_samples=count, has_labels=True, info={}))
+        return dataset_id
+
+    return _add
+
+
+def test_hf_int8_with_text_eval_dataset(tmp_path, worker_env, db, add_model, add_job, add_text_dataset, bert_archive):
+    row = add_model(bert_archive, "hf")
+    eval_id = add_text_dataset(row, tmp_path / "eval.jsonl")
+    job_id = add_job(row, datasets={"eval": eval_id})
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    assert metrics["evaluation"]["inputs"] == "eval dataset" and metrics["evaluation"]["samples"] == 40
+    assert metrics["baseline"]["accuracy"] is not None and metrics["compressed"]["accuracy"] is not None
+    assert metrics["evaluation"]["input_shapes"][0] == [16, 128]
+    assert metrics["fidelity"]["cosine_mean"] > 0.99
+    assert metrics["source"]["baseline_fidelity_to_original"]["cosine_min"] > 0.9999
+
+
+def test_hf_structured_pruning_exports_a_loadable_hf_model(tmp_path, worker_env, db, add_model, add_job,
+                                                           bert_archive):
+    from worker.formats.hf import load_hf
+
+    job_id = add_job(add_model(bert_archive, "hf"), steps=[
+        {"op": "prune", "method": "structured", "sparsity": 0.5}, {"op": "export", "formats": ["hf"]}])
+    run_job(job_id)
+    job = finished(db, job_id)
+    assert job.metrics["compressed"]["params"] < job.metrics["baseline"]["params"]
+    _, archive = fetch(worker_env, job, tmp_path, fmt="hf")
+    assert any(name.endswith("config.json") for name in zipfile.ZipFile(archive).namelist())
+    reloaded = load_hf(archive, tmp_path / "reload")
+    assert reloaded.model.config.intermediate_size == 32
+    assert reloaded.tokenizer is not None
+
+
+def test_generated_inputs_are_valid_for_text_models(tmp_path, worker_env, db, add_model, add_job, bert_archive):
+    job_id = add_job(add_model(bert_archive, "hf"), runtime="pytorch",
+                     steps=[{"op": "quantize", "method": "dynamic"}])
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    assert metrics["evaluation"]["inputs"] == "generated"
+    assert metrics["fidelity"]["cosine_mean"] > 0.98

@@ -1,0 +1,194 @@
+"""Datasets in the worker: loaded as numpy arrays, matched to a model's inputs, batched, or tokenized.
+
+The file is checked again with the upload's rules (storage is not the API's to vouch for), then its values,
+which the API never read: float arrays must be finite and labels non-negative.
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from app.core.vetting.dataset_files import LABELS, UTF8_BOM, DatasetError, inspect_dataset
+from worker.errors import JobFailure
+
+
+@dataclass
+class DatasetArrays:
+    inputs: dict[str, np.ndarray]  # in file order
+    labels: np.ndarray | None = None
+    texts: list[str] | None = None  # jsonl datasets: the texts, to be tokenized
+
+
+@dataclass
+class Batched:
+    batches: list[tuple[list[np.ndarray], np.ndarray | None]]
+    dropped: int  # samples left out because a static batch size cannot take a partial final batch
+
+
+def load_arrays(path: Path, fmt: str) -> DatasetArrays:
+    try:
+        facts = inspect_dataset(path, path.name)
+    except DatasetError as exc:
+        raise JobFailure("invalid_dataset", exc.message) from None
+    if facts.format != fmt:
+        raise JobFailure("invalid_dataset", f"the dataset file holds {facts.format}, but was recorded as {fmt}")
+    if fmt == "jsonl":
+        return _load_jsonl(path)
+    arrays = _read_arrays(path, fmt, list(facts.info["arrays"]))
+    labels = arrays.pop(LABELS, None)
+    for name, array in arrays.items():
+        _check_finite(name, array)
+    if labels is not None and labels.min() < 0:
+        raise JobFailure("invalid_dataset", f"array {LABELS!r} has a negative class id at sample "
+                                            f"{int(np.argmax(labels < 0))}")
+    return DatasetArrays(inputs=arrays, labels=labels)
+
+
+def _read_arrays(path: Path, fmt: str, order: list[str]) -> dict[str, np.ndarray]:
+    try:
+        if fmt == "npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return {name: archive[name] for name in order}
+        loaded = safetensors.numpy.load_file(path)
+        return {name: loaded[name] for name in order}
+    except (OSError, ValueError, EOFError, safetensors.SafetensorError) as exc:
+        raise JobFailure("invalid_dataset", f"could not read the {fmt} dataset: {exc}") from None
+
+
+def _load_jsonl(path: Path) -> DatasetArrays:
+    """Lines were validated by inspect_dataset; read them the same way (bytes, split on newlines only)."""
+    texts: list[str] = []
+    labels: list[int] = []
+    with open(path, "rb") as file:
+        if file.read(len(UTF8_BOM)) != UTF8_BOM:
+            file.seek(0)
+        for line in file:
+            if line.strip():
+                record = json.loads(line.decode("utf-8"))
+                texts.append(record["text"])
+                if "label" in record:
+                    labels.append(record["label"])
+    return DatasetArrays(inputs={}, labels=np.array(labels, dtype=np.int64) if labels else None, texts=texts)
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if array.dtype.kind != "f":
+        return
+    finite = np.isfinite(array).reshape(len(array), -1).all(axis=1)
+    if not finite.all():
+        index = int(np.argmin(finite))
+        what = "NaN" if np.isnan(array[index]).any() else "inf"
+        raise JobFailure("invalid_dataset", f"array {name!r} has {what} values, first at sample {index}; "
+                                            "datasets must hold finite values")
+
+
+def check_labels(labels: np.ndarray | None, model_outputs: list[dict[str, Any]], role: str) -> None:
+    """Class ids must index the model's first output when it is [batch, classes]: a larger id would count as
+    silently wrong in accuracy and break the loss in training, so the job fails naming it instead."""
+    if labels is None or len(labels) == 0 or not model_outputs:
+        return
+    shape = model_outputs[0]["shape"]
+    if len(shape) != 2 or not isinstance(shape[1], int):
+        return
+    classes = shape[1]
+    if int(labels.max()) >= classes:
+        index = int(np.argmax(labels >= classes))
+        raise JobFailure("invalid_dataset", f"{role} dataset: label {int(labels[index])} at sample {index} is out "
+                                            f"of range: the model's first output has {classes} classes (labels "
+                                            f"0..{classes - 1})")
+
+
+def _shape_text(dims: tuple | list) -> str:
+    inner = ", ".join(str(d) for d in dims)
+    return f"({inner},)" if len(dims) == 1 else f"({inner})"
+
+
+def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: str) -> list[np.ndarray]:
+    """One array per model input, in model order, cast to the input's dtype.
+
+    Matched by name; a single-input model and a single-array dataset are matched whatever the names, since
+    that pairing cannot be ambiguous.
+    """
+    prefix = f"{role} dataset"
+    if not data.inputs:
+        raise JobFailure("invalid_dataset", f"{prefix} holds texts (jsonl); the model's inputs need a tokenizer "
+                                            "to be made from them")
+    if len(model_inputs) == 1 and len(data.inputs) == 1:
+        pairs = [(next(iter(data.inputs)), model_inputs[0])]
+    else:
+        pairs = []
+        for spec in model_inputs:
+            if spec["name"] not in data.inputs:
+                raise JobFailure("invalid_dataset", f"{prefix}: no array for model input {spec['name']!r} "
+                                                    f"(dataset has: {', '.join(data.inputs)})")
+            pairs.append((spec["name"], spec))
+    matched = []
+    for name, spec in pairs:
+        array = data.inputs[name]
+        expected = spec["shape"][1:]
+        fits = array.ndim == len(spec["shape"]) and all(
+            not isinstance(want, int) or want < 0 or want == got for want, got in zip(expected, array.shape[1:]))
+        if not fits:
+            raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} has shape {_shape_text(array.shape)} "
+                                                f"per-sample {_shape_text(array.shape[1:])}, but model input "
+                                                f"{spec['name']!r} expects {_shape_text(expected)}")
+        matched.append(_cast(array, spec, name, prefix))
+    return matched
+
+
+def _cast(array: np.ndarray, spec: dict[str, Any], name: str, prefix: str) -> np.ndarray:
+    """Casts that keep every value; float data is never truncated into an integer or bool input."""
+    try:
+        target = np.dtype(spec["dtype"])
+    except TypeError:
+        target = None
+    if target is None or target.kind not in "biuf":
+        raise JobFailure("unsupported_model", f"{prefix}: model input {spec['name']!r} takes {spec['dtype']}, "
+                                              "which a dataset cannot feed")
+    if target.kind in "biu" and array.dtype.kind == "f":
+        raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} holds {array.dtype} values, but model "
+                                            f"input {spec['name']!r} takes {target}; store integer values")
+    if target.kind in "iu" and array.dtype.kind in "iu":
+        low, high = int(array.min()), int(array.max())
+        if low < np.iinfo(target).min or high > np.iinfo(target).max:
+            raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} has values from {low} to {high}, "
+                                                f"outside the {target} range of model input {spec['name']!r}")
+    if target.kind == "b" and array.dtype.kind in "iu" and not np.isin(array, (0, 1)).all():
+        raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} must hold only 0 and 1 to feed bool "
+                                            f"model input {spec['name']!r}")
+    return np.ascontiguousarray(array.astype(target, copy=False))
+
+
+def batches(arrays: list[np.ndarray], batch_size: int, labels: np.ndarray | None = None, *,
+            static: bool = False, role: str | None = None) -> Batched:
+    """Split along axis 0.
+
+    With a static batch size (`static=True`) the final partial batch is dropped rather than padded with
+    repeated samples, which would count those samples twice in every metric; `dropped` says how many.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    total = len(arrays[0])
+    if static and total < batch_size:
+        raise JobFailure("invalid_dataset", f"{role + ' dataset' if role else 'the dataset'} has {total} "
+                                            f"samples, fewer than the model's fixed batch size of {batch_size}")
+    end = total - total % batch_size if static else total
+    split = [([array[start:start + batch_size] for array in arrays],
+              None if labels is None else labels[start:start + batch_size]) for start in range(0, end, batch_size)]
+    return Batched(batches=split, dropped=total - end)
+
+
+def tokenize_texts(texts: list[str], tokenizer, model_input_names: list[str],
+                   max_length: int = 128) -> dict[str, np.ndarray]:
+    """Token arrays for the model's inputs only (tokenizers also emit e.g. token_type_ids some models lack)."""
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    kept = {name: encoded[name] for name in model_input_names if name in encoded}
+    if not kept:
+        raise JobFailure("invalid_dataset", f"the tokenizer produces {', '.join(encoded)}, none of which the model "
+                                            f"takes ({', '.join(model_input_names)})")
+    return kept

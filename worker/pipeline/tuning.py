@@ -1,0 +1,161 @@
+"""Accuracy-aware tuning: try candidate recipes in order and keep the smallest (or fastest) one whose metric stays
+within the allowed loss of the baseline.
+
+This module is only the search: the pipeline supplies `run_trial(recipe) -> (size_bytes, latency_ms, metric)`
+(metric: accuracy or fidelity cosine, higher is better), so the search can be tested without running models.
+
+Candidate recipes are plain recipes (what `app.core.recipe.Recipe` accepts) and say nothing about the target:
+the pipeline drops those its target or model format refuses (`check_recipe_for_target`,
+`check_recipe_for_model`), e.g. static int8 for target.runtime 'pytorch'; one that fails anyway is recorded as
+a failed trial and the search goes on.
+"""
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from worker.errors import JobCancelled, JobLost
+
+OBJECTIVES = {"size": "size_bytes", "latency": "latency_ms"}
+STOP = (JobCancelled, JobLost, SoftTimeLimitExceeded)  # the job must end: never recorded as a failed trial
+
+
+@dataclass
+class Trial:
+    recipe: dict
+    size_bytes: int
+    latency_ms: float
+    metric: float | None
+    meets_tolerance: bool
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _int8(granularity: str = "per_channel") -> dict:
+    return {"op": "quantize", "method": "dynamic", "dtype": "int8", "granularity": granularity}
+
+
+def _prune(method: str, sparsity: float, exclude: list[str]) -> dict:
+    return {"op": "prune", "method": method, "sparsity": sparsity, "scope": "layer", "exclude": exclude}
+
+
+def _unique(recipes: list[dict]) -> list[dict]:
+    seen, unique = set(), []
+    for recipe in recipes:
+        key = json.dumps(recipe, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            unique.append(recipe)
+    return unique
+
+
+def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model_kind: str,
+                      layer_names: list[str]) -> list[dict]:
+    """The user's `search` recipes when given (in their order, exact repeats dropped), else generated ones from
+    cheap and safe to aggressive, so a small `max_trials` still tries the likeliest winners first.
+
+    Generated pruning keeps the last layer in `layer_names` (the output head, in graph order: the layer most
+    sensitive to pruning and a small share of the weights) dense. Activation-aware pruning needs calibration
+    data and a PyTorch model; static int8 needs calibration data; weight-only int4 is offered for PyTorch models
+    (`model_kind` other than "onnx"), where it is the smallest file for the pytorch target.
+    """
+    if search:
+        return _unique([dict(recipe) for recipe in search])
+    head = [f"^{re.escape(layer_names[-1])}$"] if len(layer_names) > 1 else []
+    torch_model = model_kind != "onnx"
+    recipes = [{"steps": [_int8()]}, {"steps": [_int8("per_tensor")]},
+               {"steps": [_prune("magnitude", 0.3, head), _int8()]}]
+    if has_calibration and torch_model:
+        recipes.append({"steps": [_prune("activation_aware", 0.5, head), _int8()]})
+    if has_calibration:
+        recipes.append({"steps": [{"op": "quantize", "method": "static", "dtype": "int8",
+                                   "granularity": "per_channel"}]})
+    recipes.append({"steps": [_prune("magnitude", 0.5, head), _int8()]})
+    if torch_model:
+        recipes.append({"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4",
+                                   "granularity": "group", "group_size": 32}]})
+    return _unique(recipes)
+
+
+def _loss(baseline_metric: float, metric: float) -> float:
+    return (baseline_metric - metric) / max(abs(baseline_metric), 1e-12)
+
+
+def _pareto_front(trials: list[Trial], key: str) -> list[int]:
+    """Successful trials no other one beats on both the objective (lower) and the metric (higher)."""
+    done = [i for i, t in enumerate(trials) if t.error is None]
+    front = []
+    for i in done:
+        a = trials[i]
+        dominated = any(getattr(trials[j], key) <= getattr(a, key) and trials[j].metric >= a.metric
+                        and (getattr(trials[j], key) < getattr(a, key) or trials[j].metric > a.metric)
+                        for j in done)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (getattr(trials[i], key), -trials[i].metric, i))
+
+
+def _best(trials: list[Trial], key: str, baseline_metric: float, max_loss: float) -> tuple[int | None, str]:
+    tolerance = f"{max_loss:.1%}"
+    meeting = [i for i, t in enumerate(trials) if t.meets_tolerance]
+    if meeting:
+        best = min(meeting, key=lambda i: (getattr(trials[i], key), -trials[i].metric, i))
+        what = (f"the smallest file ({trials[best].size_bytes} bytes)" if key == "size_bytes" else
+                f"the lowest latency ({trials[best].latency_ms:g} ms)")
+        return best, (f"trial {best} has {what} of the {len(meeting)} that met the {tolerance} tolerance "
+                      f"({_loss(baseline_metric, trials[best].metric):.1%} loss)")
+    done = [i for i, t in enumerate(trials) if t.error is None]
+    if not done:
+        return None, (f"all {len(trials)} trials failed; there is no compressed model to return" if trials else
+                      "no trial ran; there is no compressed model to return")
+    best = max(done, key=lambda i: (trials[i].metric, -getattr(trials[i], key), -i))
+    return best, (f"no candidate met the {tolerance} tolerance; returning the most accurate one found "
+                  f"({_loss(baseline_metric, trials[best].metric):.1%} loss)")
+
+
+def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, float]], *, baseline_metric: float,
+         max_loss: float, objective: str, max_trials: int, time_budget_s: float | None,
+         check: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> dict:
+    """Run the candidates in order until they run out, `max_trials` ran, or the time budget is spent (checked
+    before each trial: none starts after it). A trial that raises is recorded as failed; cancellation (from
+    `check`, or a cancel noticed inside the trial) ends the search by propagating."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    key = OBJECTIVES[objective]
+    started = clock()
+    trials: list[Trial] = []
+    stopped = "exhausted"
+    for recipe in candidates:
+        if len(trials) >= max_trials:
+            stopped = "max_trials"
+            break
+        if time_budget_s is not None and clock() - started >= time_budget_s:
+            stopped = "time_budget"
+            break
+        check()
+        trial_started = clock()
+        try:
+            size_bytes, latency_ms, metric = run_trial(recipe)
+        except STOP:
+            raise
+        except Exception as exc:
+            check()  # a trial that failed because the job was cancelled meanwhile ends the search too
+            trials.append(Trial(recipe=recipe, size_bytes=0, latency_ms=0.0, metric=None, meets_tolerance=False,
+                                error=f"{exc.__class__.__name__}: {exc}", seconds=clock() - trial_started))
+            continue
+        trials.append(Trial(recipe=recipe, size_bytes=size_bytes, latency_ms=latency_ms, metric=metric,
+                            meets_tolerance=_loss(baseline_metric, metric) <= max_loss,
+                            seconds=clock() - trial_started))
+
+    best, message = _best(trials, key, baseline_metric, max_loss)
+    if stopped != "exhausted":
+        reason = f"max_trials ({max_trials})" if stopped == "max_trials" else f"time budget ({time_budget_s:g} s)"
+        message += f"; stopped after {len(trials)} of {len(candidates)} candidates: {reason} reached"
+    return {"trials": [asdict(t) for t in trials], "best": best,
+            "met_tolerance": best is not None and trials[best].meets_tolerance,
+            "pareto_front": _pareto_front(trials, key), "objective": objective, "max_loss": max_loss,
+            "baseline_metric": baseline_metric, "stopped": stopped, "message": message}

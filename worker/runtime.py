@@ -1,0 +1,51 @@
+"""Running models: ONNX Runtime sessions and torch modules on a device. One place decides providers, devices
+and threads, for loading, measuring and evaluating alike."""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from worker.errors import JobFailure
+
+
+def providers_for(device: str) -> list[str]:
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise JobFailure("cuda_unavailable", "the job targets cuda but this worker's ONNX Runtime has no "
+                                                 "CUDA execution provider (install onnxruntime-gpu)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def ort_session(path: Path, device: str, threads: int = 1) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(device))
+
+
+def run_onnx(session: ort.InferenceSession, feeds: list[np.ndarray]) -> list[np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    outputs = session.run(None, dict(zip(names, feeds, strict=True)))
+    return [np.asarray(o, dtype=np.float32) for o in outputs]
+
+
+def run_module(module: torch.nn.Module, feeds: list[np.ndarray], device: str = "cpu") -> list[np.ndarray]:
+    with torch.no_grad():
+        result = module(*[torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in feeds])
+    flat = result if isinstance(result, (list, tuple)) else [result]
+    return [t.detach().float().cpu().numpy() for t in flat if isinstance(t, torch.Tensor)]
+
+
+def open_runner(path: Path, runtime: str, device: str, threads: int) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """A function feeds -> outputs for a model file, loaded the way a user of that runtime would load it."""
+    if runtime == "onnxruntime":
+        session = ort_session(path, device, threads)
+        return lambda feeds: run_onnx(session, feeds)
+    torch.set_num_threads(threads)
+    module = torch.export.load(str(path)).module().to(device)
+    return lambda feeds: run_module(module, feeds, device)
