@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from app.core.config import Settings, get_settings
+from app.core.queue import Queue
 
 
 def _migrate(settings: Settings) -> None:
@@ -49,9 +50,9 @@ def _ensure_first_key(settings: Settings) -> None:
     print(f"Created the first API key (tenant 'default'), saved to {key_file}:\n{key}", flush=True)
 
 
-def _worker_argv(queues: str, concurrency: int) -> list[str]:
-    return ["worker", "-Q", queues, "--concurrency", str(concurrency), "--pool", "prefork",
-            "--loglevel", "INFO", "-n", f"{queues.replace(',', '-')}-{os.getpid()}@%h"]
+def _worker_command(queues: str, concurrency: int) -> list[str]:
+    """The worker runs as `python -m worker`: this module never imports the worker (or torch)."""
+    return [sys.executable, "-m", "worker", "--queues", queues, "--concurrency", str(concurrency)]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -65,8 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     _migrate(settings)
     _ensure_first_key(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app",
-                               *_worker_argv("cpu", args.concurrency)])
+    worker = subprocess.Popen(_worker_command(Queue.CPU, args.concurrency))
     # uvicorn re-raises SIGTERM after its graceful shutdown; turn it into SystemExit so the worker is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
@@ -92,22 +92,13 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    unknown = set(queues) - {"cpu", "gpu"}
-    if unknown or not queues:
-        print(f"error: unknown queue(s) {sorted(unknown)}; queues are cpu and gpu", file=sys.stderr)
+    try:
+        queues = ",".join(Queue.parse_list(args.queues))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    if "gpu" in queues:
-        import torch
-
-        if not torch.cuda.is_available():
-            print("error: --queues gpu needs a CUDA device, and torch sees none on this machine; "
-                  "GPU jobs must never run on CPU, so this worker will not start", file=sys.stderr)
-            return 2
-    from worker.celery_app import celery
-
-    celery.worker_main(_worker_argv(",".join(queues), args.concurrency))
-    return 0
+    command = _worker_command(queues, args.concurrency)
+    os.execv(command[0], command)  # the same process becomes the worker: signals reach Celery directly
 
 
 def cmd_migrate(_: argparse.Namespace) -> int:

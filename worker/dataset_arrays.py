@@ -13,7 +13,13 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from app.core.vetting.dataset_files import LABELS, UTF8_BOM, DatasetError, inspect_dataset
+from app.core.errors import ErrorCode
+from app.core.vetting.dataset_files import (
+    LABELS,
+    UTF8_BOM,
+    DatasetError,
+    inspect_dataset,
+)
 from worker.errors import JobFailure
 
 
@@ -34,9 +40,9 @@ def load_arrays(path: Path, fmt: str) -> DatasetArrays:
     try:
         facts = inspect_dataset(path, path.name)
     except DatasetError as exc:
-        raise JobFailure("invalid_dataset", exc.message) from None
+        raise JobFailure(ErrorCode.INVALID_DATASET, exc.message) from None
     if facts.format != fmt:
-        raise JobFailure("invalid_dataset", f"the dataset file holds {facts.format}, but was recorded as {fmt}")
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"the dataset file holds {facts.format}, but was recorded as {fmt}")
     if fmt == "jsonl":
         return _load_jsonl(path)
     arrays = _read_arrays(path, fmt, list(facts.info["arrays"]))
@@ -44,7 +50,7 @@ def load_arrays(path: Path, fmt: str) -> DatasetArrays:
     for name, array in arrays.items():
         _check_finite(name, array)
     if labels is not None and labels.min() < 0:
-        raise JobFailure("invalid_dataset", f"array {LABELS!r} has a negative class id at sample "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"array {LABELS!r} has a negative class id at sample "
                                             f"{int(np.argmax(labels < 0))}")
     return DatasetArrays(inputs=arrays, labels=labels)
 
@@ -57,7 +63,7 @@ def _read_arrays(path: Path, fmt: str, order: list[str]) -> dict[str, np.ndarray
         loaded = safetensors.numpy.load_file(path)
         return {name: loaded[name] for name in order}
     except (OSError, ValueError, EOFError, safetensors.SafetensorError) as exc:
-        raise JobFailure("invalid_dataset", f"could not read the {fmt} dataset: {exc}") from None
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"could not read the {fmt} dataset: {exc}") from None
 
 
 def _load_jsonl(path: Path) -> DatasetArrays:
@@ -83,7 +89,7 @@ def _check_finite(name: str, array: np.ndarray) -> None:
     if not finite.all():
         index = int(np.argmin(finite))
         what = "NaN" if np.isnan(array[index]).any() else "inf"
-        raise JobFailure("invalid_dataset", f"array {name!r} has {what} values, first at sample {index}; "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"array {name!r} has {what} values, first at sample {index}; "
                                             "datasets must hold finite values")
 
 
@@ -98,7 +104,7 @@ def check_labels(labels: np.ndarray | None, model_outputs: list[dict[str, Any]],
     classes = shape[1]
     if int(labels.max()) >= classes:
         index = int(np.argmax(labels >= classes))
-        raise JobFailure("invalid_dataset", f"{role} dataset: label {int(labels[index])} at sample {index} is out "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"{role} dataset: label {int(labels[index])} at sample {index} is out "
                                             f"of range: the model's first output has {classes} classes (labels "
                                             f"0..{classes - 1})")
 
@@ -116,7 +122,7 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
     """
     prefix = f"{role} dataset"
     if not data.inputs:
-        raise JobFailure("invalid_dataset", f"{prefix} holds texts (jsonl); the model's inputs need a tokenizer "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix} holds texts (jsonl); the model's inputs need a tokenizer "
                                             "to be made from them")
     if len(model_inputs) == 1 and len(data.inputs) == 1:
         pairs = [(next(iter(data.inputs)), model_inputs[0])]
@@ -124,7 +130,7 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
         pairs = []
         for spec in model_inputs:
             if spec["name"] not in data.inputs:
-                raise JobFailure("invalid_dataset", f"{prefix}: no array for model input {spec['name']!r} "
+                raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: no array for model input {spec['name']!r} "
                                                     f"(dataset has: {', '.join(data.inputs)})")
             pairs.append((spec["name"], spec))
     matched = []
@@ -134,7 +140,7 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
         fits = array.ndim == len(spec["shape"]) and all(
             not isinstance(want, int) or want < 0 or want == got for want, got in zip(expected, array.shape[1:]))
         if not fits:
-            raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} has shape {_shape_text(array.shape)} "
+            raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} has shape {_shape_text(array.shape)} "
                                                 f"per-sample {_shape_text(array.shape[1:])}, but model input "
                                                 f"{spec['name']!r} expects {_shape_text(expected)}")
         matched.append(_cast(array, spec, name, prefix))
@@ -148,18 +154,18 @@ def _cast(array: np.ndarray, spec: dict[str, Any], name: str, prefix: str) -> np
     except TypeError:
         target = None
     if target is None or target.kind not in "biuf":
-        raise JobFailure("unsupported_model", f"{prefix}: model input {spec['name']!r} takes {spec['dtype']}, "
+        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, f"{prefix}: model input {spec['name']!r} takes {spec['dtype']}, "
                                               "which a dataset cannot feed")
     if target.kind in "biu" and array.dtype.kind == "f":
-        raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} holds {array.dtype} values, but model "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} holds {array.dtype} values, but model "
                                             f"input {spec['name']!r} takes {target}; store integer values")
     if target.kind in "iu" and array.dtype.kind in "iu":
         low, high = int(array.min()), int(array.max())
         if low < np.iinfo(target).min or high > np.iinfo(target).max:
-            raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} has values from {low} to {high}, "
+            raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} has values from {low} to {high}, "
                                                 f"outside the {target} range of model input {spec['name']!r}")
     if target.kind == "b" and array.dtype.kind in "iu" and not np.isin(array, (0, 1)).all():
-        raise JobFailure("invalid_dataset", f"{prefix}: array {name!r} must hold only 0 and 1 to feed bool "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} must hold only 0 and 1 to feed bool "
                                             f"model input {spec['name']!r}")
     return np.ascontiguousarray(array.astype(target, copy=False))
 
@@ -175,7 +181,7 @@ def batches(arrays: list[np.ndarray], batch_size: int, labels: np.ndarray | None
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     total = len(arrays[0])
     if static and total < batch_size:
-        raise JobFailure("invalid_dataset", f"{role + ' dataset' if role else 'the dataset'} has {total} "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"{role + ' dataset' if role else 'the dataset'} has {total} "
                                             f"samples, fewer than the model's fixed batch size of {batch_size}")
     end = total - total % batch_size if static else total
     split = [([array[start:start + batch_size] for array in arrays],
@@ -189,6 +195,6 @@ def tokenize_texts(texts: list[str], tokenizer, model_input_names: list[str],
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
     kept = {name: encoded[name] for name in model_input_names if name in encoded}
     if not kept:
-        raise JobFailure("invalid_dataset", f"the tokenizer produces {', '.join(encoded)}, none of which the model "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"the tokenizer produces {', '.join(encoded)}, none of which the model "
                                             f"takes ({', '.join(model_input_names)})")
     return kept

@@ -1,13 +1,11 @@
-"""Failures a job or an inspection reports to the user, each with a stable code."""
+"""How a job ends other than by succeeding: a failure the user reads (a code from the catalogue in
+app.core.errors), a cancel, or the loss of the job to another worker."""
+
+from app.core.errors import ServiceError
 
 
-class JobFailure(Exception):
+class JobFailure(ServiceError):
     """A reason the job cannot succeed that the user should read (bad model, unsupported op, no GPU...)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class JobCancelled(Exception):

@@ -8,13 +8,14 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from app.core.errors import ErrorCode
 from worker.errors import JobFailure
 
 
 def providers_for(device: str) -> list[str]:
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise JobFailure("cuda_unavailable", "the job targets cuda but this worker's ONNX Runtime has no "
+            raise JobFailure(ErrorCode.CUDA_UNAVAILABLE, "the job targets cuda but this worker's ONNX Runtime has no "
                                                  "CUDA execution provider (install onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]

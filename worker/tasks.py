@@ -20,9 +20,10 @@ from sqlalchemy import update
 from app.core import jobs
 from app.core.config import get_settings
 from app.core.db import session_scope, utcnow
-from app.core.tables import Dataset, Job, Model
-from app.core.queue import INSPECT_MODEL, RUN_JOB
+from app.core.errors import ErrorCode
+from app.core.queue import TaskName
 from app.core.recipe import Recipe, Target, TuneSpec
+from app.core.tables import Dataset, Job, Model
 from worker import resources
 from worker.context import JobContext, with_db_retry
 from worker.errors import JobCancelled, JobFailure, JobLost
@@ -45,7 +46,7 @@ def _workdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=root))
 
 
-@shared_task(name=INSPECT_MODEL, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
+@shared_task(name=TaskName.INSPECT_MODEL, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
 def inspect_model(model_id: str) -> None:
     """Open an uploaded model safely and set it `ready` (with its description) or `invalid` (with why)."""
     from worker import formats
@@ -86,7 +87,7 @@ def inspect_model(model_id: str) -> None:
     log.info("model %s inspected: %s %s", model_id, status, error or "")
 
 
-@shared_task(name=RUN_JOB, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
+@shared_task(name=TaskName.RUN_JOB, soft_time_limit=_settings.job_soft_time_limit, time_limit=_settings.job_time_limit)
 def run_job(job_id: str) -> None:
     settings, factory, storage = resources.settings(), resources.session_factory(), resources.storage()
     worker_id = resources.worker_id()
@@ -102,19 +103,19 @@ def run_job(job_id: str) -> None:
             try:
                 outcome = _run(job, workdir, settings, storage, factory, ctx)
             except JobCancelled:
-                outcome = {"status": jobs.JobStatus.CANCELLED, "error_code": "cancelled",
+                outcome = {"status": jobs.JobStatus.CANCELLED, "error_code": ErrorCode.CANCELLED,
                            "error_message": "cancelled by the user"}
             except JobFailure as exc:
                 outcome = {"status": jobs.JobStatus.FAILED, "error_code": exc.code, "error_message": exc.message}
             except SoftTimeLimitExceeded:
-                outcome = {"status": jobs.JobStatus.FAILED, "error_code": "timeout",
+                outcome = {"status": jobs.JobStatus.FAILED, "error_code": ErrorCode.TIMEOUT,
                            "error_message": f"the job ran past its time limit of {settings.job_soft_time_limit}s"}
             except JobLost:
                 log.warning("job %s was taken over by another worker; stopping", job_id)
                 return
             except Exception as exc:  # a bug or an unexpected library error: record it, never lose the job
                 log.exception("job %s failed unexpectedly", job_id)
-                outcome = {"status": jobs.JobStatus.FAILED, "error_code": "internal_error",
+                outcome = {"status": jobs.JobStatus.FAILED, "error_code": ErrorCode.INTERNAL_ERROR,
                            "error_message": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
         finished = with_db_retry(factory, lambda s: jobs.finish(s, job_id, worker_id, **outcome))
         if finished:
@@ -131,14 +132,14 @@ def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -
         import torch
 
         if not torch.cuda.is_available():
-            raise JobFailure("cuda_unavailable", "the job targets cuda but this worker has no CUDA device; "
+            raise JobFailure(ErrorCode.CUDA_UNAVAILABLE, "the job targets cuda but this worker has no CUDA device; "
                                                  "it must run on a GPU worker (queue 'gpu')")
     with session_scope(factory) as session:
         model = session.get(Model, job.model_id)
         if model is None:
-            raise JobFailure("model_missing", f"model {job.model_id!r} was deleted")
+            raise JobFailure(ErrorCode.MODEL_MISSING, f"model {job.model_id!r} was deleted")
         if model.status == "invalid":
-            raise JobFailure("model_invalid", f"model {model.id} is invalid: {model.error}")
+            raise JobFailure(ErrorCode.MODEL_INVALID, f"model {model.id} is invalid: {model.error}")
         model_key, model_format, model_name = model.storage_key, model.format, model.name
         datasets = {}
         for role, dataset_id in (job.datasets or {}).items():
@@ -146,7 +147,7 @@ def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -
                 continue
             dataset = session.get(Dataset, dataset_id)
             if dataset is None or dataset.tenant_id != job.tenant_id:
-                raise JobFailure("dataset_missing", f"{role} dataset {dataset_id!r} was deleted")
+                raise JobFailure(ErrorCode.DATASET_MISSING, f"{role} dataset {dataset_id!r} was deleted")
             datasets[role] = (dataset.storage_key, dataset.format)
         recipe = Recipe.model_validate(job.recipe) if job.recipe else None
         tune = TuneSpec.model_validate(job.tune) if job.tune else None
@@ -157,7 +158,7 @@ def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -
                 if student_id:
                     student = session.get(Model, student_id)
                     if student is None or student.tenant_id != job.tenant_id:
-                        raise JobFailure("model_missing", f"student model {student_id!r} was deleted")
+                        raise JobFailure(ErrorCode.MODEL_MISSING, f"student model {student_id!r} was deleted")
                     students[student_id] = (student.storage_key, student.format)
     local = workdir / f"input.{model_format}"
     storage.get_file(model_key, local)

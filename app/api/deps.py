@@ -9,11 +9,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings
-from app.api.errors import ApiError
-from app.core.tables import Tenant
-from app.core.storage import Storage
 from app.core import auth
+from app.core.config import Settings
+from app.core.errors import ErrorCode, ServiceError
+from app.core.storage import Storage
+from app.core.tables import Tenant
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -56,16 +56,16 @@ def get_current_tenant(request: Request, session: SessionDep,
                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
     """Authenticate the key, then take one token of the tenant's request rate: every /v1 route is limited."""
     if credentials is None or not credentials.credentials.strip():
-        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer <key>'",
+        raise ServiceError(ErrorCode.UNAUTHORIZED, "missing API key: send 'Authorization: Bearer <key>'",
                        {"WWW-Authenticate": "Bearer"})
     row = auth.authenticate(session, credentials.credentials.strip())
     if row is None:
-        raise ApiError(401, "unauthorized", "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        raise ServiceError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
     limiter = request.app.state.rate_limiter
     if limiter is not None:
         wait = limiter.acquire(row.tenant_id)
         if wait > 0:
-            raise ApiError(429, "rate_limited", "too many requests for this tenant; retry after the number of "
+            raise ServiceError(ErrorCode.RATE_LIMITED, "too many requests for this tenant; retry after the number of "
                                                 "seconds in the Retry-After header",
                            {"Retry-After": str(max(1, math.ceil(wait)))})
     auth.touch(session, row)

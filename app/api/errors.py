@@ -1,4 +1,6 @@
-"""The service's error shape and one place that turns every failure into it (no stack trace ever leaves)."""
+"""The service's error shape and one place that turns every failure into it (no stack trace ever leaves).
+
+Codes and their statuses come from the one catalogue, app.core.errors."""
 
 import logging
 from typing import Any
@@ -11,18 +13,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from app.core.errors import HTTP_STATUS, ErrorCode, ServiceError
 from app.core.storage import StorageError
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    def __init__(self, status_code: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status_code = status_code
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 class ErrorDetail(BaseModel):
@@ -53,20 +47,11 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
 
 
-def not_found(kind: str, resource_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"{kind} {resource_id!r} not found")
-
-
-def get_owned(session, table, resource_id: str, tenant_id: str, kind: str):
-    """The tenant's row, or 404: another tenant's resource is reported as missing, never as forbidden."""
-    row = session.get(table, resource_id)
-    if row is None or row.tenant_id != tenant_id:
-        raise not_found(kind, resource_id)
-    return row
-
-
-def error_response(status_code: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status_code, headers=headers)
+def error_response(code: ErrorCode, message: str, headers: dict[str, str] | None = None, *,
+                   status_code: int | None = None) -> JSONResponse:
+    """The error body; the status is the code's own unless a framework error says otherwise."""
+    return JSONResponse({"error": {"code": code, "message": message}}, headers=headers,
+                        status_code=status_code or HTTP_STATUS[code])
 
 
 def describe_validation_error(exc: RequestValidationError) -> str:
@@ -81,9 +66,11 @@ def describe_validation_error(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-               409: "conflict", 413: "too_large", 415: "unsupported_media_type", 422: "invalid_request",
-               429: "rate_limited", 503: "unavailable"}
+# Errors raised by Starlette itself (no route, wrong method, ...) carry only a status: the code it gets.
+_CODE_FOR_STATUS = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 404: ErrorCode.NOT_FOUND,
+                    405: ErrorCode.METHOD_NOT_ALLOWED, 409: ErrorCode.CONFLICT, 413: ErrorCode.TOO_LARGE,
+                    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE, 422: ErrorCode.INVALID_REQUEST,
+                    429: ErrorCode.RATE_LIMITED, 503: ErrorCode.UNAVAILABLE}
 
 
 def _allowed_methods(request: Request) -> str:
@@ -97,38 +84,39 @@ def _allowed_methods(request: Request) -> str:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", describe_validation_error(exc))
+        return error_response(ErrorCode.INVALID_REQUEST, describe_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "error")
+        fallback = ErrorCode.INTERNAL_ERROR if exc.status_code >= 500 else ErrorCode.BAD_REQUEST
+        code = _CODE_FOR_STATUS.get(exc.status_code, fallback)
         message = exc.detail if isinstance(exc.detail, str) else code
         headers = getattr(exc, "headers", None)
         if exc.status_code == 405:
             headers = {**(headers or {}), "Allow": _allowed_methods(request)}
-        return error_response(exc.status_code, code, message, headers)
+        return error_response(code, message, headers, status_code=exc.status_code)
 
     @app.exception_handler(OperationalError)
     async def _db_down(_: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", exc.orig)
-        return error_response(503, "database_unavailable", "the database is unavailable, try again shortly",
+        return error_response(ErrorCode.DATABASE_UNAVAILABLE, "the database is unavailable, try again shortly",
                               {"Retry-After": "5"})
 
     @app.exception_handler(StorageError)
     async def _storage_down(_: Request, exc: StorageError) -> JSONResponse:
         log.warning("storage error: %s", exc)
-        return error_response(503, "storage_unavailable", "artifact storage is unavailable, try again shortly",
+        return error_response(ErrorCode.STORAGE_UNAVAILABLE, "artifact storage is unavailable, try again shortly",
                               {"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-            return error_response(503, "database_unavailable", "the database is unavailable, try again shortly")
+            return error_response(ErrorCode.DATABASE_UNAVAILABLE, "the database is unavailable, try again shortly")
         log.exception("unhandled error")
-        return error_response(500, "internal_error", "internal error")
+        return error_response(ErrorCode.INTERNAL_ERROR, "internal error")

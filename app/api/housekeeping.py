@@ -24,9 +24,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core import jobs
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
-from app.core.tables import Artifact, Dataset, Job, Model
 from app.core.queue import send_inspection, send_job
 from app.core.storage import Storage, open_storage
+from app.core.tables import Artifact, Dataset, Job, Model
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.uploads import ParsedUpload, receive_upload
 from app.core.config import Settings
-from app.api.errors import ApiError
+from app.core.errors import ErrorCode, ServiceError
 from app.core.jobs import JobStatus
 from app.core.tables import Artifact, Dataset, Job, Model, Tenant
-from app.api.uploads import ParsedUpload, receive_upload
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def check_active_jobs(session: Session, tenant_id: str, limit: int) -> None:
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
     if active >= limit:
-        raise ApiError(429, "too_many_jobs", f"this tenant already has {active} queued or running jobs (the limit "
+        raise ServiceError(ErrorCode.TOO_MANY_JOBS, f"this tenant already has {active} queued or running jobs (the limit "
                                              f"is {limit}); wait for one to finish or cancel one")
 
 
@@ -136,8 +136,8 @@ def storage_used(session: Session, tenant_id: str) -> int:
                for table in (Model, Dataset, Artifact))
 
 
-def _quota_exceeded(used: int, quota: int) -> ApiError:
-    return ApiError(413, "quota_exceeded", f"this upload would take the tenant's stored bytes past its quota of "
+def _quota_exceeded(used: int, quota: int) -> ServiceError:
+    return ServiceError(ErrorCode.QUOTA_EXCEEDED, f"this upload would take the tenant's stored bytes past its quota of "
                                            f"{quota} bytes ({used} stored); delete models or datasets to make room")
 
 
@@ -174,8 +174,8 @@ async def receive_upload_within_quota(request: Request, factory: sessionmaker[Se
     try:
         return await receive_upload(request, settings.upload_tmp_dir(), min(settings.max_upload_bytes, remaining),
                                     text_fields)
-    except ApiError as exc:
-        if exc.status_code == 413 and remaining < settings.max_upload_bytes:
+    except ServiceError as exc:
+        if exc.code == ErrorCode.TOO_LARGE and remaining < settings.max_upload_bytes:
             raise _quota_exceeded(used, quota) from None
         raise
 

@@ -5,13 +5,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from app.api.routes import artifacts, datasets, jobs, keys, models, presets, service
-from app.core.config import Settings, get_settings
-from app.core.db import make_engine, make_session_factory
 from app.api.errors import error_responses, install_error_handlers
 from app.api.housekeeping import Housekeeper
 from app.api.limits import make_rate_limiter
 from app.api.observability import Metrics, MetricsMiddleware
+from app.api.routes import artifacts, datasets, jobs, keys, models, presets, service
+from app.core.config import Settings, get_settings
+from app.core.db import make_engine, make_session_factory
 from app.core.queue import make_celery
 from app.core.storage import open_storage
 

@@ -6,7 +6,7 @@ import re
 
 from sqlalchemy import Select
 
-from app.api.errors import ApiError
+from app.core.errors import ErrorCode, ServiceError
 
 MAX_LIMIT = 200
 _ID = re.compile(r"[a-z]+_[0-9a-f]{12,40}")
@@ -22,7 +22,7 @@ def decode_cursor(cursor: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         last_id = ""
     if not _ID.fullmatch(last_id):
-        raise ApiError(400, "invalid_cursor", "cursor: not a cursor this service returned")
+        raise ServiceError(ErrorCode.INVALID_CURSOR, "cursor: not a cursor this service returned")
     return last_id
 
 

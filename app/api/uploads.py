@@ -14,7 +14,7 @@ from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from app.api.errors import ApiError
+from app.core.errors import ErrorCode, ServiceError
 
 MAX_TEXT_FIELD = 1024
 MULTIPART_OVERHEAD = 64 * 1024
@@ -78,10 +78,10 @@ class _Collector:
         name = params.get(b"name", b"").decode("utf-8", "replace")
         if name == self.file_field:
             if self.result.file is not None or self._fh is not None:
-                raise ApiError(400, "bad_request", f"only one '{self.file_field}' part is allowed")
+                raise ServiceError(ErrorCode.BAD_REQUEST, f"only one '{self.file_field}' part is allowed")
             filename = params.get(b"filename", b"").decode("utf-8", "replace")
             if not filename:
-                raise ApiError(422, "invalid_request", f"{self.file_field}: the part must be a file with a filename")
+                raise ServiceError(ErrorCode.INVALID_REQUEST, f"{self.file_field}: the part must be a file with a filename")
             self._part = name
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
@@ -93,20 +93,20 @@ class _Collector:
             self._part = name
         else:
             allowed = ", ".join([self.file_field, *sorted(self.text_fields)])
-            raise ApiError(422, "invalid_request", f"{name or '(unnamed)'}: unknown form field; expected {allowed}")
+            raise ServiceError(ErrorCode.INVALID_REQUEST, f"{name or '(unnamed)'}: unknown form field; expected {allowed}")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
         if self._fh is not None:
             self._size += len(chunk)
             if self._size > self.max_bytes:
-                raise ApiError(413, "too_large", f"file is larger than the limit of {self.max_bytes} bytes")
+                raise ServiceError(ErrorCode.TOO_LARGE, f"file is larger than the limit of {self.max_bytes} bytes")
             self._fh.write(chunk)
             self._hash.update(chunk)
         else:
             self._text += chunk
             if len(self._text) > MAX_TEXT_FIELD:
-                raise ApiError(422, "invalid_request", f"{self._part}: value longer than {MAX_TEXT_FIELD} bytes")
+                raise ServiceError(ErrorCode.INVALID_REQUEST, f"{self._part}: value longer than {MAX_TEXT_FIELD} bytes")
 
     def _part_end(self) -> None:
         if self._fh is not None:
@@ -127,11 +127,10 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
                          file_field: str = "file") -> ParsedUpload:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
-        raise ApiError(415, "unsupported_media_type",
-                       "uploads must be multipart/form-data with a boundary, the file in a part named 'file'")
+        raise ServiceError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "uploads must be multipart/form-data with a boundary, the file in a part named 'file'")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
-        raise ApiError(413, "too_large", f"request body of {declared} bytes is larger than the limit of "
+        raise ServiceError(ErrorCode.TOO_LARGE, f"request body of {declared} bytes is larger than the limit of "
                                          f"{max_bytes} bytes")
     collector = _Collector(tmp_dir, max_bytes, file_field, text_fields)
     parser = MultipartParser(params[b"boundary"], collector.callbacks())
@@ -142,14 +141,14 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
             # parts, junk after the closing boundary, which the parser skips).
             received += len(chunk)
             if received > max_bytes + MULTIPART_OVERHEAD:
-                raise ApiError(413, "too_large", f"request body is larger than the limit of {max_bytes} bytes")
+                raise ServiceError(ErrorCode.TOO_LARGE, f"request body is larger than the limit of {max_bytes} bytes")
             parser.write(chunk)
         parser.finalize()
         if collector.result.file is None:
-            raise ApiError(422, "invalid_request", f"{file_field}: field required (a multipart file part)")
+            raise ServiceError(ErrorCode.INVALID_REQUEST, f"{file_field}: field required (a multipart file part)")
         if collector.result.file.sha256 == "":
-            raise ApiError(400, "bad_request", "malformed multipart body: the file part never ended")
-    except ApiError:
+            raise ServiceError(ErrorCode.BAD_REQUEST, "malformed multipart body: the file part never ended")
+    except ServiceError:
         collector.close()
         collector.result.discard()
         raise
@@ -158,5 +157,5 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
         collector.result.discard()
         # The parser says what is wrong and where ("Maximum header size exceeded"); anything else is named only.
         detail = str(exc) if isinstance(exc, MultipartParseError) else exc.__class__.__name__
-        raise ApiError(400, "bad_request", f"malformed multipart body: {detail}") from None
+        raise ServiceError(ErrorCode.BAD_REQUEST, f"malformed multipart body: {detail}") from None
     return collector.result

@@ -16,6 +16,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import utcnow
+from app.core.errors import ErrorCode
 from app.core.ids import new_id
 from app.core.tables import Artifact, Job, JobEvent
 
@@ -159,7 +160,7 @@ def reap_stale(session: Session, stale_before: datetime, max_attempts: int) -> d
             values, kind, message = dict(status=JobStatus.CANCELLED, finished_at=now), "cancelled", \
                 "cancelled; its worker stopped responding"
         elif job.attempts >= max_attempts:
-            values, kind = dict(status=JobStatus.FAILED, finished_at=now, error_code="worker_lost",
+            values, kind = dict(status=JobStatus.FAILED, finished_at=now, error_code=ErrorCode.WORKER_LOST,
                                 error_message=f"the worker running this job stopped responding "
                                               f"{job.attempts} times; giving up"), "failed"
             message = values["error_message"]

@@ -3,14 +3,37 @@
 The broker carries nothing but "run job X" / "inspect model Y"; the database holds the truth.
 """
 
+from enum import StrEnum
+
+import kombu
 from celery import Celery
-from kombu import Queue
 
 from app.core.config import Settings
 
-RUN_JOB = "modelpress.run_job"
-INSPECT_MODEL = "modelpress.inspect_model"
-QUEUES = ("cpu", "gpu")
+
+class TaskName(StrEnum):
+    RUN_JOB = "modelpress.run_job"
+    INSPECT_MODEL = "modelpress.inspect_model"
+
+
+class Queue(StrEnum):
+    """CPU work, and CUDA jobs, which only workers with a GPU consume."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+    @classmethod
+    def for_device(cls, device: str) -> "Queue":
+        return cls.GPU if device == "cuda" else cls.CPU
+
+    @classmethod
+    def parse_list(cls, text: str) -> list["Queue"]:
+        """`cpu,gpu` -> queues; ValueError naming what is unknown."""
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = sorted(set(names) - {q.value for q in cls})
+        if unknown or not names:
+            raise ValueError(f"unknown queue(s) {unknown}; queues are {', '.join(q.value for q in cls)}")
+        return [cls(name) for name in dict.fromkeys(names)]
 
 
 def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
@@ -35,8 +58,8 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
         broker_transport_options=transport_options,
         broker_connection_timeout=3,
         broker_connection_retry_on_startup=True,
-        task_queues=[Queue(name) for name in QUEUES],
-        task_default_queue="cpu",
+        task_queues=[kombu.Queue(queue.value) for queue in Queue],
+        task_default_queue=Queue.CPU.value,
         task_create_missing_queues=False,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -53,11 +76,11 @@ def make_celery(settings: Settings, include: list[str] | None = None) -> Celery:
 
 
 def send_job(celery: Celery, job_id: str, queue: str) -> None:
-    celery.send_task(RUN_JOB, args=[job_id], queue=queue)
+    celery.send_task(TaskName.RUN_JOB, args=[job_id], queue=queue)
 
 
 def send_inspection(celery: Celery, model_id: str) -> None:
-    celery.send_task(INSPECT_MODEL, args=[model_id], queue="cpu")
+    celery.send_task(TaskName.INSPECT_MODEL, args=[model_id], queue=Queue.CPU)
 
 
 def check_broker(celery: Celery) -> None:

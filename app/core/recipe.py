@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.core.queue import Queue
+
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -143,9 +145,9 @@ class Target(StrictModel):
     device: Literal["cpu", "cuda"] = "cpu"
 
     @property
-    def queue(self) -> str:
+    def queue(self) -> Queue:
         """CUDA jobs go to the `gpu` queue, served only by workers that have a GPU."""
-        return "gpu" if self.device == "cuda" else "cpu"
+        return Queue.for_device(self.device)
 
 
 class DatasetRefs(StrictModel):

@@ -25,14 +25,14 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.housekeeping import sweep_orphans
 from app.core.auth import create_api_key
 from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory, session_scope
-from app.api.housekeeping import sweep_orphans
 from app.core.ids import new_id
 from app.core.migrate import upgrade
-from app.core.tables import Job, JobEvent, Model
 from app.core.storage import open_storage
+from app.core.tables import Job, JobEvent, Model
 from tests.conftest import _unavailable, create_pg_database, drop_pg_database, free_port
 from tests.e2e.conftest import MODELPRESS, Processes, http_ok, wait_until
 from tests.helpers import save_onnx

@@ -5,11 +5,11 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from app.api.housekeeping import dispatch_pending, reap
+from app.api.main import create_app
 from app.core.auth import create_api_key
 from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory, session_scope
-from app.api.housekeeping import dispatch_pending, reap
-from app.api.main import create_app
 from app.core.migrate import upgrade
 from app.core.tables import Artifact
 from tests.conftest import create_pg_database, drop_pg_database

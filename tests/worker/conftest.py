@@ -10,8 +10,8 @@ from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.ids import new_id
 from app.core.jobs import create_job
 from app.core.migrate import upgrade
-from app.core.tables import Model
 from app.core.storage import open_storage
+from app.core.tables import Model
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.core.tables import Artifact, Job, JobEvent, Model
 from app.core.storage import open_storage
+from app.core.tables import Artifact, Job, JobEvent, Model
 from tests.helpers import make_mlp, save_onnx, save_pt2
 
 
@@ -59,10 +59,11 @@ def test_quantize_job_succeeds_with_faithful_smaller_model(fmt, tmp_path, worker
 
 def test_rerun_of_a_stale_job_replaces_outputs(tmp_path, worker_env, db, add_model, add_job):
     """A re-delivered job (its first worker died) runs again: attempts 2, still one model and one report."""
+    from datetime import timedelta
+
     from sqlalchemy import update
 
     from app.core.db import session_scope, utcnow
-    from datetime import timedelta
 
     job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"))
     _run(job_id)

@@ -13,6 +13,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from app.core.errors import ErrorCode
 from app.core.recipe import PruneStep
 from worker.compression.quantize import compile_patterns
 from worker.errors import JobFailure
@@ -37,7 +38,7 @@ def _two_four_mask(scores: torch.Tensor) -> torch.Tensor:
     """Keep the 2 highest scores in every group of 4 consecutive input weights (per output row)."""
     rows = scores.reshape(scores.shape[0], -1)
     if rows.shape[1] % 4:
-        raise JobFailure("invalid_recipe", f"2:4 sparsity needs an input width divisible by 4, got {rows.shape[1]}")
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"2:4 sparsity needs an input width divisible by 4, got {rows.shape[1]}")
     groups = rows.reshape(rows.shape[0], -1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(2, groups.topk(2, dim=2).indices, True)
@@ -78,10 +79,10 @@ def prune_unstructured(module: nn.Module, step: PruneStep, calibration: list[tup
     """Zero weights in place; returns (masks by layer name, details)."""
     layers = prunable_layers(module, step.exclude)
     if not layers:
-        raise JobFailure("invalid_recipe", "prune: no Linear or Conv2d layer left to prune (check exclude)")
+        raise JobFailure(ErrorCode.INVALID_RECIPE, "prune: no Linear or Conv2d layer left to prune (check exclude)")
     if step.method == "activation_aware":
         if not calibration:
-            raise JobFailure("invalid_recipe", "activation_aware pruning needs calibration data")
+            raise JobFailure(ErrorCode.INVALID_RECIPE, "activation_aware pruning needs calibration data")
         norms = input_norms(module, layers, calibration, check)
         scores = {}
         for name, layer in layers.items():
@@ -144,7 +145,7 @@ ONNX_WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 
 def prune_onnx(source, destination, step: PruneStep) -> dict:
     if step.method != "magnitude":
-        raise JobFailure("unsupported_for_format", f"prune method {step.method!r} needs a PyTorch model (.pt2 or "
+        raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, f"prune method {step.method!r} needs a PyTorch model (.pt2 or "
                                                    "Hugging Face); ONNX uploads support magnitude pruning")
     model = onnx.load(str(source))
     patterns = compile_patterns(step.exclude)
@@ -161,7 +162,7 @@ def prune_onnx(source, destination, step: PruneStep) -> dict:
             # MatMul weights are [in, out] (and Gemm's may be): score per output row as torch would
             targets[node.input[index]] = (array, node.op_type == "MatMul" or _gemm_kn(node))
     if not targets:
-        raise JobFailure("invalid_recipe", "prune: no MatMul/Gemm/Conv weight left to prune (check exclude)")
+        raise JobFailure(ErrorCode.INVALID_RECIPE, "prune: no MatMul/Gemm/Conv weight left to prune (check exclude)")
     scores = {name: torch.from_numpy(np.abs(a.T if kn else a).astype(np.float32)) for name, (a, kn) in targets.items()}
     if step.threshold is not None:
         masks = {name: s >= step.threshold for name, s in scores.items()}

@@ -19,12 +19,23 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_dynamic, quantize_static)
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from app.core.errors import ErrorCode
 from app.core.recipe import QuantizeStep
-from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, replace_linears
+from worker.compression.modules import (
+    DynamicInt8Linear,
+    WeightOnlyLinear,
+    replace_linears,
+)
 from worker.errors import JobFailure
 
 log = logging.getLogger(__name__)
@@ -40,7 +51,7 @@ def compile_patterns(patterns: list[str]) -> list[re.Pattern]:
     try:
         return [re.compile(p) for p in patterns]
     except re.error as exc:
-        raise JobFailure("invalid_recipe", f"exclude: invalid regular expression: {exc}") from None
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"exclude: invalid regular expression: {exc}") from None
 
 
 def excluded_nodes(model_path: Path, patterns: list[str]) -> list[str]:
@@ -71,7 +82,7 @@ def _prepared(source: Path, destination: Path) -> Iterator[Path]:
 
 
 def _failure(what: str, exc: Exception) -> JobFailure:
-    return JobFailure("quantization_failed", f"{what} failed: {exc.__class__.__name__}: {str(exc)[:300]}")
+    return JobFailure(ErrorCode.QUANTIZATION_FAILED, f"{what} failed: {exc.__class__.__name__}: {str(exc)[:300]}")
 
 
 def onnx_dynamic_int8(source: Path, destination: Path, step: QuantizeStep) -> dict:

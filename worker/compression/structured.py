@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from app.core.errors import ErrorCode
 from app.core.recipe import PruneStep
 from worker.compression.quantize import compile_patterns
 from worker.errors import JobFailure
@@ -129,7 +130,7 @@ def prune_graph_channels(gm: GraphModule, step: PruneStep) -> dict:
             if plan is not None:
                 plans.append(plan)
     if not plans:
-        raise JobFailure("unsupported_model", "structured pruning found no layer whose channels can be removed "
+        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "structured pruning found no layer whose channels can be removed "
                                               "safely (each output must feed only Linear/Conv2d layers)")
     scores = {p.producer: _channel_scores(gm.get_submodule(p.producer).weight) for p in plans}
     keeps = _choose(scores, step)
@@ -177,7 +178,7 @@ def prune_transformer_ffn(model: nn.Module, step: PruneStep) -> dict:
     """Remove the same number of feed-forward neurons in every block (config.intermediate_size follows)."""
     pairs = _ffn_pairs(model)
     if not pairs:
-        raise JobFailure("unsupported_model", "structured pruning of this transformer is not supported: no "
+        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "structured pruning of this transformer is not supported: no "
                                               "BERT-style or LLaMA-style feed-forward blocks found")
     width = pairs[0][1].in_features
     keep_count = _keep_count(width, step.sparsity)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from app.core.errors import ErrorCode
 from app.core.recipe import PruneStep
 from worker.compression.structured import prune_graph_channels
 from worker.errors import JobCancelled, JobFailure
@@ -78,12 +79,12 @@ class _Objective:
         terms = []
         if self.hard > 0:
             if first.dim() != 2:
-                raise JobFailure("invalid_recipe", "training on labels needs [batch, classes] logits as the "
+                raise JobFailure(ErrorCode.INVALID_RECIPE, "training on labels needs [batch, classes] logits as the "
                                                    f"model's first output, got shape {list(first.shape)}; distill "
                                                    "from the original model with alpha=1 instead (no labels used)")
             if labels is not None:
                 if int(labels.max()) >= first.shape[1]:
-                    raise JobFailure("invalid_dataset", f"label {int(labels.max())} is out of range: the model "
+                    raise JobFailure(ErrorCode.INVALID_DATASET, f"label {int(labels.max())} is out of range: the model "
                                                         f"has {first.shape[1]} classes")
                 terms.append(self.hard * F.cross_entropy(first, labels))
         if self.soft > 0:
@@ -96,7 +97,7 @@ class _Objective:
 
     def _match(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:
-            raise JobFailure("invalid_recipe", f"the student's first output has shape {list(student.shape)}, the "
+            raise JobFailure(ErrorCode.INVALID_RECIPE, f"the student's first output has shape {list(student.shape)}, the "
                                                f"teacher's {list(teacher.shape)}: they must match to distill")
         if student.dim() != 2:
             return F.mse_loss(student, teacher)
@@ -129,7 +130,7 @@ def distill(teacher: nn.Module, student: nn.Module, train: TrainData, val: Train
     """Train `student` in place on alpha * soft-target loss + (1 - alpha) * CE; see _Objective."""
     _validate(cfg)
     if cfg.alpha < 1 and train.labels is None:
-        raise JobFailure("invalid_dataset", f"distillation with alpha={cfg.alpha} needs labels (the hard-label "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"distillation with alpha={cfg.alpha} needs labels (the hard-label "
                                             "loss gets weight 1 - alpha): add a labels array to the training "
                                             "dataset, or use alpha=1 to learn from the teacher's outputs alone")
     objective = _Objective(soft=cfg.alpha, hard=1 - cfg.alpha, hidden=cfg.hidden_weight,
@@ -146,7 +147,7 @@ def finetune(model: nn.Module, train: TrainData, val: TrainData | None, cfg: Tra
     """Train `model` in place on cross-entropy against labels (a classifier: first output [batch, classes])."""
     _validate(cfg)
     if train.labels is None:
-        raise JobFailure("invalid_dataset", "fine-tuning needs labels: add a labels array of class ids to the "
+        raise JobFailure(ErrorCode.INVALID_DATASET, "fine-tuning needs labels: add a labels array of class ids to the "
                                             "training dataset, or distill from the original model with alpha=1, "
                                             "which needs no labels")
     objective = _Objective(soft=0.0, hard=1.0, hidden=0.0, temperature=1.0)
@@ -155,11 +156,11 @@ def finetune(model: nn.Module, train: TrainData, val: TrainData | None, cfg: Tra
 
 def _validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.alpha <= 1:
-        raise JobFailure("invalid_recipe", f"alpha must be between 0 and 1, got {cfg.alpha}")
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"alpha must be between 0 and 1, got {cfg.alpha}")
     if cfg.temperature <= 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise JobFailure("invalid_recipe", "temperature and lr must be positive, epochs and batch_size at least 1")
+        raise JobFailure(ErrorCode.INVALID_RECIPE, "temperature and lr must be positive, epochs and batch_size at least 1")
     if cfg.fake_quant_bits is not None and not 2 <= cfg.fake_quant_bits <= 8:
-        raise JobFailure("invalid_recipe", f"fake_quant_bits must be between 2 and 8, got {cfg.fake_quant_bits}")
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"fake_quant_bits must be between 2 and 8, got {cfg.fake_quant_bits}")
 
 
 def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective, train: TrainData,
@@ -176,7 +177,7 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
     val_tensors = _tensors(val, "validation") if val is not None else None
     samples = len(train_tensors[0][0])
     if static_batch and samples < static_batch:
-        raise JobFailure("invalid_dataset", f"the model was exported for batches of exactly {static_batch}, but "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"the model was exported for batches of exactly {static_batch}, but "
                                             f"the training data has only {samples} samples")
     size, static = static_batch or cfg.batch_size, bool(static_batch)
     if objective.soft == 0 and objective.hidden == 0:
@@ -260,19 +261,19 @@ def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Obje
 
 def _tensors(data: TrainData, role: str) -> Tensors:
     if not data.inputs:
-        raise JobFailure("invalid_dataset", f"the {role} data has no input arrays")
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} data has no input arrays")
     samples = len(data.inputs[0])
     if samples == 0 or any(len(array) != samples for array in data.inputs):
-        raise JobFailure("invalid_dataset", f"the {role} input arrays must hold the same number (> 0) of samples, "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} input arrays must hold the same number (> 0) of samples, "
                                             f"got {[len(array) for array in data.inputs]}")
     inputs = [torch.from_numpy(np.ascontiguousarray(array)) for array in data.inputs]
     if data.labels is None:
         return inputs, None
     if data.labels.shape != (samples,) or not np.issubdtype(data.labels.dtype, np.integer):
-        raise JobFailure("invalid_dataset", f"the {role} labels must be {samples} integer class ids, got "
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} labels must be {samples} integer class ids, got "
                                             f"{data.labels.dtype} of shape {list(data.labels.shape)}")
     if data.labels.min() < 0:
-        raise JobFailure("invalid_dataset", f"the {role} labels hold a negative class id")
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} labels hold a negative class id")
     return inputs, torch.from_numpy(data.labels.astype(np.int64))
 
 
@@ -372,18 +373,18 @@ def shrink_student(teacher: nn.Module, depth: float, width: float, hf=None) -> t
     changed. Returns (student module with the teacher's inputs and outputs, details).
     """
     if not (0 < depth <= 1 and 0 < width <= 1):
-        raise JobFailure("invalid_recipe", f"depth and width are fractions of the teacher in (0, 1], got depth "
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"depth and width are fractions of the teacher in (0, 1], got depth "
                                            f"{depth}, width {width}")
     if hf is not None:
         if width != 1:
-            raise JobFailure("invalid_recipe", "narrower transformers are not supported: use width 1.0 and depth "
+            raise JobFailure(ErrorCode.INVALID_RECIPE, "narrower transformers are not supported: use width 1.0 and depth "
                                                "< 1 (fewer layers) for Hugging Face models")
         return _fewer_layers(hf, depth)
     if not hasattr(teacher, "graph"):
-        raise JobFailure("unsupported_model", "a student can be derived from Hugging Face transformers and "
+        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "a student can be derived from Hugging Face transformers and "
                                               "torch.export models only")
     if depth != 1:
-        raise JobFailure("invalid_recipe", "removing layers from a torch.export model is not supported (its graph "
+        raise JobFailure(ErrorCode.INVALID_RECIPE, "removing layers from a torch.export model is not supported (its graph "
                                            "fixes the layer sequence): use depth 1.0 and width < 1 (narrower "
                                            "layers)")
     student = copy.deepcopy(teacher)
@@ -412,7 +413,7 @@ def _fewer_layers(hf, depth: float) -> tuple[nn.Module, dict]:
     chosen = [i * layers // count for i in range(count)]
     stacks = [name for name, m in teacher.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layers]
     if len(stacks) != 1:
-        raise JobFailure("unsupported_model", f"cannot find the single list of {layers} layers in "
+        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, f"cannot find the single list of {layers} layers in "
                                               f"{type(teacher).__name__} to take the student's layers from")
     config.num_hidden_layers = count
     if isinstance(getattr(config, "layer_types", None), list):

@@ -32,8 +32,8 @@ from onnx import helper, numpy_helper
 
 from worker.compression.modules import count_weights, quantize_weight
 from worker.compression.prune import ONNX_WEIGHT_INPUTS, PRUNABLE
-from worker.runtime import run_onnx
 from worker.formats.onnx_format import count_params
+from worker.runtime import run_onnx
 
 MAX_BATCHES = 4  # sensitivity runs 3 variants per layer over these batches: keep it bounded
 MAX_LAYERS = 64  # beyond this, only the largest layers get a sensitivity

@@ -4,6 +4,7 @@
 from pathlib import Path
 from typing import Any
 
+from app.core.errors import ErrorCode
 from worker.errors import JobFailure
 from worker.formats import onnx_format, pt2
 from worker.formats.loaded import LoadedModel
@@ -17,12 +18,14 @@ def load(path: Path, fmt: str, workdir: Path) -> LoadedModel:
     if fmt == "onnx":
         return onnx_format.load(path)
     if fmt == "hf":
-        from worker.formats import hf  # transformers is slow to import: only for Hugging Face models
+        from worker.formats import (
+            hf,  # transformers is slow to import: only for Hugging Face models
+        )
 
         model = hf.load_hf(path, workdir)
         return LoadedModel(format="hf", inputs=model.inputs, outputs=model.outputs, module=model.module,
                            info=hf.describe(model), hf=model)
-    raise JobFailure("unsupported_format", f"format {fmt!r} is not supported; supported: {SUPPORTED}")
+    raise JobFailure(ErrorCode.UNSUPPORTED_FORMAT, f"format {fmt!r} is not supported; supported: {SUPPORTED}")
 
 
 def inspect(path: Path, fmt: str, workdir: Path) -> dict[str, Any]:

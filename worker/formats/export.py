@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from app.core.errors import ErrorCode
 from worker.errors import JobFailure
 
 
@@ -47,7 +48,7 @@ def export_program(module: torch.nn.Module, inputs: list[dict[str, Any]], args: 
     try:
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(inputs, module), strict=False)
     except Exception as exc:
-        raise JobFailure("export_failed", f"torch.export failed: {exc.__class__.__name__}: {str(exc)[:300]}") from None
+        raise JobFailure(ErrorCode.EXPORT_FAILED, f"torch.export failed: {exc.__class__.__name__}: {str(exc)[:300]}") from None
 
 
 def to_pt2(module: torch.nn.Module, inputs: list[dict[str, Any]], args: tuple, path: Path) -> Path:
@@ -61,6 +62,6 @@ def to_onnx(module: torch.nn.Module, inputs: list[dict[str, Any]], args: tuple, 
         torch.onnx.export(program, args=args, f=str(path), dynamo=True, external_data=False, verbose=False,
                           input_names=[i["name"] for i in inputs])
     except Exception as exc:
-        raise JobFailure("export_failed", f"could not export the model to ONNX: {exc.__class__.__name__}: "
+        raise JobFailure(ErrorCode.EXPORT_FAILED, f"could not export the model to ONNX: {exc.__class__.__name__}: "
                                           f"{str(exc)[:300]}") from None
     return path

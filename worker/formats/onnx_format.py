@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from app.core.errors import ErrorCode
 from worker.errors import JobFailure
 from worker.formats.loaded import LoadedModel
 from worker.runtime import ort_session
@@ -20,16 +21,16 @@ def _load_checked(path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise JobFailure("invalid_model", f"not a readable ONNX model: {exc.__class__.__name__}") from None
+        raise JobFailure(ErrorCode.INVALID_MODEL, f"not a readable ONNX model: {exc.__class__.__name__}") from None
     for where, tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
-            raise JobFailure("invalid_model", f"{where} uses external data (location {location[:200]!r}); upload "
+            raise JobFailure(ErrorCode.INVALID_MODEL, f"{where} uses external data (location {location[:200]!r}); upload "
                                               "a single self-contained .onnx file")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
-        raise JobFailure("invalid_model", f"ONNX checker rejected the model: {str(exc)[:500]}") from None
+        raise JobFailure(ErrorCode.INVALID_MODEL, f"ONNX checker rejected the model: {str(exc)[:500]}") from None
     return model
 
 
@@ -103,7 +104,7 @@ def inspect(path: Path) -> dict[str, Any]:
         session = ort_session(path, "cpu")
     except Exception as exc:  # its message names the worker's scratch path: show the file name instead
         reason = str(exc).replace(str(path), path.name)
-        raise JobFailure("invalid_model", f"ONNX Runtime cannot load the model: {reason[:500]}") from None
+        raise JobFailure(ErrorCode.INVALID_MODEL, f"ONNX Runtime cannot load the model: {reason[:500]}") from None
     params, nonzero = count_params(model)
     ops: dict[str, int] = {}
     for node in model.graph.node:

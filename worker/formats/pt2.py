@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from app.core.errors import ErrorCode
 from app.core.vetting.modelfiles import UnsupportedModelFile, vet_pt2
 from worker.compression.modules import count_weights, lift_layers
 from worker.errors import JobFailure
@@ -20,7 +21,7 @@ def load_program(path: Path) -> torch.export.ExportedProgram:
     try:
         return torch.export.load(str(path))
     except Exception as exc:
-        raise JobFailure("invalid_model", f"torch.export.load failed: {exc.__class__.__name__}: "
+        raise JobFailure(ErrorCode.INVALID_MODEL, f"torch.export.load failed: {exc.__class__.__name__}: "
                                           f"{str(exc)[:300]}") from None
 
 
@@ -36,7 +37,7 @@ def describe_inputs(program: torch.export.ExportedProgram) -> list[dict[str, Any
         if node.op == "placeholder" and node.name in user_inputs:
             value = node.meta.get("val")
             if not isinstance(value, torch.Tensor):
-                raise JobFailure("unsupported_model", f"input {node.name!r} is not a tensor; only tensor inputs "
+                raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, f"input {node.name!r} is not a tensor; only tensor inputs "
                                                       "are supported")
             described.append({"name": node.name, "shape": _dims(value.shape),
                               "dtype": str(value.dtype).removeprefix("torch.")})

@@ -20,19 +20,35 @@ import onnxruntime as ort
 import torch
 
 from app.core.config import Settings
-from app.core.recipe import (AnalyzeStep, DistillStep, ExportStep, FinetuneStep, PruneStep, QuantizeStep, Recipe,
-                                Target, TuneSpec, check_recipe_for_model, check_recipe_for_target,
-                                DatasetRefs)
-from worker.pipeline import tuning
+from app.core.errors import ErrorCode
+from app.core.recipe import (
+    AnalyzeStep,
+    DatasetRefs,
+    DistillStep,
+    ExportStep,
+    FinetuneStep,
+    PruneStep,
+    QuantizeStep,
+    Recipe,
+    Target,
+    TuneSpec,
+    check_recipe_for_model,
+    check_recipe_for_target,
+)
 from worker.compression import prune, quantize, structured, train
-from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, count_weights
+from worker.compression.modules import (
+    DynamicInt8Linear,
+    WeightOnlyLinear,
+    count_weights,
+)
 from worker.errors import JobFailure
 from worker.evaluation import analysis, measure
 from worker.evaluation import data as job_data
 from worker.formats import load
-from worker.formats.loaded import LoadedModel
 from worker.formats.export import example_args, to_onnx, to_pt2
+from worker.formats.loaded import LoadedModel
 from worker.formats.onnx_format import count_params
+from worker.pipeline import tuning
 
 SPARSE_ENCODING_BELOW = 0.9  # nonzero fraction under which a model file is delivered gzip-compressed
 EXTENSIONS = {"onnxruntime": "onnx", "pytorch": "pt2"}
@@ -113,7 +129,7 @@ class Pipeline:
                 return path
             return to_onnx(state.module, self.loaded.inputs, self.example, path)
         if state.module is None:
-            raise JobFailure("unsupported_for_format", "target.runtime 'pytorch' needs a PyTorch model (.pt2 or "
+            raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "target.runtime 'pytorch' needs a PyTorch model (.pt2 or "
                                                        "Hugging Face); this model is only available as ONNX")
         return to_pt2(state.module, self.loaded.inputs, self.example, path)
 
@@ -157,7 +173,7 @@ class Pipeline:
             elif isinstance(state.module, torch.fx.GraphModule):
                 details = structured.prune_graph_channels(state.module, step)
             else:
-                raise JobFailure("unsupported_model", "structured pruning is not supported for this model")
+                raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "structured pruning is not supported for this model")
             state.masks = {}  # shapes changed: earlier masks no longer apply
         else:
             calibration = None
@@ -171,7 +187,7 @@ class Pipeline:
     def _training_inputs(self, step) -> dict[str, Any]:
         """Keyword arguments shared by distill and finetune: device, fixed batch size, progress, limits."""
         if self.data.train is None:
-            raise JobFailure("invalid_recipe", f"{step.op} needs a train dataset")
+            raise JobFailure(ErrorCode.INVALID_RECIPE, f"{step.op} needs a train dataset")
         size, static = job_data.batch_size(self.loaded.inputs)
 
         def on_epoch(epoch: int, record: dict) -> None:
@@ -186,7 +202,7 @@ class Pipeline:
 
     def _finetune(self, state: WorkingModel, step: FinetuneStep, recipe: Recipe, index: int) -> dict:
         if state.module is None:
-            raise JobFailure("unsupported_for_format", "finetune needs the model in PyTorch form")
+            raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "finetune needs the model in PyTorch form")
         bits = None
         if step.quantization_aware:
             following = next((s for s in recipe.steps[index + 1:] if isinstance(s, QuantizeStep)), None)
@@ -199,7 +215,7 @@ class Pipeline:
 
     def _distill(self, state: WorkingModel, step: DistillStep) -> dict:
         if state.module is None:
-            raise JobFailure("unsupported_for_format", "distill needs the teacher in PyTorch form")
+            raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "distill needs the teacher in PyTorch form")
         teacher = state.module
         if step.student.shrink is not None:
             hf = None
@@ -212,7 +228,7 @@ class Pipeline:
             path, fmt = self.student_files[step.student.model_id]
             other = load(path, fmt, self.workdir / f"student-{step.student.model_id}")
             if [(i["name"], i["dtype"]) for i in other.inputs] != [(i["name"], i["dtype"]) for i in self.loaded.inputs]:
-                raise JobFailure("invalid_recipe", "student.model_id: the student's inputs "
+                raise JobFailure(ErrorCode.INVALID_RECIPE, "student.model_id: the student's inputs "
                                                    f"{[i['name'] for i in other.inputs]} differ from the teacher's "
                                                    f"{[i['name'] for i in self.loaded.inputs]}")
             student, details = other.module, {"student": step.student.model_id}
@@ -289,7 +305,7 @@ class Pipeline:
                                      self.ctx.check)
                 outputs.append(Output("model", "onnx", path, "compressed.onnx"))
             elif state.module is None:
-                raise JobFailure("unsupported_for_format", f"export format {fmt!r} needs the model in PyTorch "
+                raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, f"export format {fmt!r} needs the model in PyTorch "
                                                            "form; after an ONNX Runtime step only 'onnx' is possible")
             elif fmt == "pt2":
                 path = to_pt2(state.module, self.loaded.inputs, self.example, workdir / "export.pt2")
@@ -310,16 +326,16 @@ class Pipeline:
         save_file(tensors, str(path))
         loaded = load_file(str(path))
         if set(loaded) != set(tensors) or any(not torch.equal(loaded[k], tensors[k]) for k in tensors):
-            raise JobFailure("export_failed", "the safetensors export did not load back identically")
+            raise JobFailure(ErrorCode.EXPORT_FAILED, "the safetensors export did not load back identically")
         return path
 
     def _hf(self, state: WorkingModel, workdir: Path) -> Path:
         inner = hf_model_of(state.module)
         if self.loaded.hf is None or inner is None:
-            raise JobFailure("unsupported_for_format", "export format 'hf' needs a Hugging Face model upload, "
+            raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "export format 'hf' needs a Hugging Face model upload, "
                                                        "unquantized (pruned, distilled or fine-tuned is fine)")
         if any(isinstance(m, (WeightOnlyLinear, DynamicInt8Linear)) for m in state.module.modules()):
-            raise JobFailure("unsupported_for_format", "export format 'hf' is not available for quantized layers")
+            raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "export format 'hf' is not available for quantized layers")
         from worker.formats import hf
 
         path = hf.save_hf(self.loaded.hf, inner, workdir / "export-hf")
@@ -348,7 +364,7 @@ class Pipeline:
                 continue  # a generated candidate this model or target cannot take
         if spec.metric == "accuracy":
             if baseline["accuracy"] is None:
-                raise JobFailure("invalid_dataset", "tune.metric 'accuracy' needs an eval dataset with labels")
+                raise JobFailure(ErrorCode.INVALID_DATASET, "tune.metric 'accuracy' needs an eval dataset with labels")
             baseline_metric = baseline["accuracy"]
         else:
             baseline_metric = baseline_fidelity
@@ -371,7 +387,7 @@ class Pipeline:
                               objective=spec.objective, max_trials=spec.max_trials, time_budget_s=spec.time_budget_s,
                               check=self.ctx.check)
         if outcome["best"] is None:
-            raise JobFailure("tuning_failed", outcome["message"])
+            raise JobFailure(ErrorCode.TUNING_FAILED, outcome["message"])
         for index, result in applied.items():
             if index != outcome["best"]:
                 shutil.rmtree(self.workdir / f"trial{index}", ignore_errors=True)
@@ -447,6 +463,6 @@ class Pipeline:
             shutil.copyfileobj(source, target)
         with gzip.open(packed, "rb") as check:
             if check.read() != path.read_bytes():
-                raise JobFailure("export_failed", "the compressed encoding did not round-trip")
+                raise JobFailure(ErrorCode.EXPORT_FAILED, "the compressed encoding did not round-trip")
         return packed, {"encoding": "gzip", "size_bytes": packed.stat().st_size,
                         "uncompressed_size_bytes": path.stat().st_size}

@@ -4,9 +4,11 @@ from fastapi import APIRouter, Request, Response
 
 from app.api.deps import CurrentTenant, SessionDep, StorageDep
 from app.api.downloads import stream_object
-from app.api.errors import ApiError, error_responses, get_owned
-from app.core.tables import Artifact
+from app.api.errors import error_responses
+from app.core.errors import ErrorCode, ServiceError
+from app.core.queries import get_owned
 from app.core.storage import ObjectNotFound
+from app.core.tables import Artifact
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -24,4 +26,4 @@ def download_artifact(artifact_id: str, request: Request, tenant: CurrentTenant,
                              sha256=artifact.sha256, filename=artifact.filename,
                              media_type=MEDIA_TYPES.get(artifact.format, "application/octet-stream"))
     except ObjectNotFound:
-        raise ApiError(404, "not_found", f"the file of artifact {artifact_id!r} is missing from storage") from None
+        raise ServiceError(ErrorCode.NOT_FOUND, f"the file of artifact {artifact_id!r} is missing from storage") from None

@@ -6,15 +6,23 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
-from app.core.vetting.dataset_files import DatasetError, inspect_dataset
-from app.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
-from app.api.errors import ApiError, error_responses, get_owned
-from app.core.ids import new_id
-from app.core.jobs import JobStatus
+from app.api.deps import (
+    CurrentTenant,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    StorageDep,
+)
+from app.api.errors import error_responses
 from app.api.limits import receive_upload_within_quota, record_upload
-from app.core.tables import Dataset, Job
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.schemas import DatasetPublic, DatasetsPublic
+from app.core.errors import ErrorCode, ServiceError
+from app.core.ids import new_id
+from app.core.jobs import JobStatus
+from app.core.queries import get_owned
+from app.core.tables import Dataset, Job
+from app.core.vetting.dataset_files import inspect_dataset
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -33,10 +41,7 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
     """Upload an `.npz`, `.safetensors` or `.jsonl` dataset; it is validated before anything is stored."""
     upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name"})
     try:
-        try:
-            facts = await run_in_threadpool(inspect_dataset, upload.file.path, upload.file.filename)
-        except DatasetError as exc:
-            raise ApiError(415 if exc.code == "unsupported_format" else 422, exc.code, exc.message) from None
+        facts = await run_in_threadpool(inspect_dataset, upload.file.path, upload.file.filename)
         name = (upload.fields.get("name") or upload.file.filename)[:200]
         dataset_id = new_id("ds")
         key = f"tenants/{tenant.id}/datasets/{dataset_id}/data.{facts.format}"
@@ -73,7 +78,7 @@ def delete_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep, 
         Job.tenant_id == tenant.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))).all()
     for job_id, refs in unfinished:
         if dataset_id in (refs or {}).values():
-            raise ApiError(409, "dataset_in_use", f"dataset {dataset_id!r} is used by unfinished job {job_id!r}; "
+            raise ServiceError(ErrorCode.DATASET_IN_USE, f"dataset {dataset_id!r} is used by unfinished job {job_id!r}; "
                                                   "cancel it or wait for it to finish")
     session.delete(dataset)
     session.commit()

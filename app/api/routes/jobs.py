@@ -11,16 +11,24 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from app.core import jobs
-from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
-from app.core.db import utcnow
-from app.api.errors import ApiError, error_responses, get_owned
+from app.api.deps import (
+    CeleryDep,
+    CurrentTenant,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+)
+from app.api.errors import error_responses
 from app.api.housekeeping import dispatch_job
 from app.api.limits import check_active_jobs
-from app.core.tables import Dataset, Job, Model
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
+from app.core import jobs
+from app.core.db import utcnow
+from app.core.errors import ErrorCode, ServiceError
+from app.core.queries import get_owned
 from app.core.recipe import check_recipe_for_model
+from app.core.tables import Dataset, Job, Model
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -56,8 +64,7 @@ def _replay(session, tenant_id: str, key: str, request_hash: str) -> Job | None:
         session.commit()
         return None
     if job.request_hash != request_hash:
-        raise ApiError(409, "idempotency_key_reused",
-                       "this Idempotency-Key was used with a different request body")
+        raise ServiceError(ErrorCode.IDEMPOTENCY_KEY_REUSED, "this Idempotency-Key was used with a different request body")
     return job
 
 
@@ -71,9 +78,9 @@ def _check_students(session, tenant, body: JobCreate) -> None:
             student = session.get(Model, student_id)
             field = f"recipe.steps.{index}.student.model_id"
             if student is None or student.tenant_id != tenant.id:
-                raise ApiError(404, "not_found", f"{field}: model {student_id!r} not found")
+                raise ServiceError(ErrorCode.NOT_FOUND, f"{field}: model {student_id!r} not found")
             if student.status == "invalid" or student.format == "onnx":
-                raise ApiError(422, "invalid_request", f"{field}: the student must be a valid .pt2 or Hugging Face "
+                raise ServiceError(ErrorCode.INVALID_REQUEST, f"{field}: the student must be a valid .pt2 or Hugging Face "
                                                        f"model (model {student_id!r} is {student.format}, "
                                                        f"{student.status})")
 
@@ -90,21 +97,21 @@ def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                                 headers={"Idempotent-Replayed": "true"})
     model = session.get(Model, body.model_id)
     if model is None or model.tenant_id != tenant.id:
-        raise ApiError(404, "not_found", f"model_id: model {body.model_id!r} not found")
+        raise ServiceError(ErrorCode.NOT_FOUND, f"model_id: model {body.model_id!r} not found")
     if model.status == "invalid":
-        raise ApiError(409, "model_invalid", f"model_id: model {model.id!r} is invalid: {model.error}")
+        raise ServiceError(ErrorCode.MODEL_INVALID, f"model_id: model {model.id!r} is invalid: {model.error}")
     try:
         for recipe in body.candidates():
             check_recipe_for_model(recipe, body.target, model.format)
     except ValueError as exc:
-        raise ApiError(422, "invalid_request", str(exc)) from None
+        raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from None
     _check_students(session, tenant, body)
     for role, dataset_id in body.datasets.model_dump().items():
         if dataset_id is None:
             continue
         dataset = session.get(Dataset, dataset_id)
         if dataset is None or dataset.tenant_id != tenant.id:
-            raise ApiError(404, "not_found", f"datasets.{role}: dataset {dataset_id!r} not found")
+            raise ServiceError(ErrorCode.NOT_FOUND, f"datasets.{role}: dataset {dataset_id!r} not found")
     check_active_jobs(session, tenant.id, settings.tenant_max_active_jobs)  # a replay above is never refused
     try:
         job = jobs.create_job(
@@ -157,7 +164,7 @@ def get_job(job_id: str, request: Request, tenant: CurrentTenant, session: Sessi
 def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
     job = get_owned_job(session, tenant, job_id)
     if not jobs.request_cancel(session, job):
-        raise ApiError(409, "job_finished", f"job {job_id!r} already finished with status {job.status!r}")
+        raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id!r} already finished with status {job.status!r}")
     session.commit()
     session.refresh(job)
     return job_public(job)
@@ -167,7 +174,7 @@ def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPu
 def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
     job = get_owned_job(session, tenant, job_id)
     if not job.metrics:
-        raise ApiError(404, "not_found", f"job {job_id!r} has no report yet (status {job.status!r})")
+        raise ServiceError(ErrorCode.NOT_FOUND, f"job {job_id!r} has no report yet (status {job.status!r})")
     return job.metrics
 
 

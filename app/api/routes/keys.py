@@ -5,13 +5,15 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query
 from sqlalchemy import select
 
-from app.core import auth
-from app.core.db import utcnow
 from app.api.deps import CurrentTenant, SessionDep
-from app.api.errors import ApiError, error_responses, get_owned
-from app.core.tables import ApiKey, Tenant
+from app.api.errors import error_responses
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.schemas import KeyCreate, KeyCreated, KeyPublic, KeyRotate, KeysPublic
+from app.core import auth
+from app.core.db import utcnow
+from app.core.errors import ErrorCode, ServiceError
+from app.core.queries import get_owned
+from app.core.tables import ApiKey, Tenant
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -64,7 +66,7 @@ def rotate_key(key_id: str, tenant: CurrentTenant, session: SessionDep,
     """A replacement key, shown once; the old key stops at once, or after `grace_seconds` (both work until then)."""
     row = get_owned_key(session, tenant, key_id)
     if not row.is_active(utcnow()):
-        raise ApiError(409, "key_inactive", f"key {key_id!r} is revoked or expired; create a new key instead")
+        raise ServiceError(ErrorCode.KEY_INACTIVE, f"key {key_id!r} is revoked or expired; create a new key instead")
     replacement, key = auth.rotate(session, row, body.grace_seconds if body else 0)
     session.commit()
     return key_created(replacement, key)

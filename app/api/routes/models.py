@@ -7,18 +7,27 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
-from app.core.vetting import modelfiles
-from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
+from app.api.deps import (
+    CeleryDep,
+    CurrentTenant,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    StorageDep,
+)
 from app.api.downloads import stream_object
-from app.api.errors import ApiError, error_responses, get_owned
+from app.api.errors import error_responses
 from app.api.housekeeping import dispatch_inspection
-from app.core.ids import new_id
-from app.core.jobs import JobStatus
 from app.api.limits import receive_upload_within_quota, record_upload
-from app.core.tables import Job, Model
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.schemas import ModelPublic, ModelsPublic
+from app.core.errors import ErrorCode, ServiceError
+from app.core.ids import new_id
+from app.core.jobs import JobStatus
+from app.core.queries import get_owned
 from app.core.storage import ObjectNotFound
+from app.core.tables import Job, Model
+from app.core.vetting import modelfiles
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -41,12 +50,9 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
     upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name", "format"})
     try:
         declared = upload.fields.get("format") or None
-        try:
-            unpacked_limit = modelfiles.UNPACK_FACTOR * settings.max_upload_bytes
-            fmt = await run_in_threadpool(modelfiles.detect_format, upload.file.path, upload.file.filename,
-                                          declared, max_unpacked_bytes=unpacked_limit)
-        except modelfiles.UnsupportedModelFile as exc:
-            raise ApiError(415, exc.code, exc.message) from None
+        unpacked_limit = modelfiles.UNPACK_FACTOR * settings.max_upload_bytes
+        fmt = await run_in_threadpool(modelfiles.detect_format, upload.file.path, upload.file.filename,
+                                      declared, max_unpacked_bytes=unpacked_limit)
         name = (upload.fields.get("name") or upload.file.filename)[:200]
         model_id = new_id("mdl")
         extension = await run_in_threadpool(modelfiles.stored_extension, upload.file.path, fmt)
@@ -92,7 +98,7 @@ def download_model(model_id: str, request: Request, tenant: CurrentTenant, sessi
         return stream_object(request, storage, model.storage_key, size=model.size_bytes, sha256=model.sha256,
                              filename=filename)
     except ObjectNotFound:
-        raise ApiError(404, "not_found", f"the file of model {model_id!r} is missing from storage") from None
+        raise ServiceError(ErrorCode.NOT_FOUND, f"the file of model {model_id!r} is missing from storage") from None
 
 
 @router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
@@ -101,7 +107,7 @@ def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, stor
     active = session.scalar(select(Job.id).where(Job.model_id == model.id,
                                                  Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])).limit(1))
     if active:
-        raise ApiError(409, "model_in_use", f"model {model_id!r} is used by unfinished job {active!r}; "
+        raise ServiceError(ErrorCode.MODEL_IN_USE, f"model {model_id!r} is used by unfinished job {active!r}; "
                                             "cancel it or wait for it to finish")
     session.delete(model)
     session.commit()

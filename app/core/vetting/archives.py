@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
+from app.core.errors import ErrorCode, ServiceError
+
 DEFAULT_MAX_FILES = 2000
 # Four times the default upload limit (MODELPRESS_MAX_UPLOAD_BYTES = 2 GiB); callers pass their own.
 DEFAULT_MAX_TOTAL_BYTES = 4 * 2 * 1024**3
@@ -52,13 +54,8 @@ _CORRUPT_ERRORS = (
 )
 
 
-class ArchiveError(Exception):
-    """An archive we refuse; `code` is a stable snake_case id (unsafe_archive, archive_too_large, corrupt_archive)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class ArchiveError(ServiceError):
+    """An archive we refuse: unsafe_archive, archive_too_large or corrupt_archive."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ def read_member(path: Path, name: str, *, max_bytes: int) -> bytes:
                         return _read_capped(member, name, max_bytes)
     except _CORRUPT_ERRORS as exc:
         raise _corrupt(exc) from None
-    raise ArchiveError("corrupt_archive", f"the archive has no file {name!r}")
+    raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"the archive has no file {name!r}")
 
 
 def extract_archive(
@@ -209,26 +206,26 @@ class _Rules:
         """The normalised name of an acceptable member, or None for one to skip."""
         self.count += 1
         if self.count > self.max_files:
-            raise ArchiveError("archive_too_large", f"the archive has more than {self.max_files} members")
+            raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"the archive has more than {self.max_files} members")
         name = _normalise(raw_name)
         if not name:
             return None  # the archive's own "./" entry
         key = name.casefold()
         parents = [str(p).casefold() for p in PurePosixPath(name).parents][:-1]
         if key in self._files_seen or key in self._folders_seen or (not is_dir and key in self._parents):
-            raise ArchiveError("unsafe_archive", f"archive member {raw_name!r} appears more than once (or as "
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {raw_name!r} appears more than once (or as "
                                                  "both a file and a folder)")
         if any(parent in self._files_seen for parent in parents):
-            raise ArchiveError("unsafe_archive", f"archive member {raw_name!r} lies inside a file")
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {raw_name!r} lies inside a file")
         (self._folders_seen if is_dir else self._files_seen).add(key)
         self._parents.update(parents)
         if not is_dir:
             if size > self.max_member_bytes:
-                raise ArchiveError("archive_too_large", f"archive member {raw_name!r} is {size} bytes; the "
+                raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"archive member {raw_name!r} is {size} bytes; the "
                                                         f"limit is {self.max_member_bytes} bytes per file")
             self.declared += size
             if self.declared > self.max_total_bytes:
-                raise ArchiveError("archive_too_large", f"the archive holds more than {self.max_total_bytes} "
+                raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"the archive holds more than {self.max_total_bytes} "
                                                         "bytes uncompressed")
         if name.split("/")[0] == _IGNORED_TOP_FOLDER:
             return None
@@ -270,10 +267,10 @@ class _Writer:
                 size += len(chunk)
                 self.written += len(chunk)
                 if size > declared or size > self.rules.max_member_bytes:
-                    raise ArchiveError("archive_too_large", f"archive member {name!r} holds more bytes than "
+                    raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"archive member {name!r} holds more bytes than "
                                                             f"its header declares ({declared})")
                 if self.written > self.rules.max_total_bytes:
-                    raise ArchiveError("archive_too_large", f"the archive holds more than "
+                    raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"the archive holds more than "
                                                             f"{self.rules.max_total_bytes} bytes uncompressed")
                 out.write(chunk)
 
@@ -281,7 +278,7 @@ class _Writer:
         target = self.dest / name
         # Names are already checked; this guards against anything that could still resolve elsewhere.
         if not target.parent.resolve().is_relative_to(self.dest):
-            raise ArchiveError("unsafe_archive", f"archive member {name!r} would be written outside the folder")
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {name!r} would be written outside the folder")
         return target
 
 
@@ -292,16 +289,16 @@ def _zip_members(archive: zipfile.ZipFile, rules: _Rules) -> Iterator[tuple[zipf
         mode = info.external_attr >> 16
         kind = stat.S_IFMT(mode)
         if stat.S_ISLNK(mode):
-            raise ArchiveError("unsafe_archive", f"archive member {info.orig_filename!r} is a symbolic link")
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {info.orig_filename!r} is a symbolic link")
         if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
-            raise ArchiveError("unsafe_archive", f"archive member {info.orig_filename!r} is not a regular file")
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {info.orig_filename!r} is not a regular file")
         if info.flag_bits & _ZIP_ENCRYPTED_FLAG:
-            raise ArchiveError("corrupt_archive", f"archive member {info.orig_filename!r} is encrypted")
+            raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.orig_filename!r} is encrypted")
         if info.compress_type not in _ZIP_METHODS:
-            raise ArchiveError("corrupt_archive", f"archive member {info.orig_filename!r} uses an unsupported "
+            raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.orig_filename!r} uses an unsupported "
                                                   "compression method")
         if info.header_offset + info.compress_size > directory_start:
-            raise ArchiveError("corrupt_archive", f"archive member {info.orig_filename!r} runs past the end of "
+            raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.orig_filename!r} runs past the end of "
                                                   "the data: the archive is truncated or corrupt")
         is_dir = info.is_dir() or kind == stat.S_IFDIR
         name = rules.admit(info.orig_filename, is_dir, 0 if is_dir else info.file_size)
@@ -312,9 +309,9 @@ def _zip_members(archive: zipfile.ZipFile, rules: _Rules) -> Iterator[tuple[zipf
 def _tar_members(tar: tarfile.TarFile, rules: _Rules) -> Iterator[tuple[tarfile.TarInfo, str]]:
     for info in tar:
         if info.issym() or info.islnk():
-            raise ArchiveError("unsafe_archive", f"archive member {info.name!r} is a link")
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {info.name!r} is a link")
         if not (info.isreg() or info.isdir()) or info.issparse():
-            raise ArchiveError("unsafe_archive", f"archive member {info.name!r} is not a regular file")
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {info.name!r} is not a regular file")
         name = rules.admit(info.name, info.isdir(), 0 if info.isdir() else info.size)
         if name is not None:
             yield info, name
@@ -327,7 +324,7 @@ class _GuardedTarInfo(tarfile.TarInfo):
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
         info = super().frombuf(buf, encoding, errors)
         if info.type in _TAR_METADATA_TYPES and info.size > _MAX_TAR_METADATA_BYTES:
-            raise ArchiveError("unsafe_archive", f"the archive has a {info.size}-byte metadata record")
+            raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"the archive has a {info.size}-byte metadata record")
         return info
 
 
@@ -339,7 +336,7 @@ def _open_tar(path: Path, kind: str) -> tarfile.TarFile:
 def _require_kind(path: Path) -> str:
     kind = archive_kind(path)
     if kind is None:
-        raise ArchiveError("corrupt_archive", "the file is not a zip, tar or tar.gz archive")
+        raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, "the file is not a zip, tar or tar.gz archive")
     return kind
 
 
@@ -357,24 +354,24 @@ def _is_tar_header(block: bytes) -> bool:
 def _normalise(raw_name: str) -> str:
     """The member's relative POSIX path ("" for the archive's own "./"); refuses names that could escape."""
     if "\\" in raw_name or any(ord(char) < 32 for char in raw_name):
-        raise ArchiveError("unsafe_archive", f"archive member name {raw_name!r} has a backslash or a control "
+        raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member name {raw_name!r} has a backslash or a control "
                                              "character")
     windows = PureWindowsPath(raw_name)
     if raw_name.startswith("/") or windows.drive or windows.root:
-        raise ArchiveError("unsafe_archive", f"archive member name {raw_name!r} is an absolute path")
+        raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member name {raw_name!r} is an absolute path")
     parts = [part for part in raw_name.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise ArchiveError("unsafe_archive", f"archive member name {raw_name!r} goes up with '..'")
+        raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member name {raw_name!r} goes up with '..'")
     return "/".join(parts)
 
 
 def _read_capped(member: IO[bytes], name: str, max_bytes: int) -> bytes:
     data = member.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise ArchiveError("archive_too_large", f"archive member {name!r} is larger than {max_bytes} bytes")
+        raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"archive member {name!r} is larger than {max_bytes} bytes")
     return data
 
 
 def _corrupt(exc: BaseException) -> ArchiveError:
-    return ArchiveError("corrupt_archive", f"the archive is corrupt or truncated ({exc.__class__.__name__}: "
+    return ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"the archive is corrupt or truncated ({exc.__class__.__name__}: "
                                            f"{str(exc)[:200]})")

@@ -16,6 +16,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from app.core.errors import ErrorCode, ServiceError
+
 LABELS = "labels"
 
 MAX_ARRAYS = 64
@@ -42,17 +44,12 @@ SAFETENSORS_DTYPES = {"BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint1
                       "F32": "float32", "F64": "float64"}
 
 
-class DatasetError(Exception):
-    """A file the service refuses; `code` is `unsupported_format` (not a dataset format) or a validation code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class DatasetError(ServiceError):
+    """A file the service refuses: `unsupported_format` (not a dataset format) or a validation code."""
 
 
 def _invalid(message: str) -> DatasetError:
-    return DatasetError("invalid_dataset", message)
+    return DatasetError(ErrorCode.INVALID_DATASET, message)
 
 
 @dataclass
@@ -67,7 +64,7 @@ def inspect_dataset(path: Path, filename: str) -> DatasetFacts:
     """Detect the format from the content and validate the file; raises DatasetError."""
     size = path.stat().st_size
     if size == 0:
-        raise DatasetError("empty_file", f"{filename!r} is empty")
+        raise DatasetError(ErrorCode.EMPTY_FILE, f"{filename!r} is empty")
     with open(path, "rb") as file:
         head = file.read(9)
         if head.startswith(_ZIP_MAGICS):
@@ -80,7 +77,7 @@ def inspect_dataset(path: Path, filename: str) -> DatasetFacts:
         if file.read(MAX_LINE_BYTES).lstrip(b" \t\r\n")[:1] == b"{":
             file.seek(0)
             return _inspect_jsonl(file)
-    raise DatasetError("unsupported_format", f"{filename!r} is not a dataset this service reads; {SUPPORTED_HINT}")
+    raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT, f"{filename!r} is not a dataset this service reads; {SUPPORTED_HINT}")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -138,7 +135,7 @@ def _inspect_npz(file: IO[bytes], size: int, filename: str) -> DatasetFacts:
                 raise _invalid(f"the .npz archive has {len(infos)} members; at most {MAX_ARRAYS} arrays are allowed")
             others = [info.filename for info in infos if not info.filename.endswith(".npy")]
             if others:
-                raise DatasetError("unsupported_format", f"{filename!r} is a zip archive but not an .npz: member "
+                raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT, f"{filename!r} is a zip archive but not an .npz: member "
                                                          f"{others[0]!r} is not a .npy array; {SUPPORTED_HINT}")
             arrays: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
             for info in infos:
@@ -147,7 +144,7 @@ def _inspect_npz(file: IO[bytes], size: int, filename: str) -> DatasetFacts:
                     raise _invalid(f"the .npz archive holds array {name!r} twice")
                 arrays[name] = _read_npy_header(archive, info, name)
     except _ZIP_ERRORS as exc:
-        raise DatasetError("unsupported_format", f"{filename!r} is not a readable zip/.npz archive "
+        raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT, f"{filename!r} is not a readable zip/.npz archive "
                                                  f"({exc.__class__.__name__}); {SUPPORTED_HINT}") from None
     return _check_arrays(arrays, "npz")
 

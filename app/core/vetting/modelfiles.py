@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
+from app.core.errors import ErrorCode, ServiceError
 from app.core.vetting import archives
 
 SUPPORTED_FORMATS = ("pt2", "onnx", "hf")
@@ -133,20 +134,15 @@ _MARK = object()  # a MARK on the simulated stack
 _UNKNOWN = object()  # a value we do not track: only strings pushed as literals are
 
 
-class UnsupportedModelFile(Exception):
-    """An upload we refuse; `code` is a stable snake_case id and the API answers 415."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+class UnsupportedModelFile(ServiceError):
+    """An upload we refuse, with the catalogue's code for why."""
 
 
 class UnsafeModelFile(UnsupportedModelFile):
     """Pickled content that could run code when loaded, or that we cannot vet."""
 
     def __init__(self, message: str) -> None:
-        super().__init__("unsafe_pickle", message)
+        super().__init__(ErrorCode.UNSAFE_PICKLE, message)
 
 
 def detect_format(path: Path, filename: str | None, declared: str | None, *,
@@ -156,14 +152,12 @@ def detect_format(path: Path, filename: str | None, declared: str | None, *,
     `max_unpacked_bytes` caps what a Hugging Face archive may expand to (UNPACK_FACTOR x the upload limit).
     """
     if declared is not None and declared not in SUPPORTED_FORMATS:
-        raise UnsupportedModelFile(
-            "unsupported_format", f"declared format {declared!r} is not supported; {_SUPPORTED_HINT}"
+        raise UnsupportedModelFile(ErrorCode.UNSUPPORTED_FORMAT, f"declared format {declared!r} is not supported; {_SUPPORTED_HINT}"
         )
     subject = repr(filename) if filename else "the file"
     detected = _sniff(path, subject)
     if declared is not None and declared != detected:
-        raise UnsupportedModelFile(
-            "format_mismatch", f"declared format {declared} but the file is {_DESCRIPTIONS[detected]}"
+        raise UnsupportedModelFile(ErrorCode.FORMAT_MISMATCH, f"declared format {declared} but the file is {_DESCRIPTIONS[detected]}"
         )
     if detected == "pt2":
         vet_pt2(path)
@@ -190,25 +184,19 @@ def vet_hf(path: Path, subject: str = "the archive", *,
     except archives.ArchiveError as exc:
         raise UnsupportedModelFile(exc.code, f"{subject}: {exc.message}") from None
     if "config.json" not in listing.files:
-        raise UnsupportedModelFile(
-            "missing_config",
-            f"{subject} has no config.json at its top level (or in its single top-level folder); a Hugging "
+        raise UnsupportedModelFile(ErrorCode.MISSING_CONFIG, f"{subject} has no config.json at its top level (or in its single top-level folder); a Hugging "
             "Face model archive holds the model directory written by save_pretrained",
         )
     top_level = [name for name in listing.files if "/" not in name]
     if not any(name.endswith(_SAFETENSORS_SUFFIX) for name in top_level) and _PICKLED_WEIGHTS not in top_level:
-        raise UnsupportedModelFile(
-            "missing_weights",
-            f"{subject} has no weights next to config.json: expected model.safetensors (or sharded "
+        raise UnsupportedModelFile(ErrorCode.MISSING_WEIGHTS, f"{subject} has no weights next to config.json: expected model.safetensors (or sharded "
             "*.safetensors with model.safetensors.index.json)",
         )
     for name in ("config.json", "tokenizer_config.json"):
         if name in listing.files:
             reason = remote_code_reason(_read_json_member(path, listing, name, subject))
             if reason:
-                raise UnsupportedModelFile(
-                    "remote_code_refused",
-                    f"{subject}: {name} {reason}, which means running code shipped with the model; that is "
+                raise UnsupportedModelFile(ErrorCode.REMOTE_CODE_REFUSED, f"{subject}: {name} {reason}, which means running code shipped with the model; that is "
                     "never done here. Upload a model whose architecture is built into transformers",
                 )
 
@@ -241,9 +229,9 @@ def _read_json_member(path: Path, listing: archives.ArchiveListing, name: str, s
     try:
         document = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise UnsupportedModelFile("invalid_config", f"{subject}: {name} is not valid JSON ({exc})") from None
+        raise UnsupportedModelFile(ErrorCode.INVALID_CONFIG, f"{subject}: {name} is not valid JSON ({exc})") from None
     if not isinstance(document, dict):
-        raise UnsupportedModelFile("invalid_config", f"{subject}: {name} is not a JSON object")
+        raise UnsupportedModelFile(ErrorCode.INVALID_CONFIG, f"{subject}: {name} is not a JSON object")
     return document
 
 
@@ -266,7 +254,7 @@ def vet_pt2(path: Path) -> None:
                 if not info.is_dir():
                     _vet_member(archive, info, pickled, raw, budget)
     except _ARCHIVE_ERRORS as exc:
-        raise UnsupportedModelFile("corrupt_archive", f"the pt2 archive is corrupt ({exc})") from exc
+        raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"the pt2 archive is corrupt ({exc})") from exc
 
 
 def scan_pickle(data: bytes, where: str) -> None:
@@ -287,7 +275,7 @@ def scan_pickle(data: bytes, where: str) -> None:
 def _sniff(path: Path, subject: str) -> str:
     size = path.stat().st_size
     if size == 0:
-        raise UnsupportedModelFile("empty_file", f"{subject} is empty")
+        raise UnsupportedModelFile(ErrorCode.EMPTY_FILE, f"{subject} is empty")
     with path.open("rb") as file:
         head = file.read(_HEAD_BYTES)
         if head.startswith((_ZIP_MAGIC, _ZIP_END_MAGIC)):
@@ -300,7 +288,7 @@ def _sniff(path: Path, subject: str) -> str:
         return "hf"  # the only tar we accept; vet_hf says what is missing from any other
     if _parses_as_pickle(head):
         raise _pickled_model(subject)
-    raise UnsupportedModelFile("unsupported_format", f"{subject} is not a recognised model file; {_SUPPORTED_HINT}")
+    raise UnsupportedModelFile(ErrorCode.UNSUPPORTED_FORMAT, f"{subject} is not a recognised model file; {_SUPPORTED_HINT}")
 
 
 def _sniff_zip(path: Path, subject: str) -> str:
@@ -312,16 +300,13 @@ def _sniff_zip(path: Path, subject: str) -> str:
                 return "pt2"
             basenames = {PurePosixPath(info.filename.lower()).name for info in infos}
     except _ARCHIVE_ERRORS as exc:
-        raise UnsupportedModelFile(
-            "corrupt_archive", f"{subject} is a corrupt or truncated zip archive ({exc})"
+        raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"{subject} is a corrupt or truncated zip archive ({exc})"
         ) from exc
     if "data.pkl" in basenames:
         raise _pickled_model(subject)
     if "config.json" in basenames:
         return "hf"
-    raise UnsupportedModelFile(
-        "unsupported_format",
-        f"{subject} is a zip archive but neither a pt2 archive nor a Hugging Face model directory; "
+    raise UnsupportedModelFile(ErrorCode.UNSUPPORTED_FORMAT, f"{subject} is a zip archive but neither a pt2 archive nor a Hugging Face model directory; "
         f"{_SUPPORTED_HINT}",
     )
 
@@ -343,9 +328,7 @@ def _is_pt2(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> bool:
 
 
 def _pickled_model(subject: str) -> UnsupportedModelFile:
-    return UnsupportedModelFile(
-        "pickled_model",
-        f"{subject} is a pickled PyTorch object (torch.save); pickled objects are not accepted "
+    return UnsupportedModelFile(ErrorCode.PICKLED_MODEL, f"{subject} is a pickled PyTorch object (torch.save); pickled objects are not accepted "
         "because loading them runs code. Export the model with torch.export.save (.pt2) or to "
         f"ONNX instead; {_SUPPORTED_HINT}",
     )
@@ -435,11 +418,11 @@ def _check_layout(file: IO[bytes], archive: zipfile.ZipFile) -> None:
     """
     size = file.seek(0, io.SEEK_END)
     if size < _ZIP_END_RECORD.size:
-        raise UnsupportedModelFile("corrupt_archive", "the zip archive is truncated")
+        raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, "the zip archive is truncated")
     file.seek(size - _ZIP_END_RECORD.size)
     magic, _, _, _, offset, comment_length = _ZIP_END_RECORD.unpack(file.read(_ZIP_END_RECORD.size))
     if magic != _ZIP_END_MAGIC or comment_length:
-        raise UnsupportedModelFile("corrupt_archive", "the zip archive has data after its end record")
+        raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, "the zip archive has data after its end record")
     locator_at = size - _ZIP_END_RECORD.size - _ZIP64_LOCATOR.size
     record_at = locator_at - _ZIP64_END_RECORD.size
     if record_at >= 0:
@@ -450,12 +433,12 @@ def _check_layout(file: IO[bytes], archive: zipfile.ZipFile) -> None:
             record = _ZIP64_END_RECORD.unpack(file.read(_ZIP64_END_RECORD.size))
             # Python reads the zip64 record right before the locator, torch where it points.
             if pointer != record_at or record[0] != _ZIP64_END_MAGIC:
-                raise UnsupportedModelFile("corrupt_archive", "the zip archive has an inconsistent zip64 record")
+                raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, "the zip archive has an inconsistent zip64 record")
             if offset not in (record[-1], _ZIP32_SATURATED):
-                raise UnsupportedModelFile("corrupt_archive", "the zip archive has conflicting end records")
+                raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, "the zip archive has conflicting end records")
             offset = record[-1]
     if archive.start_dir != offset:
-        raise UnsupportedModelFile("corrupt_archive", "the zip archive has data in front of it or is truncated")
+        raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, "the zip archive has data in front of it or is truncated")
 
 
 def _check_member_names(infos: list[zipfile.ZipInfo]) -> None:
@@ -464,16 +447,14 @@ def _check_member_names(infos: list[zipfile.ZipInfo]) -> None:
     for info in infos:
         as_windows = PureWindowsPath(info.filename)  # splits on "/" and "\" and knows drives
         if info.orig_filename != info.filename or as_windows.drive or as_windows.root or ".." in as_windows.parts:
-            raise UnsupportedModelFile(
-                "corrupt_archive", f"archive member name {info.orig_filename!r} is not allowed"
+            raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"archive member name {info.orig_filename!r} is not allowed"
             )
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise UnsupportedModelFile(
-                "corrupt_archive", f"archive member {info.filename!r} uses an unsupported compression method"
+            raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.filename!r} uses an unsupported compression method"
             )
         key = _member_key(info)
         if key in seen:
-            raise UnsupportedModelFile("corrupt_archive", f"archive member {info.filename!r} appears more than once")
+            raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.filename!r} appears more than once")
         seen.add(key)
 
 
@@ -495,8 +476,7 @@ def _payload_members(
         for path_name, use_pickle in _config_entries(archive, info, budget):
             target = folder + b"/" + path_name.lower().encode("ascii")
             if target not in keys:
-                raise UnsupportedModelFile(
-                    "corrupt_archive", f"{info.filename!r} refers to missing member {path_name!r}"
+                raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"{info.filename!r} refers to missing member {path_name!r}"
                 )
             if use_pickle is False and path_name.startswith(_RAW_PAYLOAD_PREFIXES):
                 raw.add(target)
@@ -512,12 +492,11 @@ def _config_entries(
     document = json.loads(_read_capped(archive, info, info.filename, budget))
     config = document.get("config") if isinstance(document, dict) else None
     if not isinstance(config, dict):
-        raise UnsupportedModelFile("corrupt_archive", f"{info.filename!r} is not a payload config")
+        raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"{info.filename!r} is not a payload config")
     for entry in config.values():
         path_name = entry.get("path_name") if isinstance(entry, dict) else None
         if not isinstance(path_name, str) or not _PLAIN_NAME.fullmatch(path_name):
-            raise UnsupportedModelFile(
-                "corrupt_archive", f"{info.filename!r} has an entry with an invalid path_name {path_name!r}"
+            raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"{info.filename!r} has an entry with an invalid path_name {path_name!r}"
             )
         yield path_name, entry.get("use_pickle")
 

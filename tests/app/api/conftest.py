@@ -3,10 +3,10 @@
 import pytest
 from fastapi.testclient import TestClient
 
+from app.api.main import create_app
 from app.core.auth import create_api_key
 from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.ids import new_id
-from app.api.main import create_app
 from tests.helpers import save_onnx, save_pt2
 
 

@@ -17,10 +17,10 @@ import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from app.api.main import create_app
 from app.core.auth import create_api_key
 from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory, session_scope
-from app.api.main import create_app
 from app.core.migrate import upgrade
 from tests.conftest import free_port
 

@@ -3,14 +3,14 @@
 import redis
 from fastapi.testclient import TestClient
 
+from app.api.housekeeping import dispatch_pending
+from app.api.main import create_app
 from app.core.auth import create_api_key
 from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory, session_scope
-from app.api.housekeeping import dispatch_pending
-from app.api.main import create_app
 from app.core.migrate import upgrade
-from app.core.tables import Job
 from app.core.queue import make_celery
+from app.core.tables import Job
 from tests.helpers import save_onnx
 
 

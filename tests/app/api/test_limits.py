@@ -8,10 +8,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api import limits
-from app.core.db import make_engine, make_session_factory, session_scope
-from app.core.ids import new_id
 from app.api.limits import LocalRateLimiter, check_storage_quota, storage_used
 from app.api.main import create_app
+from app.core.db import make_engine, make_session_factory, session_scope
+from app.core.errors import ServiceError
+from app.core.ids import new_id
 from app.core.tables import ApiKey, Artifact
 
 QUANTIZE = {"recipe": {"steps": [{"op": "quantize"}]}}
@@ -172,7 +173,7 @@ def test_quota_counts_artifacts_and_checks_the_real_size(limited, settings, make
     with session_scope(make_session_factory(engine)) as session:
         assert storage_used(session, tenant) == len(onnx_bytes) + 5000
         check_storage_quota(session, tenant, 10, len(onnx_bytes) + 5010)
-        with pytest.raises(limits.ApiError) as refused:
+        with pytest.raises(ServiceError) as refused:
             check_storage_quota(session, tenant, 11, len(onnx_bytes) + 5010)
     engine.dispose()
     assert (refused.value.status_code, refused.value.code) == (413, "quota_exceeded")

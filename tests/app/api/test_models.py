@@ -70,11 +70,17 @@ def test_pickled_module_is_refused_with_supported_formats(upload):
     assert "onnx" in body["message"].lower() and "pt2" in body["message"].lower()
 
 
-@pytest.mark.parametrize("data", [b"", b"hello world, not a model", b"PK\x03\x04broken zip"])
+@pytest.mark.parametrize("data", [b"hello world, not a model", b"PK\x03\x04broken zip"])
 def test_garbage_is_415(upload, data):
     response = upload(data, filename="x.onnx")
     assert response.status_code == 415
     assert response.json()["error"]["message"]
+
+
+def test_empty_file_is_422_as_for_datasets(upload):
+    response = upload(b"", filename="x.onnx")
+    assert response.status_code == 422
+    assert response.json()["error"] == {"code": "empty_file", "message": "'x.onnx' is empty"}
 
 
 def test_declared_format_mismatch_is_415(upload):
@@ -124,7 +130,10 @@ def test_pagination_walks_all_models(client, auth, upload):
 
 
 def test_pt2_with_planted_pickle_is_refused_at_upload(upload, tmp_path):
-    from tests.app.core.vetting.test_modelfiles import SystemCall, with_sample_inputs_pickle
+    from tests.app.core.vetting.test_modelfiles import (
+        SystemCall,
+        with_sample_inputs_pickle,
+    )
     from tests.helpers import save_pt2
 
     marker = tmp_path / "pwned"

@@ -1,7 +1,7 @@
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.api.main import create_app
+from app.core.config import Settings
 
 
 def test_healthz_and_readyz(client):

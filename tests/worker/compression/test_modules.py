@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from worker.compression.modules import (DynamicInt8Linear, WeightOnlyLinear, count_weights, lift_layers,
-                                        pack_int4, unpack_int4, replace_linears)
+from worker.compression.modules import (
+    DynamicInt8Linear,
+    WeightOnlyLinear,
+    count_weights,
+    lift_layers,
+    pack_int4,
+    replace_linears,
+    unpack_int4,
+)
 
 
 class Block(torch.nn.Module):

@@ -6,7 +6,12 @@ from onnx import numpy_helper
 
 from app.core.recipe import PruneStep
 from tests.helpers import make_mlp, save_onnx
-from worker.compression.prune import apply_masks, layer_sparsity, prune_onnx, prune_unstructured
+from worker.compression.prune import (
+    apply_masks,
+    layer_sparsity,
+    prune_onnx,
+    prune_unstructured,
+)
 from worker.errors import JobFailure
 
 

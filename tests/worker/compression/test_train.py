@@ -14,9 +14,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from app.core.recipe import PruneStep
-from worker.compression.modules import WeightOnlyLinear, lift_layers, quantize_weight, replace_linears
+from worker.compression.modules import (
+    WeightOnlyLinear,
+    lift_layers,
+    quantize_weight,
+    replace_linears,
+)
 from worker.compression.prune import prune_unstructured
-from worker.compression.train import TrainConfig, TrainData, distill, finetune, shrink_student
+from worker.compression.train import (
+    TrainConfig,
+    TrainData,
+    distill,
+    finetune,
+    shrink_student,
+)
 from worker.errors import JobCancelled, JobFailure
 
 

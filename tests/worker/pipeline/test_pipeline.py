@@ -6,8 +6,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from app.core.tables import Job
 from app.core.storage import open_storage
+from app.core.tables import Job
 from tests.helpers import make_mlp, save_onnx, save_pt2
 
 

@@ -6,10 +6,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from app.core.tables import Dataset
 from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.storage import open_storage
+from app.core.tables import Dataset
 from tests.helpers import VOCAB, pack, save_tiny_bert
 from tests.worker.pipeline.test_pipeline import fetch, finished, run_job
 
