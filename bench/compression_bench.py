@@ -32,8 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app.core.config import Settings  # noqa: E402
 from app.core.recipe import Recipe, Target  # noqa: E402
 from worker.evaluation import measure  # noqa: E402
+from worker.evaluation import data as job_data  # noqa: E402
+from worker.formats import load  # noqa: E402
+from worker.pipeline.files import StagedJob  # noqa: E402
+from worker.pipeline.runner import run_pipeline  # noqa: E402
 from worker.runtime import open_runner  # noqa: E402
-from worker.pipeline.runner import Pipeline  # noqa: E402
 
 SUBJECTS = ["The committee", "My neighbour", "A small startup", "The orchestra", "Our football team", "The chef",
             "A migrating bird", "The old library", "This new phone", "The city council", "A curious child",
@@ -151,11 +154,13 @@ def main() -> None:
         jobdir = work / f"job{len(rows)}"
         jobdir.mkdir()
         started = time.perf_counter()
-        pipeline = Pipeline(Recipe.model_validate(recipe), Target(runtime=runtime), archive, "hf",
-                            files, jobdir, settings, Quiet())
-        result = pipeline.run()
-        batches = pipeline.data.eval_batches
-        assert [i["name"] for i in pipeline.loaded.inputs][MASK] == "attention_mask"
+        staged = StagedJob(recipe=Recipe.model_validate(recipe), tune=None, target=Target(runtime=runtime),
+                           model_path=archive, model_format="hf", model_name="all-MiniLM-L6-v2", dataset_files=files)
+        result = run_pipeline(staged, jobdir, settings, Quiet())
+        if batches is None:  # the job's own eval batches, prepared the same way
+            loaded = load(archive, "hf", work / "loaded")
+            assert [i["name"] for i in loaded.inputs][MASK] == "attention_mask"
+            batches = job_data.prepare(loaded, files).eval_batches
         metrics = result.metrics
         if baseline_size is None:
             baseline_size = metrics["baseline"]["size_bytes"]
@@ -165,7 +170,7 @@ def main() -> None:
                             metrics["baseline"]["latency_ms"], 1.0, (1.0, 1.0)))
             ort_ref = reference_ort_quantize_dynamic(jobdir / "baseline.onnx", work, batches, settings, reference)
             rows.append(ort_ref)
-            rows.append(reference_torch_quantize_dynamic(pipeline, batches, settings, reference, baseline_size))
+            rows.append(reference_torch_quantize_dynamic(archive, jobdir, batches, settings, reference, baseline_size))
         delivered = delivered_file(result.outputs[0].path, jobdir)
         run = open_runner(delivered, runtime, "cpu", args.threads)
         outputs = [run(b) for b in batches]
@@ -191,10 +196,10 @@ def reference_ort_quantize_dynamic(fp32: Path, work: Path, batches, settings, re
                embedding_fidelity(reference, outputs, batches), "per-channel int8")
 
 
-def reference_torch_quantize_dynamic(pipeline, batches, settings, reference, baseline_size):
+def reference_torch_quantize_dynamic(archive, jobdir, batches, settings, reference, baseline_size):
     from worker.formats import hf as hf_format
 
-    fresh = hf_format.load_hf(pipeline.model_path, pipeline.workdir / "fresh")
+    fresh = hf_format.load_hf(archive, jobdir / "fresh")
     quantized = torch.ao.quantization.quantize_dynamic(fresh.module, {torch.nn.Linear}, dtype=torch.qint8)
     buffer = io.BytesIO()
     torch.save(quantized.state_dict(), buffer)

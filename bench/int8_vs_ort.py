@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import compression_bench as bench  # noqa: E402
-from app.core.recipe import QuantizeStep  # noqa: E402
+
 from worker.compression.quantize import quantize_onnx  # noqa: E402
-from worker.runtime import ort_session, run_onnx  # noqa: E402
 from worker.formats.hf import export_hf_onnx, load_hf  # noqa: E402
+from worker.runtime import ort_session, run_onnx  # noqa: E402
 
 ROUNDS = 25
 
@@ -38,9 +38,11 @@ def main() -> None:
     batches = [[tokens[n][i:i + 16].astype(np.int64) for n in hf.input_names] for i in range(0, 64, 16)]
     reference = [hf.module(*[torch.from_numpy(a) for a in b])[0].detach().numpy() for b in batches]
     quantize_dynamic(str(fp32), str(work / "ort.onnx"), per_channel=True, weight_type=QuantType.QInt8)
-    quantize_onnx(fp32, work / "default.onnx", QuantizeStep(op="quantize"), None)
-    quantize_onnx(fp32, work / "weight_only.onnx", QuantizeStep(op="quantize", method="weight_only",
-                                                               granularity="group", group_size=128), None)
+    defaults = {"method": "dynamic", "dtype": "int8", "granularity": "per_channel", "group_size": None,
+                "exclude": [], "calibration_method": "minmax", "calibration": None}  # a recipe's defaults
+    quantize_onnx(fp32, work / "default.onnx", **defaults)
+    quantize_onnx(fp32, work / "weight_only.onnx", **{**defaults, "method": "weight_only", "granularity": "group",
+                                                      "group_size": 128})
     names = {"fp32": "fp32", "ort": "onnxruntime quantize_dynamic per-channel", "default": "modelpress int8 (default)",
              "weight_only": "modelpress int8 weight-only, g128"}
     sessions = {key: ort_session(work / f"{key}.onnx", "cpu", 1) for key in names}

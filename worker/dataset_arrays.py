@@ -14,12 +14,7 @@ import safetensors
 import safetensors.numpy
 
 from app.core.errors import ErrorCode
-from app.core.vetting.dataset_files import (
-    LABELS,
-    UTF8_BOM,
-    DatasetError,
-    inspect_dataset,
-)
+from app.core.vetting.dataset_files import LABELS, UTF8_BOM, DatasetError, inspect_dataset
 from worker.errors import JobFailure
 
 
@@ -51,7 +46,7 @@ def load_arrays(path: Path, fmt: str) -> DatasetArrays:
         _check_finite(name, array)
     if labels is not None and labels.min() < 0:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"array {LABELS!r} has a negative class id at sample "
-                                            f"{int(np.argmax(labels < 0))}")
+                                                    f"{int(np.argmax(labels < 0))}")
     return DatasetArrays(inputs=arrays, labels=labels)
 
 
@@ -90,7 +85,7 @@ def _check_finite(name: str, array: np.ndarray) -> None:
         index = int(np.argmin(finite))
         what = "NaN" if np.isnan(array[index]).any() else "inf"
         raise JobFailure(ErrorCode.INVALID_DATASET, f"array {name!r} has {what} values, first at sample {index}; "
-                                            "datasets must hold finite values")
+                                                    "datasets must hold finite values")
 
 
 def check_labels(labels: np.ndarray | None, model_outputs: list[dict[str, Any]], role: str) -> None:
@@ -104,9 +99,10 @@ def check_labels(labels: np.ndarray | None, model_outputs: list[dict[str, Any]],
     classes = shape[1]
     if int(labels.max()) >= classes:
         index = int(np.argmax(labels >= classes))
-        raise JobFailure(ErrorCode.INVALID_DATASET, f"{role} dataset: label {int(labels[index])} at sample {index} is out "
-                                            f"of range: the model's first output has {classes} classes (labels "
-                                            f"0..{classes - 1})")
+        raise JobFailure(ErrorCode.INVALID_DATASET,
+                         f"{role} dataset: label {int(labels[index])} at sample {index} is out "
+                         f"of range: the model's first output has {classes} classes (labels "
+                         f"0..{classes - 1})")
 
 
 def _shape_text(dims: tuple | list) -> str:
@@ -122,8 +118,9 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
     """
     prefix = f"{role} dataset"
     if not data.inputs:
-        raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix} holds texts (jsonl); the model's inputs need a tokenizer "
-                                            "to be made from them")
+        raise JobFailure(ErrorCode.INVALID_DATASET,
+                         f"{prefix} holds texts (jsonl); the model's inputs need a tokenizer "
+                         "to be made from them")
     if len(model_inputs) == 1 and len(data.inputs) == 1:
         pairs = [(next(iter(data.inputs)), model_inputs[0])]
     else:
@@ -131,7 +128,7 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
         for spec in model_inputs:
             if spec["name"] not in data.inputs:
                 raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: no array for model input {spec['name']!r} "
-                                                    f"(dataset has: {', '.join(data.inputs)})")
+                                                            f"(dataset has: {', '.join(data.inputs)})")
             pairs.append((spec["name"], spec))
     matched = []
     for name, spec in pairs:
@@ -140,9 +137,10 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
         fits = array.ndim == len(spec["shape"]) and all(
             not isinstance(want, int) or want < 0 or want == got for want, got in zip(expected, array.shape[1:]))
         if not fits:
-            raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} has shape {_shape_text(array.shape)} "
-                                                f"per-sample {_shape_text(array.shape[1:])}, but model input "
-                                                f"{spec['name']!r} expects {_shape_text(expected)}")
+            raise JobFailure(ErrorCode.INVALID_DATASET,
+                             f"{prefix}: array {name!r} has shape {_shape_text(array.shape)} "
+                             f"per-sample {_shape_text(array.shape[1:])}, but model input "
+                             f"{spec['name']!r} expects {_shape_text(expected)}")
         matched.append(_cast(array, spec, name, prefix))
     return matched
 
@@ -155,18 +153,18 @@ def _cast(array: np.ndarray, spec: dict[str, Any], name: str, prefix: str) -> np
         target = None
     if target is None or target.kind not in "biuf":
         raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, f"{prefix}: model input {spec['name']!r} takes {spec['dtype']}, "
-                                              "which a dataset cannot feed")
+                                                      "which a dataset cannot feed")
     if target.kind in "biu" and array.dtype.kind == "f":
         raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} holds {array.dtype} values, but model "
-                                            f"input {spec['name']!r} takes {target}; store integer values")
+                                                    f"input {spec['name']!r} takes {target}; store integer values")
     if target.kind in "iu" and array.dtype.kind in "iu":
         low, high = int(array.min()), int(array.max())
         if low < np.iinfo(target).min or high > np.iinfo(target).max:
             raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} has values from {low} to {high}, "
-                                                f"outside the {target} range of model input {spec['name']!r}")
+                                                        f"outside the {target} range of model input {spec['name']!r}")
     if target.kind == "b" and array.dtype.kind in "iu" and not np.isin(array, (0, 1)).all():
         raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} must hold only 0 and 1 to feed bool "
-                                            f"model input {spec['name']!r}")
+                                                    f"model input {spec['name']!r}")
     return np.ascontiguousarray(array.astype(target, copy=False))
 
 
@@ -182,7 +180,7 @@ def batches(arrays: list[np.ndarray], batch_size: int, labels: np.ndarray | None
     total = len(arrays[0])
     if static and total < batch_size:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"{role + ' dataset' if role else 'the dataset'} has {total} "
-                                            f"samples, fewer than the model's fixed batch size of {batch_size}")
+                                                    f"samples, fewer than the model's fixed batch size of {batch_size}")
     end = total - total % batch_size if static else total
     split = [([array[start:start + batch_size] for array in arrays],
               None if labels is None else labels[start:start + batch_size]) for start in range(0, end, batch_size)]
@@ -195,6 +193,7 @@ def tokenize_texts(texts: list[str], tokenizer, model_input_names: list[str],
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
     kept = {name: encoded[name] for name in model_input_names if name in encoded}
     if not kept:
-        raise JobFailure(ErrorCode.INVALID_DATASET, f"the tokenizer produces {', '.join(encoded)}, none of which the model "
-                                            f"takes ({', '.join(model_input_names)})")
+        raise JobFailure(ErrorCode.INVALID_DATASET,
+                         f"the tokenizer produces {', '.join(encoded)}, none of which the model "
+                         f"takes ({', '.join(model_input_names)})")
     return kept

@@ -16,7 +16,7 @@ def providers_for(device: str) -> list[str]:
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
             raise JobFailure(ErrorCode.CUDA_UNAVAILABLE, "the job targets cuda but this worker's ONNX Runtime has no "
-                                                 "CUDA execution provider (install onnxruntime-gpu)")
+                                                         "CUDA execution provider (install onnxruntime-gpu)")
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 

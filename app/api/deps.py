@@ -66,7 +66,7 @@ def get_current_tenant(request: Request, session: SessionDep,
         wait = limiter.acquire(row.tenant_id)
         if wait > 0:
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many requests for this tenant; retry after the number of "
-                                                "seconds in the Retry-After header",
+                                                       "seconds in the Retry-After header",
                            {"Retry-After": str(max(1, math.ceil(wait)))})
     auth.touch(session, row)
     tenant = row.tenant

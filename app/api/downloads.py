@@ -5,6 +5,7 @@ import re
 from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
+from app.api.conditional import etag_matches
 from app.core.storage import Storage
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -33,7 +34,7 @@ def stream_object(request: Request, storage: Storage, key: str, *, size: int, sh
     etag = f'"{sha256}"'
     headers = {"ETag": etag, "Accept-Ranges": "bytes",
                "Content-Disposition": f'attachment; filename="{filename}"'}
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+    if etag_matches(request, etag):
         return Response(status_code=304, headers=headers)
     range_header = request.headers.get("range")
     if range_header and "," not in range_header:

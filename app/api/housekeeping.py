@@ -14,7 +14,7 @@ Every step is a guarded UPDATE or an idempotent delete, so several API replicas 
 import logging
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from celery import Celery
 from sqlalchemy import select, update
@@ -24,53 +24,14 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core import jobs
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
-from app.core.queue import send_inspection, send_job
+from app.core.dispatch import dispatch_inspection, dispatch_job
+from app.core.ids import minted_at
+from app.core.statuses import JobStatus, ModelStatus
 from app.core.storage import Storage, open_storage
+from app.core.storage import keys as storage_keys
 from app.core.tables import Artifact, Dataset, Job, Model
 
 log = logging.getLogger(__name__)
-
-
-def _mark_dispatched(factory: sessionmaker[Session], table, row_id: str,
-                     sent_before: datetime | None = None) -> bool:
-    """Take the send of a row that was never sent (or, for a re-send, last sent before `sent_before`)."""
-    unsent = table.dispatched_at.is_(None) if sent_before is None else table.dispatched_at < sent_before
-    with session_scope(factory) as session:
-        result = session.execute(update(table).where(table.id == row_id, unsent)
-                                 .values(dispatched_at=utcnow()).execution_options(synchronize_session=False))
-        return result.rowcount == 1
-
-
-def _unmark_dispatched(factory: sessionmaker[Session], table, row_id: str) -> None:
-    with session_scope(factory) as session:
-        session.execute(update(table).where(table.id == row_id).values(dispatched_at=None)
-                        .execution_options(synchronize_session=False))
-
-
-def dispatch_job(factory: sessionmaker[Session], celery: Celery, job_id: str, queue: str,
-                 sent_before: datetime | None = None) -> bool:
-    """Send "run job X" once; on a broker failure leave the job queued and undispatched for a later retry."""
-    if not _mark_dispatched(factory, Job, job_id, sent_before):
-        return False
-    try:
-        send_job(celery, job_id, queue)
-        return True
-    except Exception as exc:  # any broker/transport failure: retried by the loop
-        log.warning("could not send job %s to the broker (%s); it stays queued and will be re-sent", job_id, exc)
-        _unmark_dispatched(factory, Job, job_id)
-        return False
-
-
-def dispatch_inspection(factory: sessionmaker[Session], celery: Celery, model_id: str) -> bool:
-    if not _mark_dispatched(factory, Model, model_id):
-        return False
-    try:
-        send_inspection(celery, model_id)
-        return True
-    except Exception as exc:
-        log.warning("could not send inspection of %s (%s); will retry", model_id, exc)
-        _unmark_dispatched(factory, Model, model_id)
-        return False
 
 
 def dispatch_pending(factory: sessionmaker[Session], celery: Celery, settings: Settings) -> int:
@@ -79,13 +40,13 @@ def dispatch_pending(factory: sessionmaker[Session], celery: Celery, settings: S
     resend_before = utcnow() - timedelta(seconds=settings.redispatch_after)
     with session_scope(factory) as session:
         pending_jobs = session.execute(
-            select(Job.id, Job.queue).where(Job.status == jobs.JobStatus.QUEUED, Job.dispatched_at.is_(None),
+            select(Job.id, Job.queue).where(Job.status == JobStatus.QUEUED, Job.dispatched_at.is_(None),
                                             Job.updated_at < before).order_by(Job.id).limit(500)).all()
         lost_jobs = session.execute(
-            select(Job.id, Job.queue).where(Job.status == jobs.JobStatus.QUEUED, Job.dispatched_at < resend_before)
+            select(Job.id, Job.queue).where(Job.status == JobStatus.QUEUED, Job.dispatched_at < resend_before)
             .order_by(Job.id).limit(500)).all()
         pending_models = session.scalars(
-            select(Model.id).where(Model.status == "uploaded", Model.dispatched_at.is_(None),
+            select(Model.id).where(Model.status == ModelStatus.UPLOADED, Model.dispatched_at.is_(None),
                                    Model.created_at < before).order_by(Model.id).limit(500)).all()
     sent = 0
     for job_id, queue in pending_jobs:
@@ -104,11 +65,11 @@ def reap(factory: sessionmaker[Session], settings: Settings) -> dict[str, list[s
     with session_scope(factory) as session:
         outcome = jobs.reap_stale(session, jobs.stale_cutoff(settings.heartbeat_timeout), settings.job_max_attempts)
         inspect_cutoff = utcnow() - timedelta(seconds=settings.job_time_limit)
-        session.execute(update(Model).where(Model.status == "uploaded", Model.dispatched_at < inspect_cutoff,
+        session.execute(update(Model).where(Model.status == ModelStatus.UPLOADED, Model.dispatched_at < inspect_cutoff,
                                             Model.inspect_attempts >= settings.job_max_attempts)
-                        .values(status="invalid", error="inspection did not finish; the worker kept failing")
+                        .values(status=ModelStatus.INVALID, error="inspection did not finish; the worker kept failing")
                         .execution_options(synchronize_session=False))
-        session.execute(update(Model).where(Model.status == "uploaded", Model.dispatched_at < inspect_cutoff)
+        session.execute(update(Model).where(Model.status == ModelStatus.UPLOADED, Model.dispatched_at < inspect_cutoff)
                         .values(dispatched_at=None).execution_options(synchronize_session=False))
     for kind, ids in outcome.items():
         if ids:
@@ -116,35 +77,26 @@ def reap(factory: sessionmaker[Session], settings: Settings) -> dict[str, list[s
     return outcome
 
 
-def _created_at(row_id: str) -> datetime | None:
-    """When an id was minted (ids start with their creation time in milliseconds, see app.core.ids)."""
-    try:
-        return datetime.fromtimestamp(int(row_id.split("_", 1)[1][:12], 16) / 1000, UTC)
-    except (IndexError, ValueError):
-        return None
-
-
 def _orphan_keys(session: Session, keys: list[str], cutoff: datetime) -> list[str]:
     """Keys under `tenants/<tenant>/<models|datasets|jobs>/<id>/` that no row refers to and that are older than
     `cutoff`. Age is the owner's: its id's time, or a finished job's end (a running job is still storing its
     outputs, before its artifact rows exist). Keys of any other shape are never touched."""
-    owned: dict[str, list[tuple[str, str]]] = {"models": [], "datasets": [], "jobs": []}
+    owned: dict[str, list[tuple[str, str]]] = {kind: [] for kind in storage_keys.OWNER_KINDS}
     for key in keys:
-        parts = key.split("/")
-        if len(parts) >= 5 and parts[0] == "tenants" and parts[2] in owned:
-            owned[parts[2]].append((parts[3], key))
+        if (owner := storage_keys.owner_of(key)) is not None:
+            owned[owner.kind].append((owner.id, key))
     referenced: set[str] = set()
     ages: dict[str, datetime | None] = {}
     for kind, table in (("models", Model), ("datasets", Dataset)):
         ids = sorted({owner for owner, _ in owned[kind]})
         referenced.update(session.scalars(select(table.storage_key).where(table.id.in_(ids))))
-        ages.update((owner, _created_at(owner)) for owner in ids)
+        ages.update((owner, minted_at(owner)) for owner in ids)
     job_ids = sorted({owner for owner, _ in owned["jobs"]})
     referenced.update(session.scalars(select(Artifact.storage_key).where(Artifact.job_id.in_(job_ids))))
-    ages.update((owner, _created_at(owner)) for owner in job_ids)
+    ages.update((owner, minted_at(owner)) for owner in job_ids)
     for job_id, status, finished_at in session.execute(
             select(Job.id, Job.status, Job.finished_at).where(Job.id.in_(job_ids))):
-        ages[job_id] = finished_at if jobs.JobStatus(status).is_terminal() else None
+        ages[job_id] = finished_at if JobStatus(status).is_terminal() else None
     return [key for kind in owned.values() for owner, key in kind
             if key not in referenced and ages[owner] is not None and ages[owner] < cutoff]
 

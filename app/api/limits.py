@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.uploads import ParsedUpload, receive_upload
 from app.core.config import Settings
 from app.core.errors import ErrorCode, ServiceError
-from app.core.jobs import JobStatus
+from app.core.statuses import ACTIVE
 from app.core.tables import Artifact, Dataset, Job, Model, Tenant
 
 log = logging.getLogger(__name__)
@@ -123,10 +123,11 @@ def check_active_jobs(session: Session, tenant_id: str, limit: int) -> None:
         return
     lock_tenant(session, tenant_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
+        Job.tenant_id == tenant_id, Job.status.in_(ACTIVE)))
     if active >= limit:
-        raise ServiceError(ErrorCode.TOO_MANY_JOBS, f"this tenant already has {active} queued or running jobs (the limit "
-                                             f"is {limit}); wait for one to finish or cancel one")
+        raise ServiceError(ErrorCode.TOO_MANY_JOBS,
+                           f"this tenant already has {active} queued or running jobs (the limit "
+                           f"is {limit}); wait for one to finish or cancel one")
 
 
 def storage_used(session: Session, tenant_id: str) -> int:
@@ -137,8 +138,9 @@ def storage_used(session: Session, tenant_id: str) -> int:
 
 
 def _quota_exceeded(used: int, quota: int) -> ServiceError:
-    return ServiceError(ErrorCode.QUOTA_EXCEEDED, f"this upload would take the tenant's stored bytes past its quota of "
-                                           f"{quota} bytes ({used} stored); delete models or datasets to make room")
+    return ServiceError(ErrorCode.QUOTA_EXCEEDED,
+                        f"this upload would take the tenant's stored bytes past its quota of "
+                        f"{quota} bytes ({used} stored); delete models or datasets to make room")
 
 
 def check_storage_quota(session: Session, tenant_id: str, adding: int, quota: int) -> None:
@@ -177,22 +179,4 @@ async def receive_upload_within_quota(request: Request, factory: sessionmaker[Se
     except ServiceError as exc:
         if exc.code == ErrorCode.TOO_LARGE and remaining < settings.max_upload_bytes:
             raise _quota_exceeded(used, quota) from None
-        raise
-
-
-async def record_upload(factory: sessionmaker[Session], storage, key: str, row, tenant_id: str, size: int,
-                        settings: Settings) -> None:
-    """Insert an uploaded model's or dataset's row, checking the quota in the same transaction; on failure the
-    stored object is deleted so nothing is left without a row. The database work runs off the event loop."""
-
-    def insert() -> None:
-        with factory() as session:
-            check_storage_quota(session, tenant_id, size, settings.tenant_max_storage_bytes)
-            session.add(row)
-            session.commit()
-
-    try:
-        await run_in_threadpool(insert)
-    except Exception:
-        await run_in_threadpool(storage.delete, key)
         raise

@@ -7,14 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from app.core.presets import preset_recipe
-from app.core.recipe import (
-    DatasetRefs,
-    Recipe,
-    StrictModel,
-    Target,
-    TuneSpec,
-    check_recipe_for_target,
-)
+from app.core.recipe import DatasetRefs, Recipe, StrictModel, Target, TuneSpec, check_recipe_for_target
 
 MAX_GRACE_SECONDS = 86400
 

@@ -81,7 +81,8 @@ class _Collector:
                 raise ServiceError(ErrorCode.BAD_REQUEST, f"only one '{self.file_field}' part is allowed")
             filename = params.get(b"filename", b"").decode("utf-8", "replace")
             if not filename:
-                raise ServiceError(ErrorCode.INVALID_REQUEST, f"{self.file_field}: the part must be a file with a filename")
+                raise ServiceError(ErrorCode.INVALID_REQUEST,
+                                   f"{self.file_field}: the part must be a file with a filename")
             self._part = name
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
@@ -93,7 +94,8 @@ class _Collector:
             self._part = name
         else:
             allowed = ", ".join([self.file_field, *sorted(self.text_fields)])
-            raise ServiceError(ErrorCode.INVALID_REQUEST, f"{name or '(unnamed)'}: unknown form field; expected {allowed}")
+            raise ServiceError(ErrorCode.INVALID_REQUEST,
+                               f"{name or '(unnamed)'}: unknown form field; expected {allowed}")
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         chunk = data[start:end]
@@ -127,11 +129,12 @@ async def receive_upload(request: Request, tmp_dir: Path, max_bytes: int, text_f
                          file_field: str = "file") -> ParsedUpload:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not params.get(b"boundary"):
-        raise ServiceError(ErrorCode.UNSUPPORTED_MEDIA_TYPE, "uploads must be multipart/form-data with a boundary, the file in a part named 'file'")
+        raise ServiceError(ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+                           "uploads must be multipart/form-data with a boundary, the file in a part named 'file'")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + MULTIPART_OVERHEAD:
         raise ServiceError(ErrorCode.TOO_LARGE, f"request body of {declared} bytes is larger than the limit of "
-                                         f"{max_bytes} bytes")
+                                                f"{max_bytes} bytes")
     collector = _Collector(tmp_dir, max_bytes, file_field, text_fields)
     parser = MultipartParser(params[b"boundary"], collector.callbacks())
     received = 0

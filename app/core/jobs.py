@@ -9,7 +9,6 @@ job cannot both win.
 """
 
 from datetime import datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import and_, or_, select, update
@@ -18,21 +17,8 @@ from sqlalchemy.orm import Session
 from app.core.db import utcnow
 from app.core.errors import ErrorCode
 from app.core.ids import new_id
+from app.core.statuses import JobStatus
 from app.core.tables import Artifact, Job, JobEvent
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-TERMINAL = [s.value for s in JobStatus if s.is_terminal()]
 
 
 def _record(session: Session, job_id: str, from_status: str | None, to_status: str, message: str | None = None) -> None:

@@ -26,14 +26,15 @@ def get_owned(session: Session, table, resource_id: str, tenant_id: str, kind: s
     return row
 
 
-def job_students(session: Session, tenant_id: str, recipes: Iterable[Recipe]) -> Iterator[tuple[str, str, Model | None]]:
+def job_students(session: Session, tenant_id: str,
+                 recipes: Iterable[Recipe]) -> Iterator[tuple[str, str, Model | None]]:
     """(field, model id, the tenant's model or None) for every uploaded student the recipes name."""
     for recipe in recipes:
         for index, step in enumerate(recipe.steps):
             student_id = getattr(getattr(step, "student", None), "model_id", None)
             if student_id is not None:
-                yield f"recipe.steps.{index}.student.model_id", student_id, owned(session, Model, student_id,
-                                                                                  tenant_id)
+                student = owned(session, Model, student_id, tenant_id)
+                yield f"recipe.steps.{index}.student.model_id", student_id, student
 
 
 def job_datasets(session: Session, tenant_id: str, refs: DatasetRefs) -> Iterator[tuple[str, str, Dataset | None]]:

@@ -3,20 +3,11 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Boolean,
-    ForeignKey,
-    Index,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-)
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core.db import Base, UTCDateTime, utcnow
+from app.core.statuses import ModelStatus
 
 
 class Tenant(Base):
@@ -50,9 +41,8 @@ class ApiKey(Base):
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
 
 
-class Model(Base):
-    __tablename__ = "models"
-    __table_args__ = (Index("ix_models_tenant_id_id", "tenant_id", "id"),)
+class StoredFile:
+    """The columns of every uploaded file (models and datasets): who owns it, what it is, where it is stored."""
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -61,32 +51,32 @@ class Model(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
-    status: Mapped[str] = mapped_column(String(16), default="uploaded")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Model(StoredFile, Base):
+    """An uploaded model; a worker inspects it (`status`, `info`, `error`)."""
+
+    __tablename__ = "models"
+    __table_args__ = (Index("ix_models_tenant_id_id", "tenant_id", "id"),)
+
+    status: Mapped[str] = mapped_column(String(16), default=ModelStatus.UPLOADED)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Inspection is sent to a worker like a job: committed first, sent after, re-sent if the send failed.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     inspect_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
-class Dataset(Base):
+class Dataset(StoredFile, Base):
     """An uploaded dataset, validated at upload; `info` describes its arrays (or its labels, for jsonl)."""
 
     __tablename__ = "datasets"
     __table_args__ = (Index("ix_datasets_tenant_id_id", "tenant_id", "id"),)
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
-    name: Mapped[str] = mapped_column(String(200))
-    format: Mapped[str] = mapped_column(String(16))
-    size_bytes: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    storage_key: Mapped[str] = mapped_column(String(500))
     num_samples: Mapped[int] = mapped_column(BigInteger)
     has_labels: Mapped[bool] = mapped_column(Boolean)
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Job(Base):

@@ -6,13 +6,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from tests.app.core.vetting.test_dataset_files import TouchOnUnpickle, write_npz
-from worker.dataset_arrays import (
-    DatasetArrays,
-    batches,
-    load_arrays,
-    match_inputs,
-    tokenize_texts,
-)
+from worker.dataset_arrays import DatasetArrays, batches, load_arrays, match_inputs, tokenize_texts
 from worker.errors import JobFailure
 
 

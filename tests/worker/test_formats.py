@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from app.core.tables import Model
-from tests.app.core.vetting.test_modelfiles import SystemCall, with_sample_inputs_pickle
+from tests.app.core.vetting.modelfile_builders import SystemCall, with_sample_inputs_pickle
 from tests.helpers import make_mlp, save_pt2
 from worker.errors import JobFailure
 

@@ -15,13 +15,7 @@ import transformers
 
 from tests.helpers import pack
 from worker.errors import JobFailure
-from worker.formats.hf import (
-    export_hf_onnx,
-    inspect_hf,
-    load_hf,
-    save_hf,
-    verify_hf_zip,
-)
+from worker.formats.hf import export_hf_onnx, inspect_hf, load_hf, save_hf, verify_hf_zip
 
 TINY = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
         "intermediate_size": 64}

@@ -14,7 +14,6 @@ from onnx import numpy_helper
 from torch import nn
 
 from app.core.errors import ErrorCode
-from app.core.recipe import PruneStep
 from worker.compression.quantize import compile_patterns
 from worker.errors import JobFailure
 
@@ -38,7 +37,8 @@ def _two_four_mask(scores: torch.Tensor) -> torch.Tensor:
     """Keep the 2 highest scores in every group of 4 consecutive input weights (per output row)."""
     rows = scores.reshape(scores.shape[0], -1)
     if rows.shape[1] % 4:
-        raise JobFailure(ErrorCode.INVALID_RECIPE, f"2:4 sparsity needs an input width divisible by 4, got {rows.shape[1]}")
+        raise JobFailure(ErrorCode.INVALID_RECIPE,
+                         f"2:4 sparsity needs an input width divisible by 4, got {rows.shape[1]}")
     groups = rows.reshape(rows.shape[0], -1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(2, groups.topk(2, dim=2).indices, True)
@@ -74,13 +74,14 @@ def input_norms(module: nn.Module, layers: dict[str, nn.Module], batches: list[t
     return {name: total.sqrt() for name, total in sums.items()}
 
 
-def prune_unstructured(module: nn.Module, step: PruneStep, calibration: list[tuple] | None,
+def prune_unstructured(module: nn.Module, *, method: str, sparsity: float | None, threshold: float | None,
+                       scope: str, pattern: str, exclude: list[str], calibration: list[tuple] | None = None,
                        check: Callable[[], None] = lambda: None) -> tuple[dict[str, torch.Tensor], dict]:
     """Zero weights in place; returns (masks by layer name, details)."""
-    layers = prunable_layers(module, step.exclude)
+    layers = prunable_layers(module, exclude)
     if not layers:
         raise JobFailure(ErrorCode.INVALID_RECIPE, "prune: no Linear or Conv2d layer left to prune (check exclude)")
-    if step.method == "activation_aware":
+    if method == "activation_aware":
         if not calibration:
             raise JobFailure(ErrorCode.INVALID_RECIPE, "activation_aware pruning needs calibration data")
         norms = input_norms(module, layers, calibration, check)
@@ -93,29 +94,29 @@ def prune_unstructured(module: nn.Module, step: PruneStep, calibration: list[tup
         scores = {name: layer.weight.detach().abs().float() for name, layer in layers.items()}
 
     masks: dict[str, torch.Tensor] = {}
-    if step.threshold is not None:
-        masks = {name: layer.weight.detach().abs() >= step.threshold for name, layer in layers.items()}
-    elif step.pattern == "2:4":
+    if threshold is not None:
+        masks = {name: layer.weight.detach().abs() >= threshold for name, layer in layers.items()}
+    elif pattern == "2:4":
         masks = {name: _two_four_mask(s) for name, s in scores.items()}
-    elif step.method == "activation_aware":
+    elif method == "activation_aware":
         for name, s in scores.items():  # Wanda compares weights within each output row
             rows = s.reshape(s.shape[0], -1)
-            k = int(step.sparsity * rows.shape[1])
+            k = int(sparsity * rows.shape[1])
             cut = rows.kthvalue(k, dim=1, keepdim=True).values if k else torch.full((rows.shape[0], 1), -1.0)
             masks[name] = (rows > cut).reshape(s.shape)
-    elif step.scope == "global":
-        threshold = _kth_threshold(torch.cat([s.flatten() for s in scores.values()]), step.sparsity)
-        masks = {name: s > threshold for name, s in scores.items()}
+    elif scope == "global":
+        cut = _kth_threshold(torch.cat([s.flatten() for s in scores.values()]), sparsity)
+        masks = {name: s > cut for name, s in scores.items()}
     else:
-        masks = {name: s > _kth_threshold(s, step.sparsity) for name, s in scores.items()}
+        masks = {name: s > _kth_threshold(s, sparsity) for name, s in scores.items()}
     with torch.no_grad():
         for name, layer in layers.items():
             layer.weight.mul_(masks[name].to(layer.weight.dtype))
-    return masks, {"method": step.method, "pattern": step.pattern, "scope": step.scope,
-                   "sparsity_target": step.sparsity, "threshold": step.threshold, "layers": len(layers),
+    return masks, {"method": method, "pattern": pattern, "scope": scope,
+                   "sparsity_target": sparsity, "threshold": threshold, "layers": len(layers),
                    **({"note": "2:4 sparsity speeds up only on CUDA GPUs of compute capability 8.0 or newer "
                                "(sparse tensor cores); elsewhere it only makes weights compressible"}
-                      if step.pattern == "2:4" else {})}
+                      if pattern == "2:4" else {})}
 
 
 def layer_sparsity(module: nn.Module) -> dict[str, dict]:
@@ -143,12 +144,13 @@ def apply_masks(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 ONNX_WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1}
 
 
-def prune_onnx(source, destination, step: PruneStep) -> dict:
-    if step.method != "magnitude":
-        raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, f"prune method {step.method!r} needs a PyTorch model (.pt2 or "
-                                                   "Hugging Face); ONNX uploads support magnitude pruning")
+def prune_onnx(source, destination, *, method: str, sparsity: float | None, threshold: float | None, scope: str,
+               pattern: str, exclude: list[str]) -> dict:
+    if method != "magnitude":
+        raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, f"prune method {method!r} needs a PyTorch model (.pt2 or "
+                                                           "Hugging Face); ONNX uploads support magnitude pruning")
     model = onnx.load(str(source))
-    patterns = compile_patterns(step.exclude)
+    patterns = compile_patterns(exclude)
     initializers = {t.name: t for t in model.graph.initializer}
     targets = {}
     for node in model.graph.node:
@@ -164,22 +166,22 @@ def prune_onnx(source, destination, step: PruneStep) -> dict:
     if not targets:
         raise JobFailure(ErrorCode.INVALID_RECIPE, "prune: no MatMul/Gemm/Conv weight left to prune (check exclude)")
     scores = {name: torch.from_numpy(np.abs(a.T if kn else a).astype(np.float32)) for name, (a, kn) in targets.items()}
-    if step.threshold is not None:
-        masks = {name: s >= step.threshold for name, s in scores.items()}
-    elif step.pattern == "2:4":
+    if threshold is not None:
+        masks = {name: s >= threshold for name, s in scores.items()}
+    elif pattern == "2:4":
         masks = {name: _two_four_mask(s) for name, s in scores.items()}
-    elif step.scope == "global":
-        threshold = _kth_threshold(torch.cat([s.flatten() for s in scores.values()]), step.sparsity)
-        masks = {name: s > threshold for name, s in scores.items()}
+    elif scope == "global":
+        cut = _kth_threshold(torch.cat([s.flatten() for s in scores.values()]), sparsity)
+        masks = {name: s > cut for name, s in scores.items()}
     else:
-        masks = {name: s > _kth_threshold(s, step.sparsity) for name, s in scores.items()}
+        masks = {name: s > _kth_threshold(s, sparsity) for name, s in scores.items()}
     for name, (array, kn) in targets.items():
         mask = masks[name].numpy()
         pruned = array * (mask.T if kn else mask)
         initializers[name].CopyFrom(numpy_helper.from_array(pruned.astype(array.dtype), name))
     onnx.save(model, str(destination))
-    return {"method": step.method, "pattern": step.pattern, "scope": step.scope, "sparsity_target": step.sparsity,
-            "threshold": step.threshold, "layers": len(targets)}
+    return {"method": method, "pattern": pattern, "scope": scope, "sparsity_target": sparsity,
+            "threshold": threshold, "layers": len(targets)}
 
 
 def _gemm_kn(node) -> bool:

@@ -30,12 +30,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from app.core.errors import ErrorCode
-from app.core.recipe import QuantizeStep
-from worker.compression.modules import (
-    DynamicInt8Linear,
-    WeightOnlyLinear,
-    replace_linears,
-)
+from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, replace_linears
 from worker.errors import JobFailure
 
 log = logging.getLogger(__name__)
@@ -45,6 +40,7 @@ log = logging.getLogger(__name__)
 STATIC_OPS = ["MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "GRU"]
 CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
+CASTS = ("fp16", "bf16")  # dtypes reached by casting the weights, not by quantizing them
 
 
 def compile_patterns(patterns: list[str]) -> list[re.Pattern]:
@@ -85,18 +81,18 @@ def _failure(what: str, exc: Exception) -> JobFailure:
     return JobFailure(ErrorCode.QUANTIZATION_FAILED, f"{what} failed: {exc.__class__.__name__}: {str(exc)[:300]}")
 
 
-def onnx_dynamic_int8(source: Path, destination: Path, step: QuantizeStep) -> dict:
+def onnx_dynamic_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str]) -> dict:
     with _prepared(source, destination) as prepared:
-        exclude = excluded_nodes(prepared, step.exclude)
+        excluded = excluded_nodes(prepared, exclude)
         # ONNX Runtime rewrites Gemm as MatMul + Add before quantizing, naming the MatMul "<gemm name>_MatMul".
         try:
             quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8,
-                             per_channel=step.granularity == "per_channel",
-                             nodes_to_exclude=exclude + [f"{n}_MatMul" for n in exclude],
+                             per_channel=granularity == "per_channel",
+                             nodes_to_exclude=excluded + [f"{n}_MatMul" for n in excluded],
                              extra_options={"MatMulConstBOnly": True})
         except Exception as exc:
             raise _failure("ONNX Runtime dynamic quantization", exc) from None
-    return {"method": "dynamic", "dtype": "int8", "granularity": step.granularity, "excluded_nodes": exclude,
+    return {"method": "dynamic", "dtype": "int8", "granularity": granularity, "excluded_nodes": excluded,
             "tool": "onnxruntime.quantization.quantize_dynamic"}
 
 
@@ -108,23 +104,23 @@ class _Batches(CalibrationDataReader):
         return next(self._items, None)
 
 
-def onnx_static_int8(source: Path, destination: Path, step: QuantizeStep,
-                     calibration: list[list[np.ndarray]]) -> dict:
+def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str],
+                     calibration_method: str, calibration: list[list[np.ndarray]]) -> dict:
     with _prepared(source, destination) as prepared:
-        exclude = excluded_nodes(prepared, step.exclude)
+        excluded = excluded_nodes(prepared, exclude)
         graph = onnx.load(str(prepared), load_external_data=False).graph
         weights = {t.name for t in graph.initializer}
         names = [i.name for i in graph.input if i.name not in weights]
         try:
             quantize_static(str(prepared), str(destination), _Batches(names, calibration),
-                            quant_format=QuantFormat.QDQ, per_channel=step.granularity == "per_channel",
+                            quant_format=QuantFormat.QDQ, per_channel=granularity == "per_channel",
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=exclude, calibrate_method=CALIBRATION[step.calibration_method],
+                            nodes_to_exclude=excluded, calibrate_method=CALIBRATION[calibration_method],
                             op_types_to_quantize=STATIC_OPS)
         except Exception as exc:
             raise _failure("ONNX Runtime static quantization", exc) from None
-    return {"method": "static", "dtype": "int8", "granularity": step.granularity, "excluded_nodes": exclude,
-            "calibration_method": step.calibration_method, "calibration_batches": len(calibration),
+    return {"method": "static", "dtype": "int8", "granularity": granularity, "excluded_nodes": excluded,
+            "calibration_method": calibration_method, "calibration_batches": len(calibration),
             "calibration_samples": int(sum(b[0].shape[0] for b in calibration)) if calibration else 0,
             "format": "QDQ (uint8 activations, int8 weights)", "tool": "onnxruntime.quantization.quantize_static"}
 
@@ -161,58 +157,62 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     return rewritten
 
 
-def onnx_weight_only(source: Path, destination: Path, step: QuantizeStep) -> dict:
+def onnx_weight_only(source: Path, destination: Path, *, dtype: str, granularity: str, group_size: int | None,
+                     exclude: list[str]) -> dict:
     """MatMulNBits weights (int8 or int4 blocks) computed with int8 activations (accuracy_level 4, ONNX
     Runtime's fast path on x86), and int8 embedding tables (Gather), so the whole file shrinks."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    bits = 4 if step.dtype == "int4" else 8
-    block = step.group_size or 128
+    bits = 4 if dtype == "int4" else 8
+    block = group_size or 128
     model = onnx.load(str(source))
     rewritten = gemm_to_matmul(model)
     matmuls = destination.with_suffix(".matmul.onnx")
     onnx.save(model, str(matmuls))
-    exclude = excluded_nodes(matmuls, step.exclude)
+    excluded = excluded_nodes(matmuls, exclude)
     try:
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True, accuracy_level=4,
-                                         nodes_to_exclude=exclude, op_types_to_quantize=("MatMul",),
-                                         channel_wised_quantize=step.granularity == "per_channel")
+                                         nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",),
+                                         channel_wised_quantize=granularity == "per_channel")
         quantizer.process()
         quantizer.model.save_model_to_file(str(matmuls))
         quantize_dynamic(str(matmuls), str(destination), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["Gather"], nodes_to_exclude=exclude)
+                         op_types_to_quantize=["Gather"], nodes_to_exclude=excluded)
     except Exception as exc:
         raise _failure("ONNX Runtime weight-only quantization", exc) from None
     finally:
         matmuls.unlink(missing_ok=True)
-    return {"method": "weight_only", "dtype": step.dtype, "bits": bits,
-            "granularity": step.granularity, "group_size": None if step.granularity == "per_channel" else block,
-            "gemm_rewritten_as_matmul": rewritten, "excluded_nodes": exclude, "embeddings": "int8 (Gather)",
+    return {"method": "weight_only", "dtype": dtype, "bits": bits,
+            "granularity": granularity, "group_size": None if granularity == "per_channel" else block,
+            "gemm_rewritten_as_matmul": rewritten, "excluded_nodes": excluded, "embeddings": "int8 (Gather)",
             "tool": "onnxruntime.quantization.matmul_nbits_quantizer (MatMulNBits, accuracy_level 4)"}
 
 
-def onnx_fp16(source: Path, destination: Path, step: QuantizeStep) -> dict:
+def onnx_fp16(source: Path, destination: Path, *, exclude: list[str]) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    exclude = excluded_nodes(source, step.exclude)
+    excluded = excluded_nodes(source, exclude)
     try:
-        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, node_block_list=exclude)
+        model = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True, node_block_list=excluded)
         onnx.save(model, str(destination))
     except Exception as exc:
         raise _failure("fp16 conversion", exc) from None
-    return {"method": "cast", "dtype": "fp16", "excluded_nodes": exclude, "io_types": "float32 (kept)",
+    return {"method": "cast", "dtype": "fp16", "excluded_nodes": excluded, "io_types": "float32 (kept)",
             "tool": "onnxruntime.transformers.float16"}
 
 
-def quantize_onnx(source: Path, destination: Path, step: QuantizeStep,
+def quantize_onnx(source: Path, destination: Path, *, method: str, dtype: str, granularity: str,
+                  group_size: int | None, exclude: list[str], calibration_method: str,
                   calibration: list[list[np.ndarray]] | None) -> dict:
-    if step.dtype == "fp16":
-        return onnx_fp16(source, destination, step)
-    if step.method == "static":
-        return onnx_static_int8(source, destination, step, calibration or [])
-    if step.method == "weight_only":
-        return onnx_weight_only(source, destination, step)
-    return onnx_dynamic_int8(source, destination, step)
+    if dtype == "fp16":
+        return onnx_fp16(source, destination, exclude=exclude)
+    if method == "static":
+        return onnx_static_int8(source, destination, granularity=granularity, exclude=exclude,
+                                calibration_method=calibration_method, calibration=calibration or [])
+    if method == "weight_only":
+        return onnx_weight_only(source, destination, dtype=dtype, granularity=granularity, group_size=group_size,
+                                exclude=exclude)
+    return onnx_dynamic_int8(source, destination, granularity=granularity, exclude=exclude)
 
 
 class CastIO(torch.nn.Module):
@@ -231,25 +231,26 @@ class CastIO(torch.nn.Module):
         return result.float() if result.is_floating_point() else result
 
 
-def quantize_module(module: torch.nn.Module, step: QuantizeStep) -> tuple[torch.nn.Module, dict]:
+def quantize_module(module: torch.nn.Module, *, method: str, dtype: str, granularity: str, group_size: int | None,
+                    exclude: list[str]) -> tuple[torch.nn.Module, dict]:
     """pytorch target: swap linear layers for quantized ones (or cast); returns the new module."""
-    patterns = compile_patterns(step.exclude)
+    patterns = compile_patterns(exclude)
 
     def skip(name: str) -> bool:
         return any(rx.search(name) for rx in patterns)
 
-    if step.is_cast:
-        dtype = torch.float16 if step.dtype == "fp16" else torch.bfloat16
-        return CastIO(module, dtype), {"method": "cast", "dtype": step.dtype, "io_types": "float32 (kept)"}
-    if step.method == "weight_only":
-        bits = 4 if step.dtype == "int4" else 8
-        group = step.group_size if step.granularity == "group" else None
+    if dtype in CASTS:
+        torch_dtype = torch.float16 if dtype == "fp16" else torch.bfloat16
+        return CastIO(module, torch_dtype), {"method": "cast", "dtype": dtype, "io_types": "float32 (kept)"}
+    if method == "weight_only":
+        bits = 4 if dtype == "int4" else 8
+        group = group_size if granularity == "group" else None
         names = replace_linears(module, lambda layer: WeightOnlyLinear(layer, bits, group), skip)
-        return module, {"method": "weight_only", "dtype": step.dtype, "group_size": group,
-                        "granularity": step.granularity, "quantized_layers": len(names),
+        return module, {"method": "weight_only", "dtype": dtype, "group_size": group,
+                        "granularity": granularity, "quantized_layers": len(names),
                         "note": "weights are stored as int8/int4 and dequantized at run time: smaller, "
                                 "not faster on CPU"}
-    names = replace_linears(module, lambda layer: DynamicInt8Linear(layer, step.granularity == "per_channel"), skip)
-    return module, {"method": "dynamic", "dtype": "int8", "granularity": step.granularity,
+    names = replace_linears(module, lambda layer: DynamicInt8Linear(layer, granularity == "per_channel"), skip)
+    return module, {"method": "dynamic", "dtype": "int8", "granularity": granularity,
                     "quantized_layers": len(names),
                     "note": "int8 weights; activations quantized per row at run time (torch._int_mm)"}

@@ -17,7 +17,6 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 from app.core.errors import ErrorCode
-from app.core.recipe import PruneStep
 from worker.compression.quantize import compile_patterns
 from worker.errors import JobFailure
 
@@ -120,8 +119,8 @@ def _channel_scores(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().reshape(weight.shape[0], -1).norm(dim=1)
 
 
-def prune_graph_channels(gm: GraphModule, step: PruneStep) -> dict:
-    patterns = compile_patterns(step.exclude)
+def prune_graph_channels(gm: GraphModule, *, sparsity: float, scope: str, exclude: list[str]) -> dict:
+    patterns = compile_patterns(exclude)
     plans = []
     for node in gm.graph.nodes:
         module = _module(gm, node)
@@ -131,32 +130,32 @@ def prune_graph_channels(gm: GraphModule, step: PruneStep) -> dict:
                 plans.append(plan)
     if not plans:
         raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "structured pruning found no layer whose channels can be removed "
-                                              "safely (each output must feed only Linear/Conv2d layers)")
+                                                      "safely (each output must feed only Linear/Conv2d layers)")
     scores = {p.producer: _channel_scores(gm.get_submodule(p.producer).weight) for p in plans}
-    keeps = _choose(scores, step)
+    keeps = _choose(scores, sparsity, scope)
     removed = {}
     for plan in plans:
         keep = keeps[plan.producer]
         removed[plan.producer] = int(scores[plan.producer].numel() - len(keep))
         _apply(gm, plan, keep)
     gm.recompile()
-    return {"method": "structured", "pattern": "channel", "scope": step.scope, "sparsity_target": step.sparsity,
+    return {"method": "structured", "pattern": "channel", "scope": scope, "sparsity_target": sparsity,
             "channels_removed": removed}
 
 
-def _choose(scores: dict[str, torch.Tensor], step: PruneStep) -> dict[str, torch.Tensor]:
+def _choose(scores: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
     """Indices to keep per layer: the same fraction per layer, or one global cut on normalised scores."""
-    if step.scope == "global":
+    if scope == "global":
         normalised = {n: s / s.mean().clamp(min=1e-12) for n, s in scores.items()}
         everything = torch.cat(list(normalised.values()))
-        k = int(step.sparsity * everything.numel())
+        k = int(sparsity * everything.numel())
         cut = everything.kthvalue(k).values if k else torch.tensor(-1.0)
         keeps = {}
         for name, s in normalised.items():
             keep = (s > cut).nonzero().flatten()
             keeps[name] = keep if len(keep) else s.topk(1).indices
         return {n: k.sort().values for n, k in keeps.items()}
-    return {n: s.topk(_keep_count(len(s), step.sparsity)).indices.sort().values for n, s in scores.items()}
+    return {n: s.topk(_keep_count(len(s), sparsity)).indices.sort().values for n, s in scores.items()}
 
 
 def _ffn_pairs(model: nn.Module) -> list[tuple[list[nn.Linear], nn.Linear]]:
@@ -174,14 +173,16 @@ def _ffn_pairs(model: nn.Module) -> list[tuple[list[nn.Linear], nn.Linear]]:
     return pairs
 
 
-def prune_transformer_ffn(model: nn.Module, step: PruneStep) -> dict:
-    """Remove the same number of feed-forward neurons in every block (config.intermediate_size follows)."""
+def prune_transformer_ffn(model: nn.Module, *, sparsity: float, scope: str, exclude: list[str]) -> dict:
+    """Remove the same number of feed-forward neurons in every block (config.intermediate_size follows).
+
+    `scope` and `exclude` are not used: every block must keep the same width for the config to stay valid."""
     pairs = _ffn_pairs(model)
     if not pairs:
         raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "structured pruning of this transformer is not supported: no "
-                                              "BERT-style or LLaMA-style feed-forward blocks found")
+                                                      "BERT-style or LLaMA-style feed-forward blocks found")
     width = pairs[0][1].in_features
-    keep_count = _keep_count(width, step.sparsity)
+    keep_count = _keep_count(width, sparsity)
     for producers, consumer in pairs:
         score = sum(_channel_scores(p.weight) for p in producers) + consumer.weight.detach().float().norm(dim=0)
         keep = score.topk(keep_count).indices.sort().values

@@ -1,4 +1,4 @@
-"""Training after compression: knowledge distillation and fine-tuning, plus smaller students to distill into.
+"""Training after compression: knowledge distillation and fine-tuning (students to distill into: students.py).
 
 Pruning and quantization lose quality; a few epochs of training win most of it back. `distill` trains a
 student to match the original model (the teacher), whose soft targets carry more than labels do (Hinton et
@@ -11,7 +11,6 @@ cannot be switched) and Hugging Face adapters (ordinary modules). A model takes 
 order and returns a tensor or a tuple of tensors; the first output is what is trained.
 """
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -24,8 +23,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from app.core.errors import ErrorCode
-from app.core.recipe import PruneStep
-from worker.compression.structured import prune_graph_channels
 from worker.errors import JobCancelled, JobFailure
 
 Tensors = tuple[list[torch.Tensor], torch.Tensor | None]  # inputs, labels
@@ -79,13 +76,14 @@ class _Objective:
         terms = []
         if self.hard > 0:
             if first.dim() != 2:
-                raise JobFailure(ErrorCode.INVALID_RECIPE, "training on labels needs [batch, classes] logits as the "
-                                                   f"model's first output, got shape {list(first.shape)}; distill "
-                                                   "from the original model with alpha=1 instead (no labels used)")
+                raise JobFailure(ErrorCode.INVALID_RECIPE,
+                                 "training on labels needs [batch, classes] logits as the "
+                                 f"model's first output, got shape {list(first.shape)}; distill "
+                                 "from the original model with alpha=1 instead (no labels used)")
             if labels is not None:
                 if int(labels.max()) >= first.shape[1]:
                     raise JobFailure(ErrorCode.INVALID_DATASET, f"label {int(labels.max())} is out of range: the model "
-                                                        f"has {first.shape[1]} classes")
+                                                                f"has {first.shape[1]} classes")
                 terms.append(self.hard * F.cross_entropy(first, labels))
         if self.soft > 0:
             terms.append(self.soft * self._match(first, teacher[0].float()))
@@ -97,8 +95,9 @@ class _Objective:
 
     def _match(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         if student.shape != teacher.shape:
-            raise JobFailure(ErrorCode.INVALID_RECIPE, f"the student's first output has shape {list(student.shape)}, the "
-                                               f"teacher's {list(teacher.shape)}: they must match to distill")
+            raise JobFailure(ErrorCode.INVALID_RECIPE,
+                             f"the student's first output has shape {list(student.shape)}, the "
+                             f"teacher's {list(teacher.shape)}: they must match to distill")
         if student.dim() != 2:
             return F.mse_loss(student, teacher)
         t = self.temperature
@@ -131,8 +130,8 @@ def distill(teacher: nn.Module, student: nn.Module, train: TrainData, val: Train
     _validate(cfg)
     if cfg.alpha < 1 and train.labels is None:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"distillation with alpha={cfg.alpha} needs labels (the hard-label "
-                                            "loss gets weight 1 - alpha): add a labels array to the training "
-                                            "dataset, or use alpha=1 to learn from the teacher's outputs alone")
+                                                    "loss gets weight 1 - alpha): add a labels array to the training "
+                                                    "dataset, or use alpha=1 to learn from the teacher's outputs alone")
     objective = _Objective(soft=cfg.alpha, hard=1 - cfg.alpha, hidden=cfg.hidden_weight,
                            temperature=cfg.temperature)
     _set_training(teacher, False)
@@ -147,9 +146,10 @@ def finetune(model: nn.Module, train: TrainData, val: TrainData | None, cfg: Tra
     """Train `model` in place on cross-entropy against labels (a classifier: first output [batch, classes])."""
     _validate(cfg)
     if train.labels is None:
-        raise JobFailure(ErrorCode.INVALID_DATASET, "fine-tuning needs labels: add a labels array of class ids to the "
-                                            "training dataset, or distill from the original model with alpha=1, "
-                                            "which needs no labels")
+        raise JobFailure(ErrorCode.INVALID_DATASET,
+                         "fine-tuning needs labels: add a labels array of class ids to the "
+                         "training dataset, or distill from the original model with alpha=1, "
+                         "which needs no labels")
     objective = _Objective(soft=0.0, hard=1.0, hidden=0.0, temperature=1.0)
     return _train(model, None, objective, train, val, cfg, masks, device, static_batch, on_epoch, check, deadline)
 
@@ -158,9 +158,11 @@ def _validate(cfg: TrainConfig) -> None:
     if not 0 <= cfg.alpha <= 1:
         raise JobFailure(ErrorCode.INVALID_RECIPE, f"alpha must be between 0 and 1, got {cfg.alpha}")
     if cfg.temperature <= 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise JobFailure(ErrorCode.INVALID_RECIPE, "temperature and lr must be positive, epochs and batch_size at least 1")
+        raise JobFailure(ErrorCode.INVALID_RECIPE,
+                         "temperature and lr must be positive, epochs and batch_size at least 1")
     if cfg.fake_quant_bits is not None and not 2 <= cfg.fake_quant_bits <= 8:
-        raise JobFailure(ErrorCode.INVALID_RECIPE, f"fake_quant_bits must be between 2 and 8, got {cfg.fake_quant_bits}")
+        raise JobFailure(ErrorCode.INVALID_RECIPE,
+                         f"fake_quant_bits must be between 2 and 8, got {cfg.fake_quant_bits}")
 
 
 def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective, train: TrainData,
@@ -177,8 +179,9 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
     val_tensors = _tensors(val, "validation") if val is not None else None
     samples = len(train_tensors[0][0])
     if static_batch and samples < static_batch:
-        raise JobFailure(ErrorCode.INVALID_DATASET, f"the model was exported for batches of exactly {static_batch}, but "
-                                            f"the training data has only {samples} samples")
+        raise JobFailure(ErrorCode.INVALID_DATASET,
+                         f"the model was exported for batches of exactly {static_batch}, but "
+                         f"the training data has only {samples} samples")
     size, static = static_batch or cfg.batch_size, bool(static_batch)
     if objective.soft == 0 and objective.hidden == 0:
         teacher = None  # pure hard-label training: no need to run it
@@ -264,14 +267,15 @@ def _tensors(data: TrainData, role: str) -> Tensors:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} data has no input arrays")
     samples = len(data.inputs[0])
     if samples == 0 or any(len(array) != samples for array in data.inputs):
-        raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} input arrays must hold the same number (> 0) of samples, "
-                                            f"got {[len(array) for array in data.inputs]}")
+        raise JobFailure(ErrorCode.INVALID_DATASET,
+                         f"the {role} input arrays must hold the same number (> 0) of samples, "
+                         f"got {[len(array) for array in data.inputs]}")
     inputs = [torch.from_numpy(np.ascontiguousarray(array)) for array in data.inputs]
     if data.labels is None:
         return inputs, None
     if data.labels.shape != (samples,) or not np.issubdtype(data.labels.dtype, np.integer):
         raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} labels must be {samples} integer class ids, got "
-                                            f"{data.labels.dtype} of shape {list(data.labels.shape)}")
+                                                    f"{data.labels.dtype} of shape {list(data.labels.shape)}")
     if data.labels.min() < 0:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"the {role} labels hold a negative class id")
     return inputs, torch.from_numpy(data.labels.astype(np.int64))
@@ -359,76 +363,3 @@ def _remove_fake_quant(layers: list[nn.Linear]) -> None:
     """Back to plain float weights (the latent ones), which the later quantize step quantizes for real."""
     for layer in layers:
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
-
-
-# --- students ------------------------------------------------------------------------------------------------
-
-
-def shrink_student(teacher: nn.Module, depth: float, width: float, hf=None) -> tuple[nn.Module, dict]:
-    """A smaller model to distill into, initialised from the teacher (never from scratch: it trains faster).
-
-    Hugging Face transformers (`hf`, a worker.formats.hf.HFModel): fewer layers, taken evenly spaced from
-    the teacher as DistilBERT did (every other layer at depth 0.5). torch.export graphs: narrower hidden
-    layers, keeping the channels with the largest weight norms (structured pruning). The teacher is not
-    changed. Returns (student module with the teacher's inputs and outputs, details).
-    """
-    if not (0 < depth <= 1 and 0 < width <= 1):
-        raise JobFailure(ErrorCode.INVALID_RECIPE, f"depth and width are fractions of the teacher in (0, 1], got depth "
-                                           f"{depth}, width {width}")
-    if hf is not None:
-        if width != 1:
-            raise JobFailure(ErrorCode.INVALID_RECIPE, "narrower transformers are not supported: use width 1.0 and depth "
-                                               "< 1 (fewer layers) for Hugging Face models")
-        return _fewer_layers(hf, depth)
-    if not hasattr(teacher, "graph"):
-        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "a student can be derived from Hugging Face transformers and "
-                                              "torch.export models only")
-    if depth != 1:
-        raise JobFailure(ErrorCode.INVALID_RECIPE, "removing layers from a torch.export model is not supported (its graph "
-                                           "fixes the layer sequence): use depth 1.0 and width < 1 (narrower "
-                                           "layers)")
-    student = copy.deepcopy(teacher)
-    before = _widths(student)
-    if width < 1:
-        prune_graph_channels(student, PruneStep(op="prune", method="structured", sparsity=1 - width))
-    after = _widths(student)
-    return student, {"width": width,
-                     "channels": {name: {"teacher": before[name], "student": after[name]} for name in before},
-                     "init": "teacher channels with the largest weight norms"}
-
-
-def _widths(module: nn.Module) -> dict[str, int]:
-    return {name: layer.weight.shape[0] for name, layer in module.named_modules()
-            if isinstance(layer, (nn.Linear, nn.Conv2d))}
-
-
-def _fewer_layers(hf, depth: float) -> tuple[nn.Module, dict]:
-    """A transformers model of the same class with fewer layers; every weight copied from the teacher."""
-    from worker.formats.hf import TextModelAdapter
-
-    teacher = hf.model
-    config = copy.deepcopy(teacher.config)
-    layers = config.num_hidden_layers
-    count = max(1, round(depth * layers))
-    chosen = [i * layers // count for i in range(count)]
-    stacks = [name for name, m in teacher.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layers]
-    if len(stacks) != 1:
-        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, f"cannot find the single list of {layers} layers in "
-                                              f"{type(teacher).__name__} to take the student's layers from")
-    config.num_hidden_layers = count
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in chosen]
-    student = type(teacher)(config)
-    prefix = stacks[0] + "."
-    source = teacher.state_dict()
-    state = {}
-    for key in student.state_dict():
-        name = key
-        if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
-            name = f"{prefix}{chosen[int(index)]}.{rest}"
-        state[key] = source[name]
-    student.load_state_dict(state)
-    student = student.float().eval()
-    module = TextModelAdapter(student, hf.input_names, hf.output_names, hf.module.extra).eval()
-    return module, {"layers": {"teacher": layers, "student": count}, "init": f"teacher layers {chosen}"}

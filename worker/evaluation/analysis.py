@@ -30,6 +30,7 @@ import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 
+from app.core.recipe import PruneStep, QuantizeStep, Recipe
 from worker.compression.modules import count_weights, quantize_weight
 from worker.compression.prune import ONNX_WEIGHT_INPUTS, PRUNABLE
 from worker.formats.onnx_format import count_params
@@ -114,6 +115,11 @@ def _listing(layers: list[dict], variant: str) -> str:
     return ", ".join(f"{layer['name']} ({layer['sensitivity'][variant]:.2e})" for layer in layers)
 
 
+def _as_dict(recipe: Recipe) -> dict:
+    """A recipe as the report shows it: the fields the suggestion sets."""
+    return recipe.model_dump(mode="json", exclude_unset=True)
+
+
 def _suggest(layers: list[dict], measured: list[int], quantize_patterns: Callable[[str], list[str]],
              torch_model: bool) -> tuple[dict, list[str]]:
     """The recipe and the reasons for each of its choices, from the measured sensitivities."""
@@ -124,8 +130,8 @@ def _suggest(layers: list[dict], measured: list[int], quantize_patterns: Callabl
     median = float(np.median(int8))
     outliers = [layer for layer in analysed
                 if layer["sensitivity"]["int8"] > max(OUTLIER_FACTOR * median, OUTLIER_FLOOR)]
-    quantize = {"op": "quantize", "method": "dynamic", "dtype": "int8", "granularity": "per_channel",
-                "exclude": [p for layer in outliers for p in quantize_patterns(layer["name"])]}
+    quantize = QuantizeStep(op="quantize", method="dynamic", dtype="int8", granularity="per_channel",
+                            exclude=[p for layer in outliers for p in quantize_patterns(layer["name"])])
     if outliers:
         rationale.append(f"quantize: dynamic int8 per channel, except {_listing(outliers, 'int8')}: their int8 "
                          f"sensitivity is over {OUTLIER_FACTOR:g}x the median ({median:.2e}) and over "
@@ -137,15 +143,15 @@ def _suggest(layers: list[dict], measured: list[int], quantize_patterns: Callabl
     dense = [layer for layer in analysed if layer["sensitivity"]["prune50"] >= PRUNE_HIGH]
     dense_names = {layer["name"] for layer in dense}
     prunable = [layer for layer in layers if layer["name"] not in dense_names]
-    steps = []
+    steps: list[PruneStep | QuantizeStep] = []
     if not prunable:
         rationale.append(f"prune: none; every layer's prune50 sensitivity is at least {PRUNE_HIGH:g}")
     else:
         tolerant = all(layer["sensitivity"] is None or layer["sensitivity"]["prune50"] < PRUNE_LOW
                        for layer in prunable)
         sparsity = 0.5 if tolerant else 0.3
-        steps.append({"op": "prune", "method": "magnitude", "sparsity": sparsity, "scope": "layer",
-                      "exclude": [_anchored(layer["name"]) for layer in dense]})
+        steps.append(PruneStep(op="prune", method="magnitude", sparsity=sparsity, scope="layer",
+                               exclude=[_anchored(layer["name"]) for layer in dense]))
         why = (f"every pruned layer's prune50 sensitivity is below {PRUNE_LOW:g}" if tolerant else
                f"some pruned layers have a prune50 sensitivity between {PRUNE_LOW:g} and {PRUNE_HIGH:g}")
         rationale.append(f"prune: magnitude {sparsity:.0%} per layer: {why}")
@@ -156,12 +162,12 @@ def _suggest(layers: list[dict], measured: list[int], quantize_patterns: Callabl
 
     int4_worst = max(layer["sensitivity"]["int4"] for layer in analysed)
     if torch_model and int4_worst < INT4_TINY:
-        alternative = {"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4",
-                                  "granularity": "group", "group_size": INT4_GROUP}]}
-        rationale.append(f"alternative for target.runtime 'pytorch': {json.dumps(alternative)} (weights half "
+        alternative = Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4",
+                                                 granularity="group", group_size=INT4_GROUP)])
+        rationale.append(f"alternative for target.runtime 'pytorch': {json.dumps(_as_dict(alternative))} (weights half "
                          f"the size of int8 ones): every layer's int4 sensitivity is below "
                          f"{INT4_TINY:g} (worst {int4_worst:.2e})")
-    return {"steps": steps}, rationale
+    return _as_dict(Recipe(steps=steps)), rationale
 
 
 def _result(layers: list[dict], measured: list[int], reference: Outputs, total_params: int,

@@ -8,14 +8,7 @@ import numpy as np
 
 from app.core.errors import ErrorCode
 from worker.compression.train import TrainData
-from worker.dataset_arrays import (
-    DatasetArrays,
-    batches,
-    check_labels,
-    load_arrays,
-    match_inputs,
-    tokenize_texts,
-)
+from worker.dataset_arrays import DatasetArrays, batches, check_labels, load_arrays, match_inputs, tokenize_texts
 from worker.errors import JobFailure
 from worker.evaluation.inputs import generate_feeds
 
@@ -47,8 +40,9 @@ def _arrays(path: Path, fmt: str, loaded, role: str) -> DatasetArrays:
     if data.texts is not None:
         tokenizer = getattr(loaded.hf, "tokenizer", None)
         if tokenizer is None:
-            raise JobFailure(ErrorCode.INVALID_DATASET, f"{role} dataset: a .jsonl text dataset needs a Hugging Face model "
-                                                "that ships its tokenizer")
+            raise JobFailure(ErrorCode.INVALID_DATASET,
+                             f"{role} dataset: a .jsonl text dataset needs a Hugging Face model "
+                             "that ships its tokenizer")
         names = [i["name"] for i in loaded.inputs]
         data = DatasetArrays(inputs=tokenize_texts(data.texts, tokenizer, names, TEXT_MAX_LENGTH), labels=data.labels)
     return data

@@ -18,9 +18,7 @@ def load(path: Path, fmt: str, workdir: Path) -> LoadedModel:
     if fmt == "onnx":
         return onnx_format.load(path)
     if fmt == "hf":
-        from worker.formats import (
-            hf,  # transformers is slow to import: only for Hugging Face models
-        )
+        from worker.formats import hf  # transformers is slow to import: only for Hugging Face models
 
         model = hf.load_hf(path, workdir)
         return LoadedModel(format="hf", inputs=model.inputs, outputs=model.outputs, module=model.module,

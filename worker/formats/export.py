@@ -48,7 +48,8 @@ def export_program(module: torch.nn.Module, inputs: list[dict[str, Any]], args: 
     try:
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes(inputs, module), strict=False)
     except Exception as exc:
-        raise JobFailure(ErrorCode.EXPORT_FAILED, f"torch.export failed: {exc.__class__.__name__}: {str(exc)[:300]}") from None
+        raise JobFailure(ErrorCode.EXPORT_FAILED,
+                         f"torch.export failed: {exc.__class__.__name__}: {str(exc)[:300]}") from None
 
 
 def to_pt2(module: torch.nn.Module, inputs: list[dict[str, Any]], args: tuple, path: Path) -> Path:
@@ -63,5 +64,5 @@ def to_onnx(module: torch.nn.Module, inputs: list[dict[str, Any]], args: tuple, 
                           input_names=[i["name"] for i in inputs])
     except Exception as exc:
         raise JobFailure(ErrorCode.EXPORT_FAILED, f"could not export the model to ONNX: {exc.__class__.__name__}: "
-                                          f"{str(exc)[:300]}") from None
+                                                  f"{str(exc)[:300]}") from None
     return path

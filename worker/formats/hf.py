@@ -27,11 +27,7 @@ import transformers
 from app.core.config import get_settings
 from app.core.errors import ErrorCode
 from app.core.vetting.archives import ArchiveError, extract_archive
-from app.core.vetting.modelfiles import (
-    MAX_CONFIG_BYTES,
-    UNPACK_FACTOR,
-    remote_code_reason,
-)
+from app.core.vetting.hf import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
 from worker.errors import JobFailure
 from worker.runtime import ort_session, run_onnx
 
@@ -104,8 +100,9 @@ def load_hf(archive: Path, workdir: Path) -> HFModel:
 
     forward_params = inspect.signature(model.forward).parameters
     if "input_ids" not in forward_params:
-        raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"{type(model).__name__} does not take input_ids; only text "
-                                                     "models are supported for Hugging Face uploads")
+        raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                         f"{type(model).__name__} does not take input_ids; only text "
+                         "models are supported for Hugging Face uploads")
     wanted = tokenizer.model_input_names if tokenizer is not None else ["input_ids", "attention_mask"]
     input_names = ["input_ids", *(n for n in OPTIONAL_INPUTS if n in wanted and n in forward_params)]
     extra = {"use_cache": False} if "use_cache" in forward_params else {}
@@ -142,7 +139,8 @@ def save_hf(hf: HFModel, model: torch.nn.Module, out_dir: Path) -> Path:
     sentence-transformers pooling configs) go along; its old weights and any code do not.
     """
     if not isinstance(model, transformers.PreTrainedModel):
-        raise JobFailure(ErrorCode.EXPORT_FAILED, f"the hf export needs a transformers model, got {type(model).__name__}")
+        raise JobFailure(ErrorCode.EXPORT_FAILED,
+                         f"the hf export needs a transformers model, got {type(model).__name__}")
     save_dir = out_dir / "model"
     model.save_pretrained(save_dir)
     if hf.tokenizer is not None:
@@ -167,7 +165,8 @@ def verify_hf_zip(zip_path: Path, workdir: Path) -> HFModel:
         with torch.inference_mode():
             hf.module(*hf.example_inputs())
     except JobFailure as exc:
-        raise JobFailure(ErrorCode.EXPORT_FAILED, f"the exported Hugging Face archive does not load back: {exc.message}") \
+        raise JobFailure(ErrorCode.EXPORT_FAILED,
+                         f"the exported Hugging Face archive does not load back: {exc.message}") \
             from None
     return hf
 
@@ -186,21 +185,23 @@ def export_hf_onnx(hf: HFModel, path: Path, batch: int = 2, seq: int = 16) -> Pa
                           dynamic_shapes=dynamic_shapes, verbose=False)
     except Exception as exc:
         raise JobFailure(ErrorCode.EXPORT_FAILED, f"could not export the model to ONNX: {exc.__class__.__name__}: "
-                                          f"{str(exc)[:300]}") from None
+                                                  f"{str(exc)[:300]}") from None
     check = hf.example_inputs(batch + 1, seq + 3, seed=1)
     with torch.inference_mode():
         expected = [t.float().numpy() for t in hf.module(*check)]
     try:
         got = run_onnx(ort_session(path, "cpu"), [t.numpy() for t in check])
     except Exception as exc:
-        raise JobFailure(ErrorCode.EXPORT_FAILED, f"ONNX Runtime cannot run the exported model: {exc.__class__.__name__}: "
-                                          f"{str(exc)[:300]}") from None
+        raise JobFailure(ErrorCode.EXPORT_FAILED,
+                         f"ONNX Runtime cannot run the exported model: {exc.__class__.__name__}: "
+                         f"{str(exc)[:300]}") from None
     for name, want, have in zip(hf.output_names, expected, got, strict=True):
         scale = max(1.0, float(np.abs(want).max()))
         diff = float(np.abs(want - have).max()) if want.shape == have.shape else float("inf")
         if not diff <= ONNX_TOLERANCE * scale:
-            raise JobFailure(ErrorCode.EXPORT_FAILED, f"the ONNX export disagrees with the model on output {name!r}: max "
-                                              f"abs difference {diff:.3g} (shapes {want.shape} vs {have.shape})")
+            raise JobFailure(ErrorCode.EXPORT_FAILED,
+                             f"the ONNX export disagrees with the model on output {name!r}: max "
+                             f"abs difference {diff:.3g} (shapes {want.shape} vs {have.shape})")
     return path
 
 
@@ -229,23 +230,26 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     """config.json, after refusing everything that would run or fetch code or need another library."""
     if not (model_dir / "config.json").is_file():
         raise JobFailure(ErrorCode.MISSING_CONFIG, "the archive has no config.json at its top level (or in its single "
-                                           "top-level folder)")
+                                                   "top-level folder)")
     config = _read_json(model_dir / "config.json")
     for name in ("config.json", "tokenizer_config.json"):
         if (model_dir / name).is_file():
             reason = remote_code_reason(config if name == "config.json" else _read_json(model_dir / name))
             if reason:
-                raise JobFailure(ErrorCode.REMOTE_CODE_REFUSED, f"{name} {reason}, which means running code shipped with "
-                                                        "the model; that is never done here")
+                raise JobFailure(ErrorCode.REMOTE_CODE_REFUSED,
+                                 f"{name} {reason}, which means running code shipped with "
+                                 "the model; that is never done here")
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
         raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"model_type {model_type!r} is not an architecture "
-                                                     f"transformers {transformers.__version__} ships")
+                                                             f"transformers {transformers.__version__} ships")
     if config.get("is_encoder_decoder"):
-        raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"encoder-decoder models ({model_type}) are not supported yet")
+        raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                         f"encoder-decoder models ({model_type}) are not supported yet")
     if "quantization_config" in config:
-        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "the checkpoint is already quantized (quantization_config); upload "
-                                              "the full-precision model")
+        raise JobFailure(ErrorCode.UNSUPPORTED_MODEL,
+                         "the checkpoint is already quantized (quantization_config); upload "
+                         "the full-precision model")
     return config
 
 
@@ -259,7 +263,7 @@ def _model_class(config: dict[str, Any]) -> type:
     config_class = transformers.CONFIG_MAPPING[config["model_type"]]
     if model_class.config_class is not None and not issubclass(config_class, model_class.config_class):
         raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"architecture {name} does not match model_type "
-                                                     f"{config['model_type']!r}")
+                                                             f"{config['model_type']!r}")
     return model_class
 
 
@@ -273,8 +277,9 @@ def _check_weights(model_dir: Path) -> bool:
         for shard in set(weight_map.values()):
             if not (isinstance(shard, str) and "/" not in shard and "\\" not in shard
                     and shard.endswith(".safetensors") and (model_dir / shard).is_file()):
-                raise JobFailure(ErrorCode.MISSING_WEIGHTS, f"{SAFETENSORS_INDEX} names shard {shard!r}, which is not a "
-                                                    ".safetensors file next to it")
+                raise JobFailure(ErrorCode.MISSING_WEIGHTS,
+                                 f"{SAFETENSORS_INDEX} names shard {shard!r}, which is not a "
+                                 ".safetensors file next to it")
         return True
     if (model_dir / SAFETENSORS).is_file():
         return True
@@ -282,7 +287,7 @@ def _check_weights(model_dir: Path) -> bool:
         _vet_pickled_weights(model_dir / PICKLED_WEIGHTS)
         return False
     raise JobFailure(ErrorCode.MISSING_WEIGHTS, f"no weights: expected {SAFETENSORS} (or shards listed in "
-                                        f"{SAFETENSORS_INDEX}) next to config.json")
+                                                f"{SAFETENSORS_INDEX}) next to config.json")
 
 
 def _vet_pickled_weights(path: Path) -> None:
@@ -291,7 +296,7 @@ def _vet_pickled_weights(path: Path) -> None:
         state = torch.load(path, weights_only=True, map_location="cpu", mmap=True)
     except Exception as exc:
         raise JobFailure(ErrorCode.UNSAFE_WEIGHTS, f"{PICKLED_WEIGHTS} is not a plain state dict of tensors "
-                                           f"({exc.__class__.__name__}); re-save the model with safetensors") \
+                                                   f"({exc.__class__.__name__}); re-save the model with safetensors") \
             from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise JobFailure(ErrorCode.UNSAFE_WEIGHTS, f"{PICKLED_WEIGHTS} is not a plain state dict of tensors")
@@ -304,12 +309,14 @@ def _build(model_class: type, model_dir: Path, use_safetensors: bool) -> transfo
                                                      use_safetensors=use_safetensors, dtype=torch.float32,
                                                      ignore_mismatched_sizes=True, output_loading_info=True)
     except Exception as exc:
-        raise JobFailure(ErrorCode.INVALID_MODEL, f"transformers could not build {model_class.__name__} from the archive: "
-                                          f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
+        raise JobFailure(ErrorCode.INVALID_MODEL,
+                         f"transformers could not build {model_class.__name__} from the archive: "
+                         f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
     problems = [f"{kind.replace('_', ' ')}: {', '.join(sorted(map(_key_text, loading[kind]))[:10])}"
                 for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs") if loading.get(kind)]
     if problems:
-        raise JobFailure(ErrorCode.WEIGHTS_MISMATCH, f"the weights do not fit {type(model).__name__}: {'; '.join(problems)}")
+        raise JobFailure(ErrorCode.WEIGHTS_MISMATCH,
+                         f"the weights do not fit {type(model).__name__}: {'; '.join(problems)}")
     return model.float().eval()
 
 
@@ -326,7 +333,7 @@ def _load_tokenizer(model_dir: Path) -> Any:
         return transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as exc:
         raise JobFailure(ErrorCode.INVALID_TOKENIZER, f"the tokenizer files do not load: {exc.__class__.__name__}: "
-                                              f"{str(exc)[:300]}") from None
+                                                      f"{str(exc)[:300]}") from None
 
 
 def _example_inputs(model: transformers.PreTrainedModel, input_names: list[str], batch: int, seq: int,
@@ -347,12 +354,13 @@ def _describe_outputs(model: transformers.PreTrainedModel, input_names: list[str
                                   **extra, return_dict=True) for batch, seq in ((2, 5), (3, 7)))
         except Exception as exc:
             raise JobFailure(ErrorCode.INVALID_MODEL, f"a forward pass of the model failed: {exc.__class__.__name__}: "
-                                              f"{str(exc)[:300]}") from None
+                                                      f"{str(exc)[:300]}") from None
     available = {key for key, value in small.items() if isinstance(value, torch.Tensor)}
     names = next((list(group) for group in OUTPUT_GROUPS if set(group) <= available), None)
     if names is None:
-        raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"the model returns {sorted(available)}; expected logits or "
-                                                     "last_hidden_state")
+        raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                         f"the model returns {sorted(available)}; expected logits or "
+                         "last_hidden_state")
     described = []
     for name in names:
         shape: list[int | str] = []

@@ -31,3 +31,9 @@ class LoadedModel:
         session = self.extras.get("session") or ort_session(self.onnx_path, device)
         self.extras["session"] = session
         return run_onnx(session, feeds)
+
+
+def hf_model_of(module: torch.nn.Module | None):
+    """The transformers model inside a Hugging Face adapter module, if it is one."""
+    inner = getattr(module, "model", None)
+    return inner if inner is not None and hasattr(inner, "save_pretrained") else None

@@ -25,8 +25,9 @@ def _load_checked(path: Path) -> onnx.ModelProto:
     for where, tensor in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
-            raise JobFailure(ErrorCode.INVALID_MODEL, f"{where} uses external data (location {location[:200]!r}); upload "
-                                              "a single self-contained .onnx file")
+            raise JobFailure(ErrorCode.INVALID_MODEL,
+                             f"{where} uses external data (location {location[:200]!r}); upload "
+                             "a single self-contained .onnx file")
     try:
         onnx.checker.check_model(model)
     except Exception as exc:

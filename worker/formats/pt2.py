@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from app.core.errors import ErrorCode
-from app.core.vetting.modelfiles import UnsupportedModelFile, vet_pt2
+from app.core.vetting.pt2 import vet_pt2
+from app.core.vetting.refusals import UnsupportedModelFile
 from worker.compression.modules import count_weights, lift_layers
 from worker.errors import JobFailure
 from worker.formats.loaded import LoadedModel
@@ -22,7 +23,7 @@ def load_program(path: Path) -> torch.export.ExportedProgram:
         return torch.export.load(str(path))
     except Exception as exc:
         raise JobFailure(ErrorCode.INVALID_MODEL, f"torch.export.load failed: {exc.__class__.__name__}: "
-                                          f"{str(exc)[:300]}") from None
+                                                  f"{str(exc)[:300]}") from None
 
 
 def _dims(shape) -> list[int | str]:
@@ -37,8 +38,9 @@ def describe_inputs(program: torch.export.ExportedProgram) -> list[dict[str, Any
         if node.op == "placeholder" and node.name in user_inputs:
             value = node.meta.get("val")
             if not isinstance(value, torch.Tensor):
-                raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, f"input {node.name!r} is not a tensor; only tensor inputs "
-                                                      "are supported")
+                raise JobFailure(ErrorCode.UNSUPPORTED_MODEL,
+                                 f"input {node.name!r} is not a tensor; only tensor inputs "
+                                 "are supported")
             described.append({"name": node.name, "shape": _dims(value.shape),
                               "dtype": str(value.dtype).removeprefix("torch.")})
     return described

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 from celery.exceptions import SoftTimeLimitExceeded
 
+from app.core.recipe import PruneStep, QuantizeStep, Recipe
 from worker.errors import JobCancelled, JobLost
 
 OBJECTIVES = {"size": "size_bytes", "latency": "latency_ms"}
@@ -35,12 +36,12 @@ class Trial:
     seconds: float = 0.0
 
 
-def _int8(granularity: str = "per_channel") -> dict:
-    return {"op": "quantize", "method": "dynamic", "dtype": "int8", "granularity": granularity}
+def _int8(granularity: str = "per_channel") -> QuantizeStep:
+    return QuantizeStep(op="quantize", method="dynamic", dtype="int8", granularity=granularity)
 
 
-def _prune(method: str, sparsity: float, exclude: list[str]) -> dict:
-    return {"op": "prune", "method": method, "sparsity": sparsity, "scope": "layer", "exclude": exclude}
+def _prune(method: str, sparsity: float, exclude: list[str]) -> PruneStep:
+    return PruneStep(op="prune", method=method, sparsity=sparsity, scope="layer", exclude=exclude)
 
 
 def _unique(recipes: list[dict]) -> list[dict]:
@@ -61,24 +62,25 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
     Generated pruning keeps the last layer in `layer_names` (the output head, in graph order: the layer most
     sensitive to pruning and a small share of the weights) dense. Activation-aware pruning needs calibration
     data and a PyTorch model; static int8 needs calibration data; weight-only int4 is offered for PyTorch models
-    (`model_kind` other than "onnx"), where it is the smallest file for the pytorch target.
+    (`model_kind` other than "onnx"), where it is the smallest file for the pytorch target. Generated recipes
+    are built as Recipe objects and reported with the fields they set.
     """
     if search:
         return _unique([dict(recipe) for recipe in search])
     head = [f"^{re.escape(layer_names[-1])}$"] if len(layer_names) > 1 else []
     torch_model = model_kind != "onnx"
-    recipes = [{"steps": [_int8()]}, {"steps": [_int8("per_tensor")]},
-               {"steps": [_prune("magnitude", 0.3, head), _int8()]}]
+    recipes = [Recipe(steps=[_int8()]), Recipe(steps=[_int8("per_tensor")]),
+               Recipe(steps=[_prune("magnitude", 0.3, head), _int8()])]
     if has_calibration and torch_model:
-        recipes.append({"steps": [_prune("activation_aware", 0.5, head), _int8()]})
+        recipes.append(Recipe(steps=[_prune("activation_aware", 0.5, head), _int8()]))
     if has_calibration:
-        recipes.append({"steps": [{"op": "quantize", "method": "static", "dtype": "int8",
-                                   "granularity": "per_channel"}]})
-    recipes.append({"steps": [_prune("magnitude", 0.5, head), _int8()]})
+        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="static", dtype="int8",
+                                                  granularity="per_channel")]))
+    recipes.append(Recipe(steps=[_prune("magnitude", 0.5, head), _int8()]))
     if torch_model:
-        recipes.append({"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4",
-                                   "granularity": "group", "group_size": 32}]})
-    return _unique(recipes)
+        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4",
+                                                  granularity="group", group_size=32)]))
+    return _unique([recipe.model_dump(mode="json", exclude_unset=True) for recipe in recipes])
 
 
 def _loss(baseline_metric: float, metric: float) -> float:

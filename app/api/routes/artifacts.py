@@ -26,4 +26,5 @@ def download_artifact(artifact_id: str, request: Request, tenant: CurrentTenant,
                              sha256=artifact.sha256, filename=artifact.filename,
                              media_type=MEDIA_TYPES.get(artifact.format, "application/octet-stream"))
     except ObjectNotFound:
-        raise ServiceError(ErrorCode.NOT_FOUND, f"the file of artifact {artifact_id!r} is missing from storage") from None
+        raise ServiceError(ErrorCode.NOT_FOUND,
+                           f"the file of artifact {artifact_id!r} is missing from storage") from None

@@ -6,21 +6,16 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
-from app.api.deps import (
-    CurrentTenant,
-    SessionDep,
-    SessionFactoryDep,
-    SettingsDep,
-    StorageDep,
-)
+from app.api import services
+from app.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.api.errors import error_responses
-from app.api.limits import receive_upload_within_quota, record_upload
+from app.api.limits import receive_upload_within_quota
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.schemas import DatasetPublic, DatasetsPublic
 from app.core.errors import ErrorCode, ServiceError
-from app.core.ids import new_id
-from app.core.jobs import JobStatus
 from app.core.queries import get_owned
+from app.core.statuses import ACTIVE
+from app.core.storage import keys as storage_keys
 from app.core.tables import Dataset, Job
 from app.core.vetting.dataset_files import inspect_dataset
 
@@ -43,16 +38,10 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
     try:
         facts = await run_in_threadpool(inspect_dataset, upload.file.path, upload.file.filename)
         name = (upload.fields.get("name") or upload.file.filename)[:200]
-        dataset_id = new_id("ds")
-        key = f"tenants/{tenant.id}/datasets/{dataset_id}/data.{facts.format}"
-        await run_in_threadpool(storage.put_file, key, upload.file.path)
-        dataset = Dataset(id=dataset_id, tenant_id=tenant.id, name=name, format=facts.format,
-                          size_bytes=upload.file.size, sha256=upload.file.sha256, storage_key=key,
-                          num_samples=facts.num_samples, has_labels=facts.has_labels, info=facts.info)
-        await record_upload(session_factory, storage, key, dataset, tenant.id, upload.file.size, settings)
+        return await run_in_threadpool(services.add_dataset, session_factory, storage, settings, tenant.id,
+                                       upload.file, name, facts)
     finally:
         upload.discard()
-    return dataset
 
 
 @router.get("", response_model=DatasetsPublic, responses=error_responses(400))
@@ -75,12 +64,13 @@ def delete_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep, 
     # Job.datasets is JSON ({"calibration": id, ...}); a tenant's unfinished jobs are few, so match them here
     # rather than with dialect-specific JSON operators.
     unfinished = session.execute(select(Job.id, Job.datasets).where(
-        Job.tenant_id == tenant.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))).all()
+        Job.tenant_id == tenant.id, Job.status.in_(ACTIVE))).all()
     for job_id, refs in unfinished:
         if dataset_id in (refs or {}).values():
-            raise ServiceError(ErrorCode.DATASET_IN_USE, f"dataset {dataset_id!r} is used by unfinished job {job_id!r}; "
-                                                  "cancel it or wait for it to finish")
+            raise ServiceError(ErrorCode.DATASET_IN_USE,
+                               f"dataset {dataset_id!r} is used by unfinished job {job_id!r}; "
+                               "cancel it or wait for it to finish")
     session.delete(dataset)
     session.commit()
-    storage.delete_prefix(f"tenants/{tenant.id}/datasets/{dataset_id}/")
+    storage.delete_prefix(storage_keys.dataset_prefix(tenant.id, dataset_id))
     return Response(status_code=204)

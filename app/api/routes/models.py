@@ -1,37 +1,27 @@
 """/v1/models: streaming upload, list, get, download, delete."""
 
-import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
-from app.api.deps import (
-    CeleryDep,
-    CurrentTenant,
-    SessionDep,
-    SessionFactoryDep,
-    SettingsDep,
-    StorageDep,
-)
+from app.api import services
+from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.api.downloads import stream_object
 from app.api.errors import error_responses
-from app.api.housekeeping import dispatch_inspection
-from app.api.limits import receive_upload_within_quota, record_upload
+from app.api.limits import receive_upload_within_quota
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.schemas import ModelPublic, ModelsPublic
 from app.core.errors import ErrorCode, ServiceError
-from app.core.ids import new_id
-from app.core.jobs import JobStatus
 from app.core.queries import get_owned
+from app.core.statuses import ACTIVE
 from app.core.storage import ObjectNotFound
+from app.core.storage import keys as storage_keys
 from app.core.tables import Job, Model
-from app.core.vetting import modelfiles
+from app.core.vetting import detect, hf
 
-log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/models", tags=["models"])
-
 
 
 def get_owned_model(session, tenant, model_id: str) -> Model:
@@ -42,7 +32,7 @@ def get_owned_model(session, tenant, model_id: str) -> Model:
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
         "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
-                       "format": {"type": "string", "enum": list(modelfiles.SUPPORTED_FORMATS)}}}}}}})
+                       "format": {"type": "string", "enum": list(detect.SUPPORTED_FORMATS)}}}}}}})
 async def upload_model(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
                        settings: SettingsDep, storage: StorageDep, celery: CeleryDep) -> Model:
     """Upload a `.pt2` (torch.export), `.onnx` or Hugging Face archive; a worker inspects it and sets it ready or
@@ -50,22 +40,15 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
     upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name", "format"})
     try:
         declared = upload.fields.get("format") or None
-        unpacked_limit = modelfiles.UNPACK_FACTOR * settings.max_upload_bytes
-        fmt = await run_in_threadpool(modelfiles.detect_format, upload.file.path, upload.file.filename,
+        unpacked_limit = hf.UNPACK_FACTOR * settings.max_upload_bytes
+        fmt = await run_in_threadpool(detect.detect_format, upload.file.path, upload.file.filename,
                                       declared, max_unpacked_bytes=unpacked_limit)
         name = (upload.fields.get("name") or upload.file.filename)[:200]
-        model_id = new_id("mdl")
-        extension = await run_in_threadpool(modelfiles.stored_extension, upload.file.path, fmt)
-        key = f"tenants/{tenant.id}/models/{model_id}/model.{extension}"
-        await run_in_threadpool(storage.put_file, key, upload.file.path)
-        model = Model(id=model_id, tenant_id=tenant.id, name=name, format=fmt, size_bytes=upload.file.size,
-                      sha256=upload.file.sha256, storage_key=key, status="uploaded")
-
-        await record_upload(session_factory, storage, key, model, tenant.id, upload.file.size, settings)
+        extension = await run_in_threadpool(detect.stored_extension, upload.file.path, fmt)
+        return await run_in_threadpool(services.add_model, session_factory, storage, celery, settings, tenant.id,
+                                       upload.file, name, fmt, extension)
     finally:
         upload.discard()
-    await run_in_threadpool(dispatch_inspection, session_factory, celery, model.id)
-    return model
 
 
 @router.get("", response_model=ModelsPublic, responses=error_responses(400))
@@ -105,11 +88,11 @@ def download_model(model_id: str, request: Request, tenant: CurrentTenant, sessi
 def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
     model = get_owned_model(session, tenant, model_id)
     active = session.scalar(select(Job.id).where(Job.model_id == model.id,
-                                                 Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])).limit(1))
+                                                 Job.status.in_(ACTIVE)).limit(1))
     if active:
         raise ServiceError(ErrorCode.MODEL_IN_USE, f"model {model_id!r} is used by unfinished job {active!r}; "
-                                            "cancel it or wait for it to finish")
+                                                   "cancel it or wait for it to finish")
     session.delete(model)
     session.commit()
-    storage.delete_prefix(f"tenants/{tenant.id}/models/{model_id}/")
+    storage.delete_prefix(storage_keys.model_prefix(tenant.id, model_id))
     return Response(status_code=204)

@@ -10,4 +10,4 @@ router = APIRouter(prefix="/v1/presets", tags=["presets"])
 
 @router.get("")
 def list_presets(_: CurrentTenant) -> dict:
-    return {"data": [{"name": name, **preset} for name, preset in PRESETS.items()]}
+    return {"data": [preset.public(name) for name, preset in PRESETS.items()]}

@@ -12,14 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
-from app.core.storage.base import (
-    ObjectNotFound,
-    Storage,
-    StorageError,
-    validate_key,
-    validate_prefix,
-    validate_range,
-)
+from app.core.storage.base import ObjectNotFound, Storage, StorageError, validate_key, validate_prefix, validate_range
 
 # In-flight writes live next to their target under this name: os.replace then
 # stays on one filesystem (atomic), and list_keys can skip half-written files.

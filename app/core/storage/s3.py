@@ -8,14 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from app.core.storage.base import (
-    ObjectNotFound,
-    Storage,
-    StorageError,
-    validate_key,
-    validate_prefix,
-    validate_range,
-)
+from app.core.storage.base import ObjectNotFound, Storage, StorageError, validate_key, validate_prefix, validate_range
 
 # Error codes S3 uses for a missing object (HEAD responses carry only the status).
 _NOT_FOUND_CODES = frozenset({"404", "NoSuchKey", "NotFound"})

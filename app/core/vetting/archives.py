@@ -214,7 +214,7 @@ class _Rules:
         parents = [str(p).casefold() for p in PurePosixPath(name).parents][:-1]
         if key in self._files_seen or key in self._folders_seen or (not is_dir and key in self._parents):
             raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {raw_name!r} appears more than once (or as "
-                                                 "both a file and a folder)")
+                                                         "both a file and a folder)")
         if any(parent in self._files_seen for parent in parents):
             raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member {raw_name!r} lies inside a file")
         (self._folders_seen if is_dir else self._files_seen).add(key)
@@ -222,11 +222,11 @@ class _Rules:
         if not is_dir:
             if size > self.max_member_bytes:
                 raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"archive member {raw_name!r} is {size} bytes; the "
-                                                        f"limit is {self.max_member_bytes} bytes per file")
+                                                                f"limit is {self.max_member_bytes} bytes per file")
             self.declared += size
             if self.declared > self.max_total_bytes:
                 raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"the archive holds more than {self.max_total_bytes} "
-                                                        "bytes uncompressed")
+                                                                "bytes uncompressed")
         if name.split("/")[0] == _IGNORED_TOP_FOLDER:
             return None
         if is_dir:
@@ -268,10 +268,10 @@ class _Writer:
                 self.written += len(chunk)
                 if size > declared or size > self.rules.max_member_bytes:
                     raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"archive member {name!r} holds more bytes than "
-                                                            f"its header declares ({declared})")
+                                                                    f"its header declares ({declared})")
                 if self.written > self.rules.max_total_bytes:
                     raise ArchiveError(ErrorCode.ARCHIVE_TOO_LARGE, f"the archive holds more than "
-                                                            f"{self.rules.max_total_bytes} bytes uncompressed")
+                                                                    f"{self.rules.max_total_bytes} bytes uncompressed")
                 out.write(chunk)
 
     def _target(self, name: str) -> Path:
@@ -296,10 +296,10 @@ def _zip_members(archive: zipfile.ZipFile, rules: _Rules) -> Iterator[tuple[zipf
             raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.orig_filename!r} is encrypted")
         if info.compress_type not in _ZIP_METHODS:
             raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.orig_filename!r} uses an unsupported "
-                                                  "compression method")
+                                                          "compression method")
         if info.header_offset + info.compress_size > directory_start:
             raise ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"archive member {info.orig_filename!r} runs past the end of "
-                                                  "the data: the archive is truncated or corrupt")
+                                                          "the data: the archive is truncated or corrupt")
         is_dir = info.is_dir() or kind == stat.S_IFDIR
         name = rules.admit(info.orig_filename, is_dir, 0 if is_dir else info.file_size)
         if name is not None:
@@ -355,7 +355,7 @@ def _normalise(raw_name: str) -> str:
     """The member's relative POSIX path ("" for the archive's own "./"); refuses names that could escape."""
     if "\\" in raw_name or any(ord(char) < 32 for char in raw_name):
         raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member name {raw_name!r} has a backslash or a control "
-                                             "character")
+                                                     "character")
     windows = PureWindowsPath(raw_name)
     if raw_name.startswith("/") or windows.drive or windows.root:
         raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member name {raw_name!r} is an absolute path")
@@ -374,4 +374,4 @@ def _read_capped(member: IO[bytes], name: str, max_bytes: int) -> bytes:
 
 def _corrupt(exc: BaseException) -> ArchiveError:
     return ArchiveError(ErrorCode.CORRUPT_ARCHIVE, f"the archive is corrupt or truncated ({exc.__class__.__name__}: "
-                                           f"{str(exc)[:200]})")
+                                                   f"{str(exc)[:200]})")

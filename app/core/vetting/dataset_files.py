@@ -77,7 +77,8 @@ def inspect_dataset(path: Path, filename: str) -> DatasetFacts:
         if file.read(MAX_LINE_BYTES).lstrip(b" \t\r\n")[:1] == b"{":
             file.seek(0)
             return _inspect_jsonl(file)
-    raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT, f"{filename!r} is not a dataset this service reads; {SUPPORTED_HINT}")
+    raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT,
+                       f"{filename!r} is not a dataset this service reads; {SUPPORTED_HINT}")
 
 
 def _looks_like_safetensors(head: bytes, size: int) -> bool:
@@ -135,8 +136,9 @@ def _inspect_npz(file: IO[bytes], size: int, filename: str) -> DatasetFacts:
                 raise _invalid(f"the .npz archive has {len(infos)} members; at most {MAX_ARRAYS} arrays are allowed")
             others = [info.filename for info in infos if not info.filename.endswith(".npy")]
             if others:
-                raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT, f"{filename!r} is a zip archive but not an .npz: member "
-                                                         f"{others[0]!r} is not a .npy array; {SUPPORTED_HINT}")
+                raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT,
+                                   f"{filename!r} is a zip archive but not an .npz: member "
+                                   f"{others[0]!r} is not a .npy array; {SUPPORTED_HINT}")
             arrays: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
             for info in infos:
                 name = info.filename.removesuffix(".npy")
@@ -145,7 +147,7 @@ def _inspect_npz(file: IO[bytes], size: int, filename: str) -> DatasetFacts:
                 arrays[name] = _read_npy_header(archive, info, name)
     except _ZIP_ERRORS as exc:
         raise DatasetError(ErrorCode.UNSUPPORTED_FORMAT, f"{filename!r} is not a readable zip/.npz archive "
-                                                 f"({exc.__class__.__name__}); {SUPPORTED_HINT}") from None
+                                                         f"({exc.__class__.__name__}); {SUPPORTED_HINT}") from None
     return _check_arrays(arrays, "npz")
 
 

@@ -130,10 +130,7 @@ def test_pagination_walks_all_models(client, auth, upload):
 
 
 def test_pt2_with_planted_pickle_is_refused_at_upload(upload, tmp_path):
-    from tests.app.core.vetting.test_modelfiles import (
-        SystemCall,
-        with_sample_inputs_pickle,
-    )
+    from tests.app.core.vetting.modelfile_builders import SystemCall, with_sample_inputs_pickle
     from tests.helpers import save_pt2
 
     marker = tmp_path / "pwned"

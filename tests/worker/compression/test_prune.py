@@ -4,19 +4,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from app.core.recipe import PruneStep
 from tests.helpers import make_mlp, save_onnx
-from worker.compression.prune import (
-    apply_masks,
-    layer_sparsity,
-    prune_onnx,
-    prune_unstructured,
-)
+from worker.compression.prune import apply_masks, layer_sparsity, prune_onnx, prune_unstructured
 from worker.errors import JobFailure
 
 
-def step(**fields) -> PruneStep:
-    return PruneStep(op="prune", **fields)
+def step(**fields) -> dict:
+    """The pruning functions' keyword arguments: a prune step's defaults, overridden by `fields`."""
+    return {"method": "magnitude", "sparsity": None, "threshold": None, "scope": "layer", "pattern": "unstructured",
+            "exclude": [], **fields}
 
 
 def weights(model):
@@ -26,7 +22,7 @@ def weights(model):
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_magnitude_hits_target_sparsity(scope):
     model = make_mlp(32, 64, 8)
-    masks, details = prune_unstructured(model, step(sparsity=0.6, scope=scope), None)
+    masks, details = prune_unstructured(model, **step(sparsity=0.6, scope=scope), calibration=None)
     total = sum(w.numel() for w in weights(model).values())
     zeros = sum(int((w == 0).sum()) for w in weights(model).values())
     assert abs(zeros / total - 0.6) < 0.01
@@ -39,14 +35,14 @@ def test_global_scope_prunes_small_layers_more():
     model = make_mlp(32, 64, 8)
     with torch.no_grad():
         model[4].weight.mul_(0.01)  # a layer of tiny weights
-    prune_unstructured(model, step(sparsity=0.5, scope="global"), None)
+    prune_unstructured(model, **step(sparsity=0.5, scope="global"), calibration=None)
     assert (model[4].weight == 0).float().mean() > 0.95
 
 
 def test_threshold_zeroes_exactly_the_small_weights():
     model = make_mlp(16, 16, 4)
     originals = {n: w.detach().clone() for n, w in weights(model).items()}
-    prune_unstructured(model, step(threshold=0.1), None)
+    prune_unstructured(model, **step(threshold=0.1), calibration=None)
     for name, weight in weights(model).items():
         small = originals[name].abs() < 0.1
         assert torch.all(weight[small] == 0) and torch.equal(weight[~small], originals[name][~small])
@@ -54,7 +50,7 @@ def test_threshold_zeroes_exactly_the_small_weights():
 
 def test_two_four_keeps_two_of_every_four():
     model = make_mlp(16, 32, 4)
-    prune_unstructured(model, step(pattern="2:4"), None)
+    prune_unstructured(model, **step(pattern="2:4", sparsity=0.5), calibration=None)  # 2:4 is sparsity 0.5
     for weight in weights(model).values():
         groups = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
         assert torch.all(groups <= 2)
@@ -62,7 +58,7 @@ def test_two_four_keeps_two_of_every_four():
 
 def test_exclude_keeps_layers_dense():
     model = make_mlp(16, 32, 4)
-    prune_unstructured(model, step(sparsity=0.5, exclude=["^4$"]), None)
+    prune_unstructured(model, **step(sparsity=0.5, exclude=["^4$"]), calibration=None)
     assert (model[4].weight == 0).sum() == 0 and (model[0].weight == 0).float().mean() >= 0.49
 
 
@@ -76,14 +72,15 @@ def test_activation_aware_beats_magnitude_when_inputs_are_uneven():
     for method in ("magnitude", "activation_aware"):
         model = make_mlp(64, 64, 8, seed=1)
         want = model(test).detach()
-        prune_unstructured(model, step(method=method, sparsity=0.5), batches if method == "activation_aware" else None)
+        prune_unstructured(model, **step(method=method, sparsity=0.5),
+                           calibration=batches if method == "activation_aware" else None)
         errors[method] = float((model(test).detach() - want).norm() / want.norm())
     assert errors["activation_aware"] < 0.7 * errors["magnitude"], errors
 
 
 def test_masks_keep_pruned_weights_at_zero_after_training():
     model = make_mlp(16, 16, 4)
-    masks, _ = prune_unstructured(model, step(sparsity=0.5), None)
+    masks, _ = prune_unstructured(model, **step(sparsity=0.5), calibration=None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(8, 16)).sum().backward()
     optimizer.step()
@@ -93,7 +90,7 @@ def test_masks_keep_pruned_weights_at_zero_after_training():
 
 def test_onnx_magnitude_pruning_on_initializers(tmp_path):
     path = save_onnx(tmp_path / "m.onnx", 16, 64, 4)
-    details = prune_onnx(path, tmp_path / "p.onnx", step(sparsity=0.5))
+    details = prune_onnx(path, tmp_path / "p.onnx", **step(sparsity=0.5))
     pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "p.onnx")).graph.initializer}
     assert details["layers"] == 3
     assert all(abs(float((pruned[n] == 0).mean()) - 0.5) < 0.02 for n in ("0.weight", "2.weight", "4.weight"))
@@ -103,5 +100,5 @@ def test_onnx_magnitude_pruning_on_initializers(tmp_path):
 def test_onnx_refuses_methods_that_need_torch(tmp_path):
     path = save_onnx(tmp_path / "m.onnx")
     with pytest.raises(JobFailure) as refused:
-        prune_onnx(path, tmp_path / "p.onnx", step(method="structured", sparsity=0.5))
+        prune_onnx(path, tmp_path / "p.onnx", **step(method="structured", pattern="channel", sparsity=0.5))
     assert "PyTorch" in refused.value.message

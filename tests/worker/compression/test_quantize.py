@@ -4,13 +4,19 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from app.core.recipe import QuantizeStep
 from tests.helpers import make_mlp, save_onnx
 from worker.compression.quantize import gemm_to_matmul, quantize_module, quantize_onnx
 
 
-def q(**fields) -> QuantizeStep:
-    return QuantizeStep(op="quantize", **fields)
+def q(**fields) -> dict:
+    """quantize_module's keyword arguments: a quantize step's defaults, overridden by `fields`."""
+    return {"method": "dynamic", "dtype": "int8", "granularity": "per_channel", "group_size": None, "exclude": [],
+            **fields}
+
+
+def q_onnx(**fields) -> dict:
+    """quantize_onnx's keyword arguments: as q, plus the calibration method's default and no calibration data."""
+    return q(**{"calibration_method": "minmax", "calibration": None, **fields})
 
 
 def run(path, x):
@@ -31,7 +37,7 @@ def cosine(a, b):
 def test_onnx_methods_shrink_and_stay_faithful(tmp_path, fields, max_ratio):
     source = save_onnx(tmp_path / "m.onnx", 256, 512, 16)
     out = tmp_path / "q.onnx"
-    quantize_onnx(source, out, q(**fields), None)
+    quantize_onnx(source, out, **q_onnx(**fields))
     assert out.stat().st_size < max_ratio * source.stat().st_size
     x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
     assert cosine(run(source, x), run(out, x)) > 0.99
@@ -42,7 +48,8 @@ def test_onnx_static_int8_uses_calibration(tmp_path):
     rng = np.random.default_rng(0)
     calibration = [[rng.standard_normal((4, 64)).astype(np.float32)] for _ in range(8)]
     out = tmp_path / "s.onnx"
-    details = quantize_onnx(source, out, q(method="static", calibration_method="minmax"), calibration)
+    details = quantize_onnx(source, out, **q_onnx(method="static", calibration_method="minmax",
+                                                   calibration=calibration))
     assert details["calibration_samples"] == 32 and details["calibration_method"] == "minmax"
     ops = {n.op_type for n in onnx.load(str(out)).graph.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
@@ -67,7 +74,7 @@ def test_gemm_rewrite_keeps_outputs(tmp_path):
 def test_module_methods_export_and_stay_faithful(tmp_path, fields):
     model, x = make_mlp(64, 128, 8), torch.randn(4, 64)
     want = model(x).detach()
-    quantized, details = quantize_module(make_mlp(64, 128, 8), q(**fields))
+    quantized, details = quantize_module(make_mlp(64, 128, 8), **q(**fields))
     got = quantized(x).detach()
     assert got.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
@@ -78,7 +85,7 @@ def test_module_methods_export_and_stay_faithful(tmp_path, fields):
 
 
 def test_module_exclude_keeps_layer_in_float():
-    quantized, details = quantize_module(make_mlp(16, 32, 4), q(method="weight_only", exclude=["^4$"]))
+    quantized, details = quantize_module(make_mlp(16, 32, 4), **q(method="weight_only", exclude=["^4$"]))
     assert details["quantized_layers"] == 2 and type(quantized[4]) is torch.nn.Linear
 
 
@@ -88,5 +95,5 @@ def test_weight_only_onnx_counts_logical_params(tmp_path, dtype):
 
     source = save_onnx(tmp_path / "m.onnx", 64, 128, 8)
     out = tmp_path / "q.onnx"
-    quantize_onnx(source, out, q(method="weight_only", dtype=dtype, granularity="group", group_size=32), None)
+    quantize_onnx(source, out, **q_onnx(method="weight_only", dtype=dtype, granularity="group", group_size=32))
     assert count_params(onnx.load(str(out)))[0] == count_params(onnx.load(str(source)))[0]

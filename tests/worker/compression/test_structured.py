@@ -1,6 +1,5 @@
 import torch
 
-from app.core.recipe import PruneStep
 from worker.compression.modules import lift_layers
 from worker.compression.structured import prune_graph_channels, prune_transformer_ffn
 
@@ -26,8 +25,9 @@ class Residual(torch.nn.Module):
         return self.b(x + self.a(x))
 
 
-def prune_step(sparsity=0.5, scope="layer"):
-    return PruneStep(op="prune", method="structured", sparsity=sparsity, scope=scope)
+def prune_step(sparsity=0.5, scope="layer") -> dict:
+    """The structured pruning functions' keyword arguments (no layer excluded, as a prune step's default)."""
+    return {"sparsity": sparsity, "scope": scope, "exclude": []}
 
 
 def test_cnn_channels_really_removed():
@@ -37,7 +37,7 @@ def test_cnn_channels_really_removed():
         model.bn.running_mean.uniform_()
         model.bn.running_var.uniform_(0.5, 2)
     graph = lift_layers(torch.export.export(model, (x,)).module())
-    details = prune_graph_channels(graph, prune_step())
+    details = prune_graph_channels(graph, **prune_step())
     assert details["channels_removed"] == {"c1": 8, "c2": 16}
     assert graph.c1.weight.shape == (8, 3, 3, 3) and graph.c2.weight.shape == (16, 8, 3, 3)
     assert graph.fc.weight.shape == (10, 16 * 4 * 4)
@@ -54,7 +54,7 @@ def test_zero_channels_are_removed_first_without_changing_outputs():
         model[0].bias[8:] = 0
     x = torch.randn(4, 8)
     graph = lift_layers(torch.export.export(model, (x,)).module())
-    prune_graph_channels(graph, prune_step())
+    prune_graph_channels(graph, **prune_step())
     assert graph.get_submodule("0").out_features == 8
     assert torch.allclose(graph(x), model(x), atol=1e-6)
 
@@ -62,7 +62,7 @@ def test_zero_channels_are_removed_first_without_changing_outputs():
 def test_residual_connections_are_left_alone():
     graph = lift_layers(torch.export.export(Residual(), (torch.randn(2, 8),)).module())
     try:
-        prune_graph_channels(graph, prune_step())
+        prune_graph_channels(graph, **prune_step())
     except Exception as exc:
         assert "no layer" in str(exc)
     assert graph.a.out_features == 8
@@ -75,7 +75,7 @@ def test_transformer_ffn_neurons_removed_and_config_follows():
                         intermediate_size=32)
     model = BertModel(config).eval()
     ids = torch.randint(0, 50, (2, 6))
-    details = prune_transformer_ffn(model, prune_step(0.25))
+    details = prune_transformer_ffn(model, **prune_step(0.25))
     assert details["neurons_per_block"] == {"before": 32, "after": 24}
     assert all(layer.intermediate.dense.out_features == 24 for layer in model.encoder.layer)
     assert model.config.intermediate_size == 24

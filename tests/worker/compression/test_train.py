@@ -13,75 +13,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from app.core.recipe import PruneStep
-from worker.compression.modules import (
-    WeightOnlyLinear,
-    lift_layers,
-    quantize_weight,
-    replace_linears,
-)
+from tests.worker.compression.training_tasks import accuracy, exported, make_task, mlp, same_weights, state
+from worker.compression.modules import WeightOnlyLinear, quantize_weight, replace_linears
 from worker.compression.prune import prune_unstructured
-from worker.compression.train import (
-    TrainConfig,
-    TrainData,
-    distill,
-    finetune,
-    shrink_student,
-)
+from worker.compression.train import TrainConfig, TrainData, distill, finetune
 from worker.errors import JobCancelled, JobFailure
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls spend more time in OpenMP hand-offs than computing (10x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def mlp(*sizes: int, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    return nn.Sequential(*layers[:-1])
-
-
-def make_task(n: int, seed: int, dims: int = 10, classes: int = 6,
-              scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """n samples of the oracle's task; `scales` multiplies the features the model sees (not the oracle)."""
-    oracle = mlp(dims, 32, classes, seed=1234)
-    x = np.random.default_rng(seed).standard_normal((n, dims)).astype(np.float32)
-    with torch.no_grad():
-        y = oracle(torch.from_numpy(x)).argmax(1).numpy()
-    return (x if scales is None else x * scales), y
-
-
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    with torch.no_grad():
-        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
-
-
-def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-@pytest.fixture(scope="module")
-def task():
-    train, val, test = make_task(3000, 0), make_task(300, 1), make_task(2000, 2)
-    return {"train": TrainData([train[0]], train[1]), "val": TrainData([val[0]], val[1]), "test": test}
-
-
-@pytest.fixture(scope="module")
-def teacher(task):
-    model = mlp(10, 128, 6)
-    finetune(model, task["train"], task["val"], TrainConfig(epochs=10, lr=3e-3, batch_size=64))
-    return model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_distillation_beats_hard_labels_with_few_labels(task, teacher):
@@ -119,7 +57,8 @@ def test_labels_are_required_unless_alpha_is_one(task, teacher):
 def test_masks_keep_pruned_weights_at_zero(task, teacher, bits):
     x_test, y_test = task["test"]
     model = copy.deepcopy(teacher)
-    masks, _ = prune_unstructured(model, PruneStep(op="prune", method="magnitude", sparsity=0.8), None)
+    masks, _ = prune_unstructured(model, method="magnitude", sparsity=0.8, threshold=None, scope="layer",
+                                  pattern="unstructured", exclude=[], calibration=None)
     pruned = accuracy(model, x_test, y_test)
     finetune(model, task["train"], task["val"], TrainConfig(epochs=3, lr=3e-3, fake_quant_bits=bits), masks=masks)
     for name, mask in masks.items():
@@ -193,11 +132,6 @@ def test_deadline_stops_with_time_budget(task):
     assert result.stopped == "time_budget" and result.best_epoch == 1
     assert len(result.history) == 1 and records == result.history and result.history[0]["val_accuracy"] is not None
     assert not same_weights(state(model), before)  # the one batch it trained is kept
-
-
-def exported(model: nn.Module, batch: int, dynamic: bool) -> torch.fx.GraphModule:
-    shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
-    return lift_layers(torch.export.export(model, (torch.randn(batch, 10),), dynamic_shapes=shapes).module())
 
 
 def test_exported_graph_trains_without_mode_switching(task):
@@ -289,88 +223,3 @@ def test_fake_quant_training_survives_low_bit_quantization():
         results[bits] = {b: quantized_accuracy(model, b, x_test, y_test) for b in (4, 3)}
     assert results[4][4] > results[None][4] + 0.03, results
     assert results[3][3] > results[None][3] + 0.05, results
-
-
-# --- students ------------------------------------------------------------------------------------------------
-
-BERT = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,
-        "intermediate_size": 32, "max_position_embeddings": 32}
-
-
-def hf_model(model, output_names, tmp_path):
-    from worker.formats.hf import HFModel, TextModelAdapter
-
-    names = ["input_ids", "attention_mask"]
-    return HFModel(model=model, config=model.config.to_dict(), model_dir=tmp_path, tokenizer_dir=None,
-                   tokenizer=None, input_names=names, output_names=output_names,
-                   module=TextModelAdapter(model, names, output_names, {}).eval(), inputs=[], outputs=[])
-
-
-def tokens(n: int, seed: int) -> list[np.ndarray]:
-    ids = np.random.default_rng(seed).integers(0, BERT["vocab_size"], (n, 8))
-    return [ids, np.ones_like(ids)]
-
-
-def test_shrink_transformer_takes_every_other_layer_and_distills(tmp_path):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    teacher = BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).eval()
-    with torch.no_grad():
-        teacher.classifier.weight.mul_(100)  # logits that differ between inputs, something to distill
-    hf = hf_model(teacher, ["logits"], tmp_path)
-    student, details = shrink_student(hf.module, 0.5, 1.0, hf=hf)
-    assert details == {"layers": {"teacher": 4, "student": 2}, "init": "teacher layers [0, 2]"}
-    assert student.model.config.num_hidden_layers == 2 and len(student.model.bert.encoder.layer) == 2
-    for mine, theirs in ((0, 0), (1, 2)):
-        assert same_weights(student.model.bert.encoder.layer[mine].state_dict(),
-                            teacher.bert.encoder.layer[theirs].state_dict())
-    assert same_weights(student.model.bert.embeddings.state_dict(), teacher.bert.embeddings.state_dict())
-    assert same_weights(student.model.classifier.state_dict(), teacher.classifier.state_dict())
-    assert len(teacher.bert.encoder.layer) == 4  # the teacher is untouched
-
-    result = distill(hf.module, student, TrainData(tokens(64, 0), None), TrainData(tokens(32, 1), None),
-                     TrainConfig(epochs=3, lr=1e-3, batch_size=16, alpha=1.0))
-    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
-    assert not student.training and not hf.module.training  # back in eval mode (dropout off)
-    with pytest.raises(JobFailure, match="narrower transformers"):
-        shrink_student(hf.module, 0.5, 0.5, hf=hf)
-
-
-def test_encoder_hidden_states_are_matched_by_mse(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    hf = hf_model(BertModel(BertConfig(**BERT)).eval(), ["last_hidden_state"], tmp_path)
-    student, details = shrink_student(hf.module, 0.25, 1.0, hf=hf)
-    assert details["layers"] == {"teacher": 4, "student": 1}
-    result = distill(hf.module, student, TrainData(tokens(64, 0), None), TrainData(tokens(32, 1), None),
-                     TrainConfig(epochs=2, lr=1e-3, batch_size=16, alpha=1.0))
-    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
-    assert result.history[-1]["val_accuracy"] is None
-    labelled = TrainData(tokens(16, 0), np.zeros(16, dtype=np.int64))
-    with pytest.raises(JobFailure, match="logits"):
-        distill(hf.module, student, labelled, None, TrainConfig(alpha=0.5))
-
-
-def test_shrink_exported_mlp_narrows_hidden_layers():
-    teacher = exported(mlp(10, 64, 64, 6).eval(), 4, dynamic=True)
-    before = state(teacher)
-    student, details = shrink_student(teacher, 1.0, 0.5)
-    assert details["channels"] == {"0": {"teacher": 64, "student": 32}, "2": {"teacher": 64, "student": 32},
-                                   "4": {"teacher": 6, "student": 6}}
-    assert student(torch.randn(5, 10)).shape == (5, 6)
-    assert same_weights(state(teacher), before)
-    with pytest.raises(JobFailure, match="depth 1.0"):
-        shrink_student(teacher, 0.5, 1.0)
-
-
-def test_narrow_exported_student_distills_back_close_to_its_teacher(task, teacher):
-    """A quarter of the hidden width (the largest-norm neurons) loses accuracy; distillation wins it back.
-    Measured: teacher 0.89, narrowed 0.72, distilled 0.86."""
-    x_test, y_test = task["test"]
-    graph = exported(copy.deepcopy(teacher).eval(), 4, dynamic=True)
-    student, _ = shrink_student(graph, 1.0, 0.25)
-    narrowed = accuracy(student, x_test, y_test)
-    distill(graph, student, TrainData(task["train"].inputs, None), task["val"], TrainConfig(epochs=3, alpha=1.0))
-    assert accuracy(student, x_test, y_test) > max(narrowed + 0.08, accuracy(teacher, x_test, y_test) - 0.06)

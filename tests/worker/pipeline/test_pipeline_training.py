@@ -4,12 +4,7 @@ import numpy as np
 import torch
 
 from tests.helpers import save_onnx
-from tests.worker.pipeline.test_pipeline import (
-    finished,
-    run_job,
-    separable_data,
-    trained_mlp,
-)
+from tests.worker.pipeline.test_pipeline import finished, run_job, separable_data, trained_mlp
 
 
 def upload_classifier(tmp_path, add_model, add_dataset, hidden=64, train_samples=512):

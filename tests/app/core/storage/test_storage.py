@@ -12,13 +12,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from app.core.storage import (
-    ObjectNotFound,
-    Storage,
-    StorageError,
-    open_storage,
-    validate_key,
-)
+from app.core.storage import ObjectNotFound, Storage, StorageError, open_storage, validate_key
 from app.core.storage.local import LocalStorage
 from app.core.storage.s3 import S3Storage
 

@@ -14,13 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.vetting.archives import (
-    ArchiveError,
-    archive_kind,
-    extract_archive,
-    list_archive,
-    read_member,
-)
+from app.core.vetting.archives import ArchiveError, archive_kind, extract_archive, list_archive, read_member
 
 MODEL_FILES = [("bert/config.json", b'{"model_type": "bert"}'), ("bert/model.safetensors", b"\1" * 300),
                ("bert/tokenizer/vocab.txt", b"[PAD]\n[UNK]\n")]

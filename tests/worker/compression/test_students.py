@@ -1,0 +1,97 @@
+"""Tests for worker.compression.students: students derived from a teacher, then distilled (the tiny models and
+task of training_tasks.py, on one CPU thread)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tests.worker.compression.training_tasks import accuracy, exported, mlp, same_weights, state
+from worker.compression.students import shrink_student
+from worker.compression.train import TrainConfig, TrainData, distill
+from worker.errors import JobFailure
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BERT = {"vocab_size": 60, "hidden_size": 16, "num_hidden_layers": 4, "num_attention_heads": 2,
+        "intermediate_size": 32, "max_position_embeddings": 32}
+
+
+def hf_model(model, output_names, tmp_path):
+    from worker.formats.hf import HFModel, TextModelAdapter
+
+    names = ["input_ids", "attention_mask"]
+    return HFModel(model=model, config=model.config.to_dict(), model_dir=tmp_path, tokenizer_dir=None,
+                   tokenizer=None, input_names=names, output_names=output_names,
+                   module=TextModelAdapter(model, names, output_names, {}).eval(), inputs=[], outputs=[])
+
+
+def tokens(n: int, seed: int) -> list[np.ndarray]:
+    ids = np.random.default_rng(seed).integers(0, BERT["vocab_size"], (n, 8))
+    return [ids, np.ones_like(ids)]
+
+
+def test_shrink_transformer_takes_every_other_layer_and_distills(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(BertConfig(**BERT, num_labels=3)).eval()
+    with torch.no_grad():
+        teacher.classifier.weight.mul_(100)  # logits that differ between inputs, something to distill
+    hf = hf_model(teacher, ["logits"], tmp_path)
+    student, details = shrink_student(hf.module, 0.5, 1.0, hf=hf)
+    assert details == {"layers": {"teacher": 4, "student": 2}, "init": "teacher layers [0, 2]"}
+    assert student.model.config.num_hidden_layers == 2 and len(student.model.bert.encoder.layer) == 2
+    for mine, theirs in ((0, 0), (1, 2)):
+        assert same_weights(student.model.bert.encoder.layer[mine].state_dict(),
+                            teacher.bert.encoder.layer[theirs].state_dict())
+    assert same_weights(student.model.bert.embeddings.state_dict(), teacher.bert.embeddings.state_dict())
+    assert same_weights(student.model.classifier.state_dict(), teacher.classifier.state_dict())
+    assert len(teacher.bert.encoder.layer) == 4  # the teacher is untouched
+
+    result = distill(hf.module, student, TrainData(tokens(64, 0), None), TrainData(tokens(32, 1), None),
+                     TrainConfig(epochs=3, lr=1e-3, batch_size=16, alpha=1.0))
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert not student.training and not hf.module.training  # back in eval mode (dropout off)
+    with pytest.raises(JobFailure, match="narrower transformers"):
+        shrink_student(hf.module, 0.5, 0.5, hf=hf)
+
+
+def test_encoder_hidden_states_are_matched_by_mse(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    hf = hf_model(BertModel(BertConfig(**BERT)).eval(), ["last_hidden_state"], tmp_path)
+    student, details = shrink_student(hf.module, 0.25, 1.0, hf=hf)
+    assert details["layers"] == {"teacher": 4, "student": 1}
+    result = distill(hf.module, student, TrainData(tokens(64, 0), None), TrainData(tokens(32, 1), None),
+                     TrainConfig(epochs=2, lr=1e-3, batch_size=16, alpha=1.0))
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
+    assert result.history[-1]["val_accuracy"] is None
+    labelled = TrainData(tokens(16, 0), np.zeros(16, dtype=np.int64))
+    with pytest.raises(JobFailure, match="logits"):
+        distill(hf.module, student, labelled, None, TrainConfig(alpha=0.5))
+
+
+def test_shrink_exported_mlp_narrows_hidden_layers():
+    teacher = exported(mlp(10, 64, 64, 6).eval(), 4, dynamic=True)
+    before = state(teacher)
+    student, details = shrink_student(teacher, 1.0, 0.5)
+    assert details["channels"] == {"0": {"teacher": 64, "student": 32}, "2": {"teacher": 64, "student": 32},
+                                   "4": {"teacher": 6, "student": 6}}
+    assert student(torch.randn(5, 10)).shape == (5, 6)
+    assert same_weights(state(teacher), before)
+    with pytest.raises(JobFailure, match="depth 1.0"):
+        shrink_student(teacher, 0.5, 1.0)
+
+
+def test_narrow_exported_student_distills_back_close_to_its_teacher(task, teacher):
+    """A quarter of the hidden width (the largest-norm neurons) loses accuracy; distillation wins it back.
+    Measured: teacher 0.89, narrowed 0.72, distilled 0.86."""
+    x_test, y_test = task["test"]
+    graph = exported(copy.deepcopy(teacher).eval(), 4, dynamic=True)
+    student, _ = shrink_student(graph, 1.0, 0.25)
+    narrowed = accuracy(student, x_test, y_test)
+    distill(graph, student, TrainData(task["train"].inputs, None), task["val"], TrainConfig(epochs=3, alpha=1.0))
+    assert accuracy(student, x_test, y_test) > max(narrowed + 0.08, accuracy(teacher, x_test, y_test) - 0.06)

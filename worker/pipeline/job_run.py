@@ -1,0 +1,125 @@
+"""A job in progress, as its steps see it: the loaded original model, the job's data, the reference outputs and
+the target; and the model between steps (WorkingModel), with one way to write and to measure it.
+
+Baseline, every step and the result are measured by the same code (`JobRun.evaluate`), on the same inputs,
+with the target runtime.
+"""
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from app.core.config import Settings
+from app.core.errors import ErrorCode
+from app.core.recipe import Recipe, Target
+from worker.compression.modules import count_weights
+from worker.context import JobContext
+from worker.errors import JobFailure
+from worker.evaluation import data as job_data
+from worker.evaluation import measure
+from worker.formats import load
+from worker.formats.export import example_args, to_onnx, to_pt2
+from worker.formats.loaded import LoadedModel
+from worker.formats.onnx_format import count_params
+from worker.pipeline.files import StagedJob
+
+EXTENSIONS = {"onnxruntime": "onnx", "pytorch": "pt2"}
+
+
+@dataclass
+class WorkingModel:
+    """The model between steps: a torch module until an ONNX-only step ran, then an ONNX file."""
+
+    module: torch.nn.Module | None
+    onnx_path: Path | None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def weights(self) -> tuple[int, int]:
+        if self.module is not None:
+            return count_weights(self.module)
+        return count_params(onnx.load(str(self.onnx_path), load_external_data=False))
+
+
+@dataclass
+class StepPlace:
+    """Where a step runs: its recipe and index, the folder for its files, and the job's progress fraction."""
+
+    recipe: Recipe
+    index: int
+    workdir: Path
+    fraction: float
+
+
+class JobRun:
+    """Loads the job's model and data once; the steps, the measurements and the exports share them."""
+
+    def __init__(self, staged: StagedJob, workdir: Path, settings: Settings, ctx: JobContext,
+                 deadline: float | None = None):
+        self.staged, self.workdir, self.settings, self.ctx, self.deadline = staged, workdir, settings, ctx, deadline
+        self.target: Target = staged.target
+        self.device, self.runtime = staged.target.device, staged.target.runtime
+        ctx.progress(0.05, "load", f"loading the {staged.model_format} model")
+        self.loaded: LoadedModel = load(staged.model_path, staged.model_format, workdir)
+        if self.loaded.module is not None and self.device == "cuda":
+            self.loaded.module.to("cuda")
+        self.data = job_data.prepare(self.loaded, staged.dataset_files)
+        self.example = example_args(self.loaded.inputs, self.data.eval_batches[0], self.device)
+        ctx.progress(0.1, "measure", "running the original model")
+        self.reference = [self.loaded.reference(batch, self.device) for batch in self.data.eval_batches]
+
+    @property
+    def extension(self) -> str:
+        return EXTENSIONS[self.runtime]
+
+    def original(self) -> WorkingModel:
+        return WorkingModel(module=self.loaded.module, onnx_path=self.loaded.onnx_path)
+
+    def torch_args(self, feeds: list[np.ndarray]) -> tuple:
+        """A batch of the job's data as the model's positional tensor arguments, on the job's device."""
+        return example_args(self.loaded.inputs, feeds, self.device)
+
+    def onnx_form(self, state: WorkingModel, path: Path) -> Path:
+        """The model as an ONNX file (exported to `path` if it is still a torch module)."""
+        if state.module is None:
+            return state.onnx_path
+        return to_onnx(state.module, self.loaded.inputs, self.example, path)
+
+    def pt2_form(self, state: WorkingModel, path: Path) -> Path:
+        return to_pt2(state.module, self.loaded.inputs, self.example, path)
+
+    def write(self, state: WorkingModel, stem: Path) -> Path:
+        """The model as a file in the target runtime's format, named `stem` + its extension."""
+        path = stem.with_name(f"{stem.name}.{self.extension}")
+        if self.runtime == "onnxruntime":
+            if state.module is None:
+                shutil.copyfile(state.onnx_path, path)
+                return path
+            return self.onnx_form(state, path)
+        if state.module is None:
+            raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "target.runtime 'pytorch' needs a PyTorch model (.pt2 "
+                                                               "or Hugging Face); this model is only available as ONNX")
+        return self.pt2_form(state, path)
+
+    def evaluate(self, path: Path, state: WorkingModel) -> tuple[dict[str, Any], list]:
+        """Size, weights, latency and accuracy of a model file, and its outputs on the eval batches."""
+        self.ctx.check()
+        latency, outputs = measure.measure_file(path, self.runtime, self.device, self.settings.eval_threads,
+                                                self.data.eval_batches, self.settings.latency_warmup,
+                                                self.settings.latency_runs, self.ctx.check)
+        params, nonzero = state.weights()
+        figures = {"size_bytes": path.stat().st_size, "params": params, "nonzero_params": nonzero,
+                   "latency_ms": latency, "accuracy": job_data.accuracy(outputs, self.data.eval_labels)}
+        return figures, outputs
+
+    def fidelity(self, outputs: list) -> dict[str, Any]:
+        """How closely outputs follow the original model's on the same inputs."""
+        return measure.fidelity(self.reference, outputs)
+
+    def check_runs(self, path: Path, runtime: str) -> None:
+        """Load a delivered file back and run one batch: nothing is delivered that does not run."""
+        measure.measure_file(path, runtime, self.device, 1, self.data.eval_batches[:1], 0, 1, self.ctx.check)

@@ -1,0 +1,76 @@
+"""Tuning on a job's model: turn the candidate recipes into trials (each applied to a fresh copy of the original
+model) and hand them to the search in worker.pipeline.tuning."""
+
+import copy
+import shutil
+from typing import Any
+
+import torch
+
+from app.core.errors import ErrorCode
+from app.core.recipe import DatasetRefs, Recipe, TuneSpec, check_recipe_for_model, check_recipe_for_target
+from worker.errors import JobFailure
+from worker.pipeline import tuning
+from worker.pipeline.apply import Applied, apply_recipe
+from worker.pipeline.job_run import JobRun, WorkingModel
+
+
+def _candidates(run: JobRun, spec: TuneSpec) -> list[dict]:
+    """The user's recipes (the job's recipe first) or generated ones, less those the target or model refuses."""
+    staged = run.staged
+    user = ([staged.recipe] if staged.recipe else []) + list(spec.search or [])
+    module = run.loaded.module
+    layer_names = [n for n, m in (module.named_modules() if module is not None else [])
+                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    generated = tuning.candidate_recipes([r.model_dump(mode="json") for r in user] or None,
+                                         has_calibration=run.data.calibration is not None,
+                                         model_kind="onnx" if staged.model_format == "onnx" else "torch",
+                                         layer_names=layer_names)
+    datasets = DatasetRefs(**{role: "given" for role in staged.dataset_files})
+    candidates = []
+    for recipe in generated:
+        try:
+            parsed = Recipe.model_validate(recipe)
+            check_recipe_for_target(parsed, run.target, datasets)
+            check_recipe_for_model(parsed, run.target, staged.model_format)
+            candidates.append(recipe)
+        except ValueError:
+            continue  # a generated candidate this model or target cannot take
+    return candidates
+
+
+def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelity: float) -> tuple[Applied, dict]:
+    """The best trial's outcome and the tuning report (every trial, the Pareto front, the choice and why)."""
+    candidates = _candidates(run, spec)
+    if spec.metric == "accuracy":
+        if baseline["accuracy"] is None:
+            raise JobFailure(ErrorCode.INVALID_DATASET, "tune.metric 'accuracy' needs an eval dataset with labels")
+        baseline_metric = baseline["accuracy"]
+    else:
+        baseline_metric = baseline_fidelity
+    applied: dict[int, Applied] = {}
+
+    def run_trial(recipe: dict) -> tuple[int, float, float]:
+        index = len(applied)
+        trial_dir = run.workdir / f"trial{index}"
+        trial_dir.mkdir()
+        state = WorkingModel(module=copy.deepcopy(run.loaded.module), onnx_path=run.loaded.onnx_path)
+        run.ctx.progress(0.3, "tune", f"trial {index + 1}: {[s['op'] for s in recipe['steps']]}")
+        result = apply_recipe(run, Recipe.model_validate(recipe), state, trial_dir, measure_steps=False)
+        applied[index] = result
+        fidelity = run.fidelity(result.outputs)
+        result.figures["fidelity"] = fidelity
+        metric = result.figures["accuracy"] if spec.metric == "accuracy" else fidelity["cosine_mean"]
+        return result.figures["size_bytes"], result.figures["latency_ms"]["p50"], metric
+
+    outcome = tuning.tune(candidates, run_trial, baseline_metric=baseline_metric, max_loss=spec.max_loss,
+                          objective=spec.objective, max_trials=spec.max_trials, time_budget_s=spec.time_budget_s,
+                          check=run.ctx.check)
+    if outcome["best"] is None:
+        raise JobFailure(ErrorCode.TUNING_FAILED, outcome["message"])
+    for index in applied:
+        if index != outcome["best"]:
+            shutil.rmtree(run.workdir / f"trial{index}", ignore_errors=True)
+    best = applied[outcome["best"]]
+    best.figures.pop("fidelity", None)
+    return best, outcome
