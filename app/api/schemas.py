@@ -94,7 +94,9 @@ class ArtifactsPublic(BaseModel):
     data: list[ArtifactPublic]
 
 
-class ModelPublic(BaseModel):
+class StoredFilePublic(BaseModel):
+    """What every uploaded file shows (models and datasets, as app.core.tables.StoredFile)."""
+
     model_config = ConfigDict(from_attributes=True)
 
     id: str
@@ -102,6 +104,9 @@ class ModelPublic(BaseModel):
     format: str
     size_bytes: int
     sha256: str
+
+
+class ModelPublic(StoredFilePublic):
     status: str
     error: str | None
     created_at: datetime
@@ -113,14 +118,7 @@ class ModelsPublic(BaseModel):
     next_cursor: str | None
 
 
-class DatasetPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-    id: str
-    name: str
-    format: str
-    size_bytes: int
-    sha256: str
+class DatasetPublic(StoredFilePublic):
     num_samples: int
     has_labels: bool
     created_at: datetime
