@@ -36,6 +36,21 @@ class Settings(BaseSettings):
     tenant_max_active_jobs: int = Field(default=100, ge=0, description="queued + running jobs of one tenant")
     tenant_max_storage_bytes: int = Field(default=100 * 1024**3, ge=0,
                                           description="models + datasets + artifacts of one tenant")
+    tenant_max_keys: int = Field(default=20, ge=0, description="active API keys of one tenant")
+
+    # Request bodies other than uploads (JSON) are refused past this size (413), before they are parsed.
+    max_json_bytes: int = Field(default=1024 * 1024, gt=0)
+    # GET /metrics needs `Authorization: Bearer <token>` when set.
+    metrics_token: str | None = None
+
+    # Webhooks: delivered from the API processes' housekeeping, retried with backoff for this long.
+    webhook_retry_hours: float = Field(default=24.0, gt=0)
+    # Private, loopback and link-local targets are refused unless this is set (tests, private deployments).
+    webhook_allow_private: bool = False
+
+    # The sandbox that parses and runs uploaded files: its resident-memory cap in bytes (default: a share of the
+    # machine's memory per worker slot, see worker.sandbox).
+    worker_memory_bytes: int | None = Field(default=None, gt=0)
 
     # Measurement: latency runs per model after warm-up, threads for ONNX Runtime.
     latency_runs: int = 50
