@@ -2,10 +2,13 @@
 `modelpress serve` start this, so the command-line module never imports the worker or torch)."""
 
 import argparse
+import ctypes
 import os
 import sys
 
 from app.core.queue import Queue
+
+PR_SET_DUMPABLE = 4
 
 
 def celery_argv(queues: list[str], concurrency: int) -> list[str]:
@@ -27,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --queues gpu needs a CUDA device, and torch sees none on this machine; "
                   "GPU jobs must never run on CPU, so this worker will not start", file=sys.stderr)
             return 2
+    # The job slots share the sandbox's memory (Settings.worker_concurrency); and the worker's memory and
+    # environment, which hold the service's credentials, cannot be read by other processes of its user.
+    os.environ["MODELPRESS_WORKER_CONCURRENCY"] = str(args.concurrency)
+    ctypes.CDLL(None).prctl(PR_SET_DUMPABLE, 0)
     from worker.celery_app import celery
 
     celery.worker_main(celery_argv(queues, args.concurrency))

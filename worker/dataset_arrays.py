@@ -5,17 +5,20 @@ which the API never read: float arrays must be finite and labels non-negative.
 """
 
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors
-import safetensors.numpy
 
 from app.core.errors import ErrorCode
 from app.core.vetting.dataset_files import LABELS, UTF8_BOM, DatasetError, inspect_dataset
 from worker.errors import JobFailure
+
+# An array stored column-major must be read whole to take its first rows: only up to this size.
+MAX_FORTRAN_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -31,7 +34,9 @@ class Batched:
     dropped: int  # samples left out because a static batch size cannot take a partial final batch
 
 
-def load_arrays(path: Path, fmt: str) -> DatasetArrays:
+def load_arrays(path: Path, fmt: str, limit: int | None = None) -> DatasetArrays:
+    """The dataset's first `limit` samples (all without a limit): only those rows are read and decompressed,
+    whatever size the file declares, and a .jsonl stops at its `limit`-th record."""
     try:
         facts = inspect_dataset(path, path.name)
     except DatasetError as exc:
@@ -39,8 +44,8 @@ def load_arrays(path: Path, fmt: str) -> DatasetArrays:
     if facts.format != fmt:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"the dataset file holds {facts.format}, but was recorded as {fmt}")
     if fmt == "jsonl":
-        return _load_jsonl(path)
-    arrays = _read_arrays(path, fmt, list(facts.info["arrays"]))
+        return _load_jsonl(path, limit)
+    arrays = _read_arrays(path, fmt, list(facts.info["arrays"]), limit)
     labels = arrays.pop(LABELS, None)
     for name, array in arrays.items():
         _check_finite(name, array)
@@ -50,18 +55,43 @@ def load_arrays(path: Path, fmt: str) -> DatasetArrays:
     return DatasetArrays(inputs=arrays, labels=labels)
 
 
-def _read_arrays(path: Path, fmt: str, order: list[str]) -> dict[str, np.ndarray]:
+def _read_arrays(path: Path, fmt: str, order: list[str], limit: int | None) -> dict[str, np.ndarray]:
     try:
         if fmt == "npz":
-            with np.load(path, allow_pickle=False) as archive:
-                return {name: archive[name] for name in order}
-        loaded = safetensors.numpy.load_file(path)
-        return {name: loaded[name] for name in order}
-    except (OSError, ValueError, EOFError, safetensors.SafetensorError) as exc:
+            with zipfile.ZipFile(path) as archive:
+                return {name: _read_npy_rows(archive, f"{name}.npy", limit) for name in order}
+        with safetensors.safe_open(str(path), framework="numpy") as tensors:
+            return {name: tensors.get_slice(name)[:limit] if limit is not None else tensors.get_tensor(name)
+                    for name in order}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, safetensors.SafetensorError) as exc:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"could not read the {fmt} dataset: {exc}") from None
 
 
-def _load_jsonl(path: Path) -> DatasetArrays:
+def _read_npy_rows(archive: zipfile.ZipFile, member: str, limit: int | None) -> np.ndarray:
+    """The first `limit` rows of an .npy member, read (and inflated) alone: rows of a C-order array are
+    contiguous, so a member that declares gigabytes costs only the rows a job uses."""
+    name = member.removesuffix(".npy")
+    with archive.open(member) as stream:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+        rows = shape[0] if limit is None else min(shape[0], limit)
+        if fortran_order:
+            total = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if total > MAX_FORTRAN_BYTES:
+                raise JobFailure(ErrorCode.INVALID_DATASET,
+                                 f"array {name!r} is stored in Fortran order and is {total} bytes; save it in C "
+                                 "order (np.ascontiguousarray) so that only the rows a job needs are read")
+            data = stream.read(total)
+            return np.frombuffer(data, dtype=dtype).reshape(shape, order="F")[:rows].copy()
+        wanted = rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        data = stream.read(wanted)
+    if len(data) != wanted:
+        raise JobFailure(ErrorCode.INVALID_DATASET, f"array {name!r} is shorter than its header says")
+    return np.frombuffer(data, dtype=dtype).reshape((rows, *shape[1:])).copy()
+
+
+def _load_jsonl(path: Path, limit: int | None) -> DatasetArrays:
     """Lines were validated by inspect_dataset; read them the same way (bytes, split on newlines only)."""
     texts: list[str] = []
     labels: list[int] = []
@@ -69,6 +99,8 @@ def _load_jsonl(path: Path) -> DatasetArrays:
         if file.read(len(UTF8_BOM)) != UTF8_BOM:
             file.seek(0)
         for line in file:
+            if limit is not None and len(texts) >= limit:
+                break
             if line.strip():
                 record = json.loads(line.decode("utf-8"))
                 texts.append(record["text"])

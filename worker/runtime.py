@@ -21,8 +21,12 @@ def providers_for(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def ort_session(path: Path, device: str, threads: int = 1) -> ort.InferenceSession:
+def ort_session(path: Path, device: str, threads: int = 1, optimize: bool = True) -> ort.InferenceSession:
+    """`optimize=False` only opens the graph: no constant folding, so a tiny file cannot make the session
+    materialise a huge constant just to be described."""
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3

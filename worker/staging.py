@@ -5,6 +5,7 @@ it can run where the credentials are not (see worker.tasks for the order).
 
 import hashlib
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -72,18 +73,38 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+ARTIFACT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MAX_STEM_CHARS = 60
+
+
+def artifact_name(name) -> str:
+    """An output's own name, as the pipeline gives it (`compressed.onnx`): the storage key is built from it."""
+    if not isinstance(name, str) or not ARTIFACT_NAME.fullmatch(name) or ".." in name:
+        raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported an output with an invalid name")
+    return name
+
+
+def download_stem(model_name: str) -> str:
+    """The model's name as the start of its artifacts' download names: the last path part of what the tenant
+    named it (any OS's separators), without control characters, bounded; `model` if nothing is left."""
+    last = re.split(r"[/\\]", model_name)[-1]
+    stem = "".join(ch for ch in Path(last).stem if ch.isprintable()).strip(" .")
+    return stem[:MAX_STEM_CHARS] or "model"
+
+
 def publish_outputs(storage: Storage, job: Job, staged: StagedJob, outputs: list[Output], metrics: dict[str, Any],
                     workdir: Path) -> list[dict[str, Any]]:
     """Store the job's files and its JSON report under the job's keys; returns the artifact rows to record.
-    Keys are fixed per job, so a re-run overwrites rather than duplicates."""
+    Keys are built from ids and the outputs' fixed names, so a re-run overwrites rather than duplicates; the
+    tenant's model name only prefixes the download name."""
     report = workdir / "report.json"
     report.write_text(json.dumps(metrics, indent=2))
-    stem = Path(staged.model_name).stem or "model"
-    files = [(o.kind, o.format, o.path, f"{stem}-{o.filename}") for o in outputs]
+    stem = download_stem(staged.model_name)
     artifacts = []
-    for kind, fmt, path, filename in [*files, ("report", "json", report, "report.json")]:
-        key = storage_keys.job_key(job.tenant_id, job.id, filename)
+    for kind, fmt, path, name in [*((o.kind, o.format, o.path, o.filename) for o in outputs),
+                                  ("report", "json", report, "report.json")]:
+        key = storage_keys.job_key(job.tenant_id, job.id, name)
         storage.put_file(key, path)
-        artifacts.append({"kind": kind, "format": fmt, "filename": filename, "size_bytes": path.stat().st_size,
+        artifacts.append({"kind": kind, "format": fmt, "filename": f"{stem}-{name}", "size_bytes": path.stat().st_size,
                           "sha256": sha256_of(path), "storage_key": key})
     return artifacts

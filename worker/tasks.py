@@ -1,14 +1,17 @@
 """Celery tasks. They take ids, read everything else from the database, and record every outcome there.
 
+Each task is split where the credentials stop: this process claims the row, stages the inputs from storage and
+publishes the outputs (worker.staging); everything that parses, loads or runs the uploaded files happens in a
+sandboxed child that holds no secrets (worker.sandbox). Whatever fails, at any stage, the row ends in a
+terminal state with a code.
+
 Re-delivery is safe: `jobs.claim` lets only one worker run a job, outputs go to fixed keys per job, and
 `jobs.finish` replaces the job's artifact rows instead of adding to them.
 """
 
-import json
 import logging
 import shutil
 import time
-import urllib.request
 from pathlib import Path
 
 from celery import shared_task
@@ -16,27 +19,28 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
 from app.core import jobs
-from app.core.config import get_settings
-from app.core.db import utcnow
+from app.core.config import Settings, get_settings
 from app.core.errors import ErrorCode
 from app.core.queue import TaskName
 from app.core.statuses import JobStatus, ModelStatus
 from app.core.tables import Job, Model
-from worker import resources, staging
+from worker import resources, sandbox, staging
 from worker.context import JobContext, with_db_retry
 from worker.errors import JobCancelled, JobFailure, JobLost
+from worker.pipeline.files import Output
+from worker.sandbox_child import inject_fault
 
 log = logging.getLogger(__name__)
 _settings = get_settings()
 # The soft limit raises SoftTimeLimitExceeded in the task, which records `timeout`; the hard limit kills it.
 TIME_LIMITS = {"soft_time_limit": _settings.job_soft_time_limit, "time_limit": _settings.job_time_limit}
+OUTPUT_KINDS = {"model"}
+OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "hf"}
 
 
 @shared_task(name=TaskName.INSPECT_MODEL, **TIME_LIMITS)
 def inspect_model(model_id: str) -> None:
-    """Open an uploaded model safely and set it `ready` (with its description) or `invalid` (with why)."""
-    from worker import formats
-
+    """Open an uploaded model in the sandbox and set it `ready` (with its description) or `invalid` (with why)."""
     settings, factory, storage = resources.settings(), resources.session_factory(), resources.storage()
 
     def start(session):
@@ -44,7 +48,7 @@ def inspect_model(model_id: str) -> None:
         if model is None or model.status != ModelStatus.UPLOADED:
             return None
         # A killed worker's message comes straight back (task_reject_on_worker_lost): without this bound, a model
-        # that kills whoever loads it (out of memory) would be inspected again as fast as it kills.
+        # that kills whoever loads it would be inspected again as fast as it kills.
         if model.inspect_attempts >= settings.job_max_attempts:
             model.status = ModelStatus.INVALID
             model.error = f"the worker inspecting this model died {model.inspect_attempts} times; giving up"
@@ -57,14 +61,22 @@ def inspect_model(model_id: str) -> None:
         return
     key, fmt = claimed
     workdir = staging.scratch_folder(settings, "inspect-")
+    info, status, error = None, ModelStatus.INVALID, None
     try:
         local = workdir / f"model.{fmt}"
         storage.get_file(key, local)
-        info, status, error = formats.inspect(local, fmt, workdir), ModelStatus.READY, None
-    except JobFailure as exc:
-        info, status, error = None, ModelStatus.INVALID, exc.message
+        inject_fault(settings, "stage")
+        outcome = sandbox.run(sandbox.request(settings, "inspect", workdir, model=(local, fmt)),
+                              wall_seconds=settings.job_soft_time_limit)
+        if outcome.value is not None and isinstance(outcome.value.get("info"), dict):
+            info, status = outcome.value["info"], ModelStatus.READY
+        else:
+            error = sandbox.scrub_paths(outcome.message, workdir, settings.resolved_home())
     except SoftTimeLimitExceeded:
-        info, status, error = None, ModelStatus.INVALID, "inspection took longer than the time limit"
+        error = "inspection took longer than the time limit"
+    except Exception as exc:  # staging failed, or a bug: the model must not stay `uploaded` for hours
+        log.exception("inspection of %s failed", model_id)
+        error = f"inspection failed: {sandbox.scrub_paths(f'{exc.__class__.__name__}: {exc}', workdir)[:500]}"
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     with_db_retry(factory, lambda s: s.execute(
@@ -92,7 +104,8 @@ def run_job(job_id: str) -> None:
                 outcome = {"status": JobStatus.CANCELLED, "error_code": ErrorCode.CANCELLED,
                            "error_message": "cancelled by the user"}
             except JobFailure as exc:
-                outcome = {"status": JobStatus.FAILED, "error_code": exc.code, "error_message": exc.message}
+                outcome = {"status": JobStatus.FAILED, "error_code": exc.code,
+                           "error_message": sandbox.scrub_paths(exc.message, workdir, settings.resolved_home())}
             except SoftTimeLimitExceeded:
                 outcome = {"status": JobStatus.FAILED, "error_code": ErrorCode.TIMEOUT,
                            "error_message": f"the job ran past its time limit of {settings.job_soft_time_limit}s"}
@@ -101,44 +114,48 @@ def run_job(job_id: str) -> None:
                 return
             except Exception as exc:  # a bug or an unexpected library error: record it, never lose the job
                 log.exception("job %s failed unexpectedly", job_id)
+                message = sandbox.scrub_paths(f"{exc.__class__.__name__}: {str(exc)[:500]}", workdir,
+                                              settings.resolved_home())
                 outcome = {"status": JobStatus.FAILED, "error_code": ErrorCode.INTERNAL_ERROR,
-                           "error_message": f"{exc.__class__.__name__}: {str(exc)[:500]}"}
-        finished = with_db_retry(factory, lambda s: jobs.finish(s, job_id, worker_id, **outcome))
-        if finished:
-            _notify_webhook(job, outcome["status"])
+                           "error_message": message}
+        with_db_retry(factory, lambda s: jobs.finish(s, job_id, worker_id, **outcome))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run(job: Job, workdir: Path, settings, storage, factory, ctx: JobContext) -> dict:
-    """Authorize (done: the job was claimed), stage the inputs, run the pipeline on local files only, publish."""
-    from worker.pipeline.runner import run_pipeline
-
-    if job.target.get("device", "cpu") == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise JobFailure(ErrorCode.CUDA_UNAVAILABLE, "the job targets cuda but this worker has no CUDA device; "
-                                                         "it must run on a GPU worker (queue 'gpu')")
+def _run(job: Job, workdir: Path, settings: Settings, storage, factory, ctx: JobContext) -> dict:
+    """Stage the inputs (credentials), run the pipeline in the sandbox (local files only), publish the outputs."""
     staged = staging.stage_inputs(factory, storage, job, workdir)
+    inject_fault(settings, "stage")
     # Training stops in time for the steps after it to finish within the job's soft time limit.
     deadline = time.monotonic() + 0.8 * settings.job_soft_time_limit
-    result = run_pipeline(staged, workdir, settings, ctx, deadline)
+    result = sandbox.run(sandbox.request(settings, "run_job", workdir, staged=staged, deadline=deadline),
+                         progress=ctx.progress, check=ctx.check, wall_seconds=settings.job_soft_time_limit)
+    if result.code == ErrorCode.CANCELLED:
+        raise JobCancelled(job.id)
+    if result.code is not None:
+        raise JobFailure(result.code, result.message)
     ctx.progress(0.95, "upload", "storing artifacts")
-    metrics = {**result.metrics, "job_id": job.id, "model_id": job.model_id}
-    artifacts = staging.publish_outputs(storage, job, staged, result.outputs, metrics, workdir)
+    inject_fault(settings, "publish")
+    metrics = result.value.get("metrics")
+    if not isinstance(metrics, dict):
+        raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported no metrics")
+    metrics = {**metrics, "job_id": job.id, "model_id": job.model_id}
+    artifacts = staging.publish_outputs(storage, job, staged, _outputs(result.value.get("outputs"), workdir), metrics,
+                                        workdir)
     ctx.check()
     return {"status": JobStatus.SUCCEEDED, "metrics": metrics, "artifacts": artifacts}
 
 
-def _notify_webhook(job: Job, status: str) -> None:
-    """Best effort: tell the client's webhook the job finished. The job's state never depends on it."""
-    if not job.webhook_url:
-        return
-    body = json.dumps({"id": job.id, "status": str(status), "finished_at": utcnow().isoformat()}).encode()
-    request = urllib.request.Request(job.webhook_url, data=body, headers={"Content-Type": "application/json"},
-                                     method="POST")
-    try:
-        urllib.request.urlopen(request, timeout=5).close()
-    except Exception as exc:
-        log.warning("webhook for job %s failed: %s", job.id, exc)
+def _outputs(reported, workdir: Path) -> list[Output]:
+    """The files the child says it delivered, checked: known kinds and formats, fixed names, its own files."""
+    if not isinstance(reported, list) or not reported:
+        raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported no output")
+    outputs = []
+    for item in reported:
+        if not isinstance(item, dict) or item.get("kind") not in OUTPUT_KINDS \
+                or item.get("format") not in OUTPUT_FORMATS:
+            raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported an output of an unknown kind")
+        name = staging.artifact_name(item.get("filename"))
+        outputs.append(Output(item["kind"], item["format"], sandbox.safe_output(workdir, item.get("path")), name))
+    return outputs

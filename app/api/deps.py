@@ -52,15 +52,33 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 bearer = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer mp_...`")
 
 
+MISSING_KEY = "missing API key: send 'Authorization: Bearer <key>'"
+INVALID_KEY = "invalid or revoked API key"
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+def refuse_nul_bytes(request: Request) -> None:
+    """A NUL in the path is no id of ours (404); in a query parameter it is invalid (422, naming it). PostgreSQL
+    text cannot hold NUL, so without this a `%00` became a 500."""
+    if "\x00" in request.scope["path"]:
+        raise ServiceError(ErrorCode.NOT_FOUND, "not found: no id contains a NUL character")
+    for name, value in request.query_params.multi_items():
+        if "\x00" in name or "\x00" in value:
+            raise ServiceError(ErrorCode.INVALID_REQUEST,
+                               f"{name.replace(chr(0), '?') or '(unnamed)'}: must not contain NUL characters")
+
+
 def get_current_tenant(request: Request, session: SessionDep,
                        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
-    """Authenticate the key, then take one token of the tenant's request rate: every /v1 route is limited."""
+    """Authenticate the key, then take one token of the tenant's request rate: every /v1 route is limited.
+
+    The key's id is left in `request.state.api_key_id` for routes that depend on which key is calling."""
     if credentials is None or not credentials.credentials.strip():
-        raise ServiceError(ErrorCode.UNAUTHORIZED, "missing API key: send 'Authorization: Bearer <key>'",
-                       {"WWW-Authenticate": "Bearer"})
+        raise ServiceError(ErrorCode.UNAUTHORIZED, MISSING_KEY, UNAUTHORIZED_HEADERS)
     row = auth.authenticate(session, credentials.credentials.strip())
     if row is None:
-        raise ServiceError(ErrorCode.UNAUTHORIZED, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+        raise ServiceError(ErrorCode.UNAUTHORIZED, INVALID_KEY, UNAUTHORIZED_HEADERS)
+    refuse_nul_bytes(request)
     limiter = request.app.state.rate_limiter
     if limiter is not None:
         wait = limiter.acquire(row.tenant_id)
@@ -70,6 +88,7 @@ def get_current_tenant(request: Request, session: SessionDep,
                            {"Retry-After": str(max(1, math.ceil(wait)))})
     auth.touch(session, row)
     tenant = row.tenant
+    request.state.api_key_id = row.id
     # End the read transaction: the request must not sit on a pooled connection while it streams an upload
     # or waits for other work (that exhausted the pool under load and stalled every request).
     session.commit()

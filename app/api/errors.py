@@ -73,14 +73,37 @@ _CODE_FOR_STATUS = {400: ErrorCode.BAD_REQUEST, 401: ErrorCode.UNAUTHORIZED, 404
                     429: ErrorCode.RATE_LIMITED, 503: ErrorCode.UNAVAILABLE}
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
 def _allowed_methods(request: Request) -> str:
     """Every method the path takes: Starlette's 405 names only those of the first route whose path matched,
-    so `OPTIONS /v1/models/{id}` said `Allow: GET` although DELETE works there too."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    so `OPTIONS /v1/models/{id}` said `Allow: GET` although DELETE works there too.
+
+    Each method is asked of the router as a request would be (`matches` on a scope with that method), because the
+    top-level routes are not all endpoints: FastAPI keeps an included router as one entry with no `methods`,
+    which left `Allow` empty."""
+    scope = {"type": "http", "path": request.scope["path"], "root_path": request.scope.get("root_path", ""),
+             "headers": request.scope.get("headers", [])}
+    allowed = [method for method in _METHODS
+               if any(route.matches({**scope, "method": method})[0] == Match.FULL
+                      for route in request.app.router.routes)]
+    return ", ".join(allowed)
+
+
+def _malformed_json(exc: RequestValidationError) -> str | None:
+    """FastAPI reports a body that is not JSON as a validation error at the byte offset: say what and where."""
+    error = next((e for e in exc.errors() if e.get("type") == "json_invalid"), None)
+    if error is None:
+        return None
+    offset = error.get("loc", (None, None))[-1]
+    what = (error.get("ctx") or {}).get("error") or "invalid JSON"
+    doc = exc.body if isinstance(exc.body, str) else None
+    if isinstance(offset, int) and doc is not None:
+        line = doc.count("\n", 0, offset) + 1
+        column = offset - doc.rfind("\n", 0, offset)
+        return f"malformed JSON body: {what} at line {line}, column {column}"
+    return f"malformed JSON body: {what}"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -90,6 +113,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        malformed = _malformed_json(exc)
+        if malformed is not None:
+            return error_response(ErrorCode.BAD_REQUEST, malformed)
         return error_response(ErrorCode.INVALID_REQUEST, describe_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)

@@ -8,6 +8,8 @@
   is re-queued, or failed after `job_max_attempts`; the broker alone does not bring such jobs back.
 - Sweep: a process killed mid-upload leaves a partial file in the upload temp folder, and one killed between
   storing a file and committing its row leaves an object no row refers to; both go once `orphan_age` old.
+- Webhooks: due outbox rows are handed to a bounded pool of sending threads (app.core.webhooks.WebhookSender);
+  the round itself never waits on a send, and each row is claimed with a lease before it is sent.
 Every step is a guarded UPDATE or an idempotent delete, so several API replicas can run this loop side by side.
 """
 
@@ -21,7 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core import jobs
+from app.core import jobs, webhooks
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
 from app.core.dispatch import dispatch_inspection, dispatch_job
@@ -127,8 +129,8 @@ def sweep_orphans(factory: sessionmaker[Session], storage: Storage, settings: Se
 
 
 class Housekeeper:
-    """Runs reap + dispatch every `dispatch_interval` seconds on a daemon thread, and the sweep every quarter
-    of `orphan_age` (listing the whole store is too costly for every round).
+    """Runs webhooks + reap + dispatch every `dispatch_interval` seconds on a daemon thread, and the sweep every
+    quarter of `orphan_age` (listing the whole store is too costly for every round).
 
     Workers cannot heartbeat while the database is down, so after an outage (and at start) the reaper waits
     until the database has answered for `heartbeat_timeout`: a restart of the database must not re-queue, and
@@ -138,6 +140,7 @@ class Housekeeper:
     def __init__(self, factory: sessionmaker[Session], celery: Celery, settings: Settings):
         self.factory, self.celery, self.settings = factory, celery, settings
         self.storage = open_storage(settings.resolved_storage_url())
+        self.webhooks = webhooks.WebhookSender(factory, settings)
         self._next_sweep = 0.0
         self._reachable_since: float | None = None  # monotonic time since when the database has answered
         self._stop = threading.Event()
@@ -149,6 +152,7 @@ class Housekeeper:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self.webhooks.close()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.settings.dispatch_interval):
@@ -160,7 +164,17 @@ class Housekeeper:
             except Exception as exc:  # broker or storage down: try again next round
                 log.warning("housekeeping round failed: %s", exc)
 
+    def send_webhooks(self) -> list:
+        """Start sending the due webhook events (returns the pool's tasks; nothing here waits for them). A failure
+        is logged and never keeps the rest of the round (reap, dispatch) from running."""
+        try:
+            return self.webhooks.send_round()
+        except Exception as exc:
+            log.warning("webhook round failed: %s", exc)
+            return []
+
     def _round(self) -> None:
+        self.send_webhooks()
         now = time.monotonic()
         if self._reachable_since is not None and now - self._reachable_since >= self.settings.heartbeat_timeout:
             reap(self.factory, self.settings)

@@ -6,10 +6,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.errors import error_responses, install_error_handlers
+from app.api.guard import BodyGuard
 from app.api.housekeeping import Housekeeper
 from app.api.limits import make_rate_limiter
 from app.api.observability import Metrics, MetricsMiddleware
-from app.api.routes import artifacts, datasets, jobs, keys, models, presets, service
+from app.api.routes import artifacts, datasets, jobs, keys, models, presets, service, webhooks
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_session_factory
 from app.core.queue import make_celery
@@ -46,8 +47,11 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     app.include_router(service.router)
     # Every /v1 route authenticates (401), is rate limited (429), validates its input (422) and needs the
     # database (503); route-specific errors are declared on the routes.
-    for router in (models.router, datasets.router, jobs.router, artifacts.router, presets.router, keys.router):
+    for router in (models.router, datasets.router, jobs.router, artifacts.router, presets.router, keys.router,
+                   webhooks.router):
         app.include_router(router, responses=error_responses(401, 422, 429, 503))
+    # Inside the metrics middleware (its 401/413/400 answers are counted): the key before any body is read.
+    app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, session_factory=session_factory)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

@@ -12,6 +12,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.statuses import TERMINAL, JobStatus
 from app.core.tables import Job
 
+# Label values come from this fixed set, never from the request itself: a client can send any method token, and
+# each new value would be a new time series (unbounded memory). Routes are templates ("/v1/models/{model_id}"),
+# so no id, tenant or key ever becomes a label.
+HTTP_METHODS = frozenset({"DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT"})
+
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 WAIT_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600)
 
@@ -83,6 +88,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], template, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], template).observe(time.perf_counter() - start)
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "OTHER"
+            self.metrics.requests.labels(method, template, str(status)).inc()
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

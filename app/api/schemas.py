@@ -1,22 +1,28 @@
 """Request and response bodies of the HTTP API. The recipe itself (steps, target, tuning) is the core's
 contract with the workers: app.core.recipe."""
 
-from datetime import datetime
-from typing import Any
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, HttpUrl, StringConstraints,
+                      field_validator, model_validator)
 
 from app.core.presets import preset_recipe
-from app.core.recipe import DatasetRefs, Recipe, StrictModel, Target, TuneSpec, check_recipe_for_target
+from app.core.recipe import (DatasetRefs, Id, Name, Recipe, StrictModel, Target, TuneSpec, check_recipe_for_target,
+                             no_control_characters)
 
 MAX_GRACE_SECONDS = 86400
+MAX_KEY_LIFETIME = timedelta(days=365)
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+PresetName = Annotated[str, StringConstraints(max_length=64), AfterValidator(no_control_characters)]
 
 
 class JobCreate(StrictModel):
-    model_id: str = Field(min_length=1, max_length=40)
-    name: str | None = Field(default=None, max_length=200)
+    model_id: Id
+    name: Name | None = None
     recipe: Recipe | None = None
-    preset: str | None = Field(default=None, max_length=64)
+    preset: PresetName | None = None
     tune: TuneSpec | None = None
     datasets: DatasetRefs = Field(default_factory=DatasetRefs)
     target: Target = Field(default_factory=Target)
@@ -131,7 +137,27 @@ class DatasetsPublic(BaseModel):
 
 
 class KeyCreate(StrictModel):
-    name: str | None = Field(default=None, max_length=200)
+    name: Name | None = None
+    expires_at: AwareDatetime | None = Field(
+        default=None, description="when the key stops working: an RFC 3339 date-time with offset, in the future and "
+                                  "at most 365 days ahead; a key with an expiry cannot create, rotate or revoke keys")
+
+    @field_validator("expires_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: Any) -> Any:
+        if value is not None and not (isinstance(value, str) and _RFC3339.fullmatch(value)):
+            raise ValueError("must be an RFC 3339 date-time with an offset, e.g. 2030-01-31T12:00:00Z")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _ahead(cls, value: datetime | None) -> datetime | None:
+        now = datetime.now(UTC)
+        if value is not None and value <= now:
+            raise ValueError("must be in the future")
+        if value is not None and value > now + MAX_KEY_LIFETIME:
+            raise ValueError(f"must be at most {MAX_KEY_LIFETIME.days} days ahead")
+        return value
 
 
 class KeyRotate(StrictModel):
@@ -157,3 +183,43 @@ class KeyCreated(KeyPublic):
 class KeysPublic(BaseModel):
     data: list[KeyPublic]
     next_cursor: str | None
+
+
+class WebhookSecretPublic(BaseModel):
+    secret: str = Field(description="`whsec_` + base64 of 32 random bytes; the base64 part, decoded, is the HMAC "
+                                    "key of `webhook-signature`")
+    previous_expires_at: datetime | None = Field(description="until when the secret replaced by the last rotation "
+                                                             "still signs beside this one")
+
+
+class WebhookAttemptPublic(BaseModel):
+    attempted_at: datetime
+    status_code: int | None = Field(description="the endpoint's HTTP status; null when it gave none")
+    error: str | None = Field(description="why the attempt failed (timeout, refused target, redirect, status)")
+    duration_ms: int
+
+
+class WebhookDeliveryPublic(BaseModel):
+    """One webhook event (`id` is the `webhook-id` header of every attempt) and its attempts, oldest first."""
+
+    id: str
+    type: str
+    job_id: str
+    url: str
+    status: str = Field(description="pending | delivered | failed")
+    attempt_count: int
+    next_attempt_at: datetime | None = Field(description="when a pending event is tried next")
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+    attempts: list[WebhookAttemptPublic]
+
+
+class WebhookDeliveriesPublic(BaseModel):
+    data: list[WebhookDeliveryPublic]
+    next_cursor: str | None
+
+
+class JobWebhookDeliveriesPublic(BaseModel):
+    data: list[WebhookDeliveryPublic]

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.limits import check_active_jobs, check_storage_quota
 from app.api.schemas import JobCreate
 from app.api.uploads import UploadedFile
-from app.core import jobs
+from app.core import jobs, webhooks
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.dispatch import dispatch_inspection, dispatch_job
@@ -122,6 +122,11 @@ def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery,
         existing = _replay(session, tenant_id, idempotency_key, request_hash)
         if existing is not None:
             return existing, True
+    if body.webhook_url is not None:
+        try:
+            webhooks.check_submitted_url(str(body.webhook_url), settings.webhook_allow_private)
+        except webhooks.TargetRefused as exc:
+            raise ServiceError(ErrorCode.INVALID_REQUEST, f"webhook_url: {exc}") from None
     model = _check_references(session, tenant_id, body)
     check_active_jobs(session, tenant_id, settings.tenant_max_active_jobs)
     try:

@@ -15,6 +15,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.core.errors import ErrorCode, ServiceError
+from app.core.recipe import no_control_characters
 
 MAX_TEXT_FIELD = 1024
 MULTIPART_OVERHEAD = 64 * 1024
@@ -36,6 +37,15 @@ class ParsedUpload:
     def discard(self) -> None:
         if self.file is not None:
             self.file.path.unlink(missing_ok=True)
+
+
+def _refuse_control_characters(field: str, value: str, what: str = "") -> None:
+    """Names given at upload become download file names, listings and log lines: a control character (NUL, CR, LF,
+    ...) in one is refused (422, naming the field) rather than silently changed."""
+    try:
+        no_control_characters(value)
+    except ValueError as exc:
+        raise ServiceError(ErrorCode.INVALID_REQUEST, f"{field}: {what}{exc}") from None
 
 
 class _Collector:
@@ -83,6 +93,7 @@ class _Collector:
             if not filename:
                 raise ServiceError(ErrorCode.INVALID_REQUEST,
                                    f"{self.file_field}: the part must be a file with a filename")
+            _refuse_control_characters(self.file_field, filename, "the filename ")
             self._part = name
             self.tmp_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.tmp_dir, prefix="upload-", suffix=".part")
@@ -117,7 +128,9 @@ class _Collector:
             self.result.file.size = self._size
             self.result.file.sha256 = self._hash.hexdigest()
         elif self._part is not None:
-            self.result.fields[self._part] = self._text.decode("utf-8", "replace").strip()
+            value = self._text.decode("utf-8", "replace").strip()
+            _refuse_control_characters(self._part, value)
+            self.result.fields[self._part] = value
 
     def close(self) -> None:
         if self._fh is not None:

@@ -3,9 +3,9 @@
 import hashlib
 import hmac
 import secrets
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.core.db import utcnow
@@ -21,11 +21,13 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def issue_key(session: Session, tenant_id: str, name: str | None = None) -> tuple[ApiKey, str]:
-    """A new key for a tenant; the plaintext is returned once and never stored."""
+def issue_key(session: Session, tenant_id: str, name: str | None = None,
+              expires_at: datetime | None = None) -> tuple[ApiKey, str]:
+    """A new key for a tenant (that stops at `expires_at` if given); the plaintext is returned once, never stored."""
     prefix = secrets.token_hex(6)
     key = f"{KEY_PREFIX}_{prefix}_{secrets.token_urlsafe(32)}"
-    row = ApiKey(id=new_id("key"), tenant_id=tenant_id, prefix=prefix, key_hash=hash_key(key), name=name)
+    row = ApiKey(id=new_id("key"), tenant_id=tenant_id, prefix=prefix, key_hash=hash_key(key), name=name,
+                 expires_at=expires_at)
     session.add(row)
     session.flush()
     return row, key
@@ -45,7 +47,8 @@ def create_api_key(session: Session, tenant_name: str, name: str | None = None) 
 def authenticate(session: Session, key: str) -> ApiKey | None:
     """The key's row if the key is genuine and active (not revoked, not past a rotation's grace period)."""
     parts = key.split("_", 2)
-    if len(parts) != 3 or parts[0] != KEY_PREFIX:
+    # The prefix is looked up, so it must be one we could have issued (hex): a NUL would fail on PostgreSQL.
+    if len(parts) != 3 or parts[0] != KEY_PREFIX or not (parts[1].isascii() and parts[1].isalnum()):
         return None
     row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
     if row is None or not row.is_active(utcnow()):
@@ -66,6 +69,14 @@ def touch(session: Session, row: ApiKey) -> None:
                     .values(last_used_at=now).execution_options(synchronize_session=False))
     session.commit()
     row.last_used_at = now
+
+
+def count_active(session: Session, tenant_id: str) -> int:
+    """The tenant's keys that work now: not revoked, not past their expiry (keys in a grace period count)."""
+    now = utcnow()
+    return session.scalar(select(func.count()).select_from(ApiKey).where(
+        ApiKey.tenant_id == tenant_id, ApiKey.revoked_at.is_(None),
+        or_(ApiKey.expires_at.is_(None), ApiKey.expires_at > now)))
 
 
 def revoke(row: ApiKey) -> None:

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     # The sandbox that parses and runs uploaded files: its resident-memory cap in bytes (default: a share of the
     # machine's memory per worker slot, see worker.sandbox).
     worker_memory_bytes: int | None = Field(default=None, gt=0)
+    # Job slots of this worker process's Celery worker (`modelpress worker --concurrency`): memory is shared by them.
+    worker_concurrency: int = Field(default=1, ge=1)
+    # Tests only: make a stage fail on purpose, "<stage>:<fault>" (see worker.sandbox_child.inject_fault).
+    fault_injection: str | None = None
 
     # Measurement: latency runs per model after warm-up, threads for ONNX Runtime.
     latency_runs: int = 50

@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     CONFLICT = "conflict"
     JOB_FINISHED = "job_finished"
     KEY_INACTIVE = "key_inactive"
+    KEY_EXPIRING = "key_expiring"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     MODEL_IN_USE = "model_in_use"
     DATASET_IN_USE = "dataset_in_use"
@@ -29,6 +30,7 @@ class ErrorCode(StrEnum):
     QUOTA_EXCEEDED = "quota_exceeded"
     RATE_LIMITED = "rate_limited"
     TOO_MANY_JOBS = "too_many_jobs"
+    TOO_MANY_KEYS = "too_many_keys"
     # Uploaded files
     EMPTY_FILE = "empty_file"
     UNSUPPORTED_FORMAT = "unsupported_format"
@@ -61,6 +63,8 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
     CUDA_UNAVAILABLE = "cuda_unavailable"
+    RESOURCE_LIMIT = "resource_limit"
+    CRASHED = "crashed"
     # The service
     INTERNAL_ERROR = "internal_error"
     UNAVAILABLE = "unavailable"
@@ -80,6 +84,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.CONFLICT: 409,
     ErrorCode.JOB_FINISHED: 409,
     ErrorCode.KEY_INACTIVE: 409,
+    ErrorCode.KEY_EXPIRING: 409,
     ErrorCode.IDEMPOTENCY_KEY_REUSED: 409,
     ErrorCode.MODEL_IN_USE: 409,
     ErrorCode.DATASET_IN_USE: 409,
@@ -110,13 +115,16 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNSUPPORTED_ARCHITECTURE: 422,
     ErrorCode.UNSUPPORTED_FOR_FORMAT: 422,
     ErrorCode.INVALID_RECIPE: 422,
+    ErrorCode.RESOURCE_LIMIT: 422,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.TOO_MANY_JOBS: 429,
+    ErrorCode.TOO_MANY_KEYS: 429,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.QUANTIZATION_FAILED: 500,
     ErrorCode.EXPORT_FAILED: 500,
     ErrorCode.TUNING_FAILED: 500,
     ErrorCode.WORKER_LOST: 500,
+    ErrorCode.CRASHED: 500,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.DATABASE_UNAVAILABLE: 503,
     ErrorCode.STORAGE_UNAVAILABLE: 503,

@@ -5,7 +5,8 @@ queued -> running -> succeeded | failed | cancelled, plus:
   running -> queued              (worker died: the reaper re-queues it, up to job_max_attempts)
   running -> running             (a re-delivered message takes over a job whose heartbeat went stale)
 A terminal job never changes again. Guards live in the WHERE clauses, so two processes racing on one
-job cannot both win.
+job cannot both win. Every move to a terminal state also puts the job's webhook event (if it has a webhook_url)
+in the outbox, in the same transaction (app.core.webhooks).
 """
 
 from datetime import datetime, timedelta
@@ -14,6 +15,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.core import webhooks
 from app.core.db import utcnow
 from app.core.errors import ErrorCode
 from app.core.ids import new_id
@@ -113,6 +115,7 @@ def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, *, 
     for spec in artifacts or []:
         session.add(Artifact(id=new_id("art"), tenant_id=job.tenant_id, job_id=job_id, **spec))
     _record(session, job_id, JobStatus.RUNNING, status, error_message)
+    webhooks.enqueue_job_event(session, job, status, now, error_code, error_message)
     session.flush()
     return True
 
@@ -127,6 +130,7 @@ def request_cancel(session: Session, job: Job) -> bool:
             .execution_options(synchronize_session=False))
         if result.rowcount == 1:
             _record(session, job.id, JobStatus.QUEUED, JobStatus.CANCELLED, "cancelled before it started")
+            webhooks.enqueue_job_event(session, job, JobStatus.CANCELLED, now, None, None)
             return True
     result = session.execute(
         update(Job).where(Job.id == job.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
@@ -158,6 +162,9 @@ def reap_stale(session: Session, stale_before: datetime, max_attempts: int) -> d
                                  .execution_options(synchronize_session=False))
         if result.rowcount == 1:
             _record(session, job.id, JobStatus.RUNNING, values["status"], message)
+            if kind != "requeued":
+                webhooks.enqueue_job_event(session, job, values["status"], now, values.get("error_code"),
+                                           values.get("error_message"))
             outcome[kind].append(job.id)
     return outcome
 

@@ -4,15 +4,40 @@ Rules that depend on more than one field are checked here too, so a bad recipe i
 with a message naming the field, not discovered by a worker later.
 """
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from app.core.queue import Queue
 
+# Every string a request can carry is bounded and holds no control characters (C0, DEL, C1): PostgreSQL text cannot
+# hold NUL, and CR/LF in a name would end up in headers and logs. Lists are bounded where they are declared.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def no_control_characters(value: str) -> str:
+    found = _CONTROL.search(value)
+    if found:
+        raise ValueError(f"must not contain control characters (U+{ord(found.group()):04X} at {found.start()})")
+    return value
+
+
+ID_MAX = 40
+NAME_MAX = 200
+PATTERN_MAX = 512
+EXCLUDE_MAX = 100
+
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX), AfterValidator(no_control_characters)]
+Name = Annotated[str, StringConstraints(max_length=NAME_MAX), AfterValidator(no_control_characters)]
+LayerPattern = Annotated[str, StringConstraints(max_length=PATTERN_MAX),
+                         AfterValidator(no_control_characters)]
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are refused; so are NaN and infinities (given as strings such as "inf"): JSON has no such
+    # numbers, and PostgreSQL refuses them in a JSON column.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class QuantizeStep(StrictModel):
@@ -21,7 +46,7 @@ class QuantizeStep(StrictModel):
     dtype: Literal["int8", "int4", "fp16", "bf16"] = "int8"
     granularity: Literal["per_channel", "per_tensor", "group"] = "per_channel"
     group_size: int | None = Field(default=None, ge=8, le=4096)
-    exclude: list[str] = Field(default_factory=list, max_length=100)
+    exclude: list[LayerPattern] = Field(default_factory=list, max_length=EXCLUDE_MAX)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
 
     @model_validator(mode="after")
@@ -50,7 +75,7 @@ class PruneStep(StrictModel):
     threshold: float | None = Field(default=None, ge=0.0)
     scope: Literal["global", "layer"] = "layer"
     pattern: Literal["unstructured", "2:4", "channel"] = "unstructured"
-    exclude: list[str] = Field(default_factory=list, max_length=100)
+    exclude: list[LayerPattern] = Field(default_factory=list, max_length=EXCLUDE_MAX)
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneStep":
@@ -85,7 +110,7 @@ class Shrink(StrictModel):
 
 
 class Student(StrictModel):
-    model_id: str | None = Field(default=None, min_length=1, max_length=40)
+    model_id: Id | None = None
     shrink: Shrink | None = None
 
     @model_validator(mode="after")
@@ -151,9 +176,9 @@ class Target(StrictModel):
 
 
 class DatasetRefs(StrictModel):
-    calibration: str | None = None
-    train: str | None = None
-    eval: str | None = None
+    calibration: Id | None = None
+    train: Id | None = None
+    eval: Id | None = None
 
 
 def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRefs) -> None:

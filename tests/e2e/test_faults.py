@@ -170,9 +170,9 @@ class Service:
         self.api = self.processes.start("api", [*MODELPRESS, "api", "--port", str(self.port)], self.env)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{self.port}/healthz"), 60, "the API to start", self.processes)
 
-    def start_worker(self, name: str, latency_runs: str) -> subprocess.Popen:
+    def start_worker(self, name: str, latency_runs: str, **env: str) -> subprocess.Popen:
         return self.processes.start(name, [*MODELPRESS, "worker"],
-                                    {**self.env, "MODELPRESS_LATENCY_RUNS": latency_runs})
+                                    {**self.env, "MODELPRESS_LATENCY_RUNS": latency_runs, **env})
 
     def upload(self, path: Path) -> str:
         with open(path, "rb") as fh:
@@ -278,7 +278,8 @@ def test_inspection_that_keeps_killing_its_worker_marks_the_model_invalid(tmp_pa
     hands the message of a killed task straight back (`task_reject_on_worker_lost`), so without a bound of its
     own the inspection would run again as fast as it dies."""
     service = deploy(processes, tmp_path / "home", pg_database, private_redis.url, MODELPRESS_JOB_MAX_ATTEMPTS="2")
-    worker = service.start_worker("worker", QUICK)
+    # The inspection hangs in its sandbox until the test kills the worker's pool process (a model that loads slowly).
+    worker = service.start_worker("worker", QUICK, MODELPRESS_FAULT_INJECTION="child:hang")
     model_id = service.upload(model_file)
     started = time.monotonic()
     for attempt in (1, 2):

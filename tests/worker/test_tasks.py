@@ -1,6 +1,7 @@
 """The worker's tasks, called in this process (no broker involved) against a real database and storage."""
 
 import json
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -167,3 +168,55 @@ def test_exclude_keeps_matching_layers_in_full_precision(tmp_path, worker_env, d
     assert any(n.startswith("0.weight") for n in int8) and any(n.startswith("2.weight") for n in int8)
     assert not any(n.startswith("4.weight") for n in int8)
     assert any(n.startswith("4.weight") and not n.endswith("_scale") for n in fp32)
+
+
+def _inject(monkeypatch, fault: str) -> None:
+    from app.core.config import get_settings
+    from worker import resources
+
+    monkeypatch.setenv("MODELPRESS_FAULT_INJECTION", fault)
+    get_settings.cache_clear()
+    resources._resources.cache_clear()
+
+
+@pytest.mark.parametrize("fault, code", [("stage:raise", "internal_error"), ("child:raise", "internal_error"),
+                                         ("child:segfault", "crashed"), ("publish:raise", "internal_error")])
+def test_a_fault_at_any_stage_ends_the_job_with_a_code_and_no_path(tmp_path, worker_env, db, add_model, add_job,
+                                                                   monkeypatch, fault, code):
+    job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"))
+    _inject(monkeypatch, fault)
+    started = time.monotonic()
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert (job.status, job.error_code) == ("failed", code), job.error_message
+        assert str(worker_env.resolved_home()) not in job.error_message and "/tmp" not in job.error_message
+    assert time.monotonic() - started < 60
+    assert list((worker_env.resolved_home() / "work").iterdir()) == []
+
+
+@pytest.mark.parametrize("fault", ["stage:raise", "child:raise", "child:segfault"])
+def test_a_fault_in_inspection_marks_the_model_invalid_at_once(tmp_path, worker_env, db, add_model, monkeypatch,
+                                                               fault):
+    from worker.tasks import inspect_model
+
+    model = add_model(save_onnx(tmp_path / "m.onnx"), "onnx")
+    _inject(monkeypatch, fault)
+    inspect_model(model.id)
+    with db() as session:
+        row = session.get(Model, model.id)
+        assert row.status == "invalid" and row.error
+        assert str(worker_env.resolved_home()) not in row.error
+
+
+def test_the_report_says_how_the_job_was_isolated(tmp_path, worker_env, db, add_model, add_job):
+    import os
+
+    job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"))
+    _run(job_id)
+    with db() as session:
+        sandbox = session.get(Job, job_id).metrics["sandbox"]
+    assert sandbox["core_dumps"] is False and sandbox["memory_bytes"] > 0 and sandbox["cpu_seconds"] > 0
+    if os.geteuid() == 0:
+        assert sandbox["network"] is False and sandbox["pid_namespace"] is True
+        assert "MODELPRESS_HOME" in sandbox["hidden"] and str(worker_env.resolved_home()) not in str(sandbox)

@@ -35,8 +35,9 @@ def batch_size(inputs: list[dict[str, Any]]) -> tuple[int, bool]:
     return (first, True) if isinstance(first, int) else (DYNAMIC_BATCH, False)
 
 
-def _arrays(path: Path, fmt: str, loaded, role: str) -> DatasetArrays:
-    data = load_arrays(path, fmt)
+def _arrays(path: Path, fmt: str, loaded, role: str, limit: int) -> DatasetArrays:
+    """The first `limit` samples of a dataset file (only those are read), tokenized for a text dataset."""
+    data = load_arrays(path, fmt, limit)
     if data.texts is not None:
         tokenizer = getattr(loaded.hf, "tokenizer", None)
         if tokenizer is None:
@@ -48,18 +49,13 @@ def _arrays(path: Path, fmt: str, loaded, role: str) -> DatasetArrays:
     return data
 
 
-def _take(data: DatasetArrays, limit: int) -> DatasetArrays:
-    return DatasetArrays(inputs={k: v[:limit] for k, v in data.inputs.items()},
-                         labels=None if data.labels is None else data.labels[:limit])
-
-
 def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
     """`files` maps a role (eval, calibration, train) to (local path, dataset format)."""
     size, static = batch_size(loaded.inputs)
     description: dict[str, Any] = {}
     val = None
     if "eval" in files:
-        data = _take(_arrays(*files["eval"], loaded, "eval"), MAX_EVAL_SAMPLES)
+        data = _arrays(*files["eval"], loaded, "eval", MAX_EVAL_SAMPLES)
         check_labels(data.labels, loaded.outputs, "eval")
         arrays = match_inputs(data, loaded.inputs, "eval")
         val = TrainData(inputs=arrays, labels=data.labels)
@@ -76,13 +72,13 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
     description["input_shapes"] = [list(a.shape) for a in eval_batches[0]]
     calibration = None
     if "calibration" in files:
-        data = _take(_arrays(*files["calibration"], loaded, "calibration"), MAX_CALIBRATION_SAMPLES)
+        data = _arrays(*files["calibration"], loaded, "calibration", MAX_CALIBRATION_SAMPLES)
         split = batches(match_inputs(data, loaded.inputs, "calibration"), size, static=static, role="calibration")
         calibration = [feeds for feeds, _ in split.batches]
         description["calibration_samples"] = sum(b[0].shape[0] for b in calibration)
     train = None
     if "train" in files:
-        data = _take(_arrays(*files["train"], loaded, "train"), MAX_TRAIN_SAMPLES)
+        data = _arrays(*files["train"], loaded, "train", MAX_TRAIN_SAMPLES)
         check_labels(data.labels, loaded.outputs, "train")
         train = TrainData(inputs=match_inputs(data, loaded.inputs, "train"), labels=data.labels)
         description["train_samples"] = len(train.inputs[0])

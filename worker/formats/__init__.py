@@ -12,7 +12,8 @@ from worker.formats.loaded import LoadedModel
 SUPPORTED = "pt2, onnx, hf"
 
 
-def load(path: Path, fmt: str, workdir: Path) -> LoadedModel:
+def load(path: Path, fmt: str, workdir: Path, max_unpacked_bytes: int | None = None) -> LoadedModel:
+    """`max_unpacked_bytes` caps what a Hugging Face archive may extract to."""
     if fmt == "pt2":
         return pt2.load(path)
     if fmt == "onnx":
@@ -20,16 +21,16 @@ def load(path: Path, fmt: str, workdir: Path) -> LoadedModel:
     if fmt == "hf":
         from worker.formats import hf  # transformers is slow to import: only for Hugging Face models
 
-        model = hf.load_hf(path, workdir)
+        model = hf.load_hf(path, workdir, max_unpacked_bytes)
         return LoadedModel(format="hf", inputs=model.inputs, outputs=model.outputs, module=model.module,
                            info=hf.describe(model), hf=model)
     raise JobFailure(ErrorCode.UNSUPPORTED_FORMAT, f"format {fmt!r} is not supported; supported: {SUPPORTED}")
 
 
-def inspect(path: Path, fmt: str, workdir: Path) -> dict[str, Any]:
+def inspect(path: Path, fmt: str, workdir: Path, max_unpacked_bytes: int | None = None) -> dict[str, Any]:
     """What the model page shows: params, inputs, outputs, architecture. Raises JobFailure if invalid."""
     if fmt == "hf":
         from worker.formats import hf
 
-        return hf.inspect_hf(path, workdir)
-    return load(path, fmt, workdir).info
+        return hf.inspect_hf(path, workdir, max_unpacked_bytes)
+    return load(path, fmt, workdir, max_unpacked_bytes).info

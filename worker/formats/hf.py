@@ -13,6 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers imports huggingface_hu
 
 import inspect
 import json
+import math
 import shutil
 import tempfile
 import zipfile
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors
 import torch
 import transformers
 
-from app.core.config import get_settings
+from app.core.config import Settings
 from app.core.errors import ErrorCode
 from app.core.vetting.archives import ArchiveError, extract_archive
 from app.core.vetting.hf import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
@@ -50,6 +52,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLED_WEIGHTS = "pytorch_model.bin"
 # ONNX Runtime against torch: max abs difference allowed, relative to the largest output magnitude (>= 1).
 ONNX_TOLERANCE = 1e-3
+# A config may describe a few more parameters than the weights hold (a pooler the checkpoint lacks), not more.
+SIZE_SLACK = 1.1
+SIZE_SLACK_ELEMENTS = 4_000_000
 
 
 @dataclass
@@ -88,12 +93,13 @@ class TextModelAdapter(torch.nn.Module):
         return tuple(outputs[name] for name in self.output_names)
 
 
-def load_hf(archive: Path, workdir: Path) -> HFModel:
+def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None) -> HFModel:
     """Extract and load an uploaded Hugging Face model archive in eval mode, fp32, on the CPU."""
-    model_dir = _extract(archive, workdir)
+    model_dir = _extract(archive, workdir, max_unpacked_bytes)
     config = _read_config(model_dir)
     model_class = _model_class(config)
     use_safetensors = _check_weights(model_dir)
+    _check_size(model_class, model_dir, use_safetensors)
     model = _build(model_class, model_dir, use_safetensors)
     tokenizer_dir = model_dir if any((model_dir / name).is_file() for name in TOKENIZER_FILES) else None
     tokenizer = _load_tokenizer(model_dir) if tokenizer_dir else None
@@ -114,9 +120,9 @@ def load_hf(archive: Path, workdir: Path) -> HFModel:
                    outputs=outputs)
 
 
-def inspect_hf(archive: Path, workdir: Path) -> dict[str, Any]:
+def inspect_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None) -> dict[str, Any]:
     """What the model page shows for a Hugging Face upload. Raises JobFailure when it cannot be used."""
-    return describe(load_hf(archive, workdir))
+    return describe(load_hf(archive, workdir, max_unpacked_bytes))
 
 
 def describe(hf: HFModel) -> dict[str, Any]:
@@ -205,11 +211,13 @@ def export_hf_onnx(hf: HFModel, path: Path, batch: int = 2, seq: int = 16) -> Pa
     return path
 
 
-def _extract(archive: Path, workdir: Path) -> Path:
+def _extract(archive: Path, workdir: Path, max_unpacked_bytes: int | None) -> Path:
+    """`max_unpacked_bytes` defaults to what the default upload limit allows (UNPACK_FACTOR x the limit)."""
     workdir.mkdir(parents=True, exist_ok=True)
     dest = Path(tempfile.mkdtemp(prefix="hf-", dir=workdir))
+    limit = max_unpacked_bytes or UNPACK_FACTOR * Settings.model_fields["max_upload_bytes"].default
     try:
-        return extract_archive(archive, dest, max_total_bytes=UNPACK_FACTOR * get_settings().max_upload_bytes)
+        return extract_archive(archive, dest, max_total_bytes=limit)
     except ArchiveError as exc:
         raise JobFailure(exc.code, f"model archive: {exc.message}") from None
 
@@ -300,6 +308,39 @@ def _vet_pickled_weights(path: Path) -> None:
             from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise JobFailure(ErrorCode.UNSAFE_WEIGHTS, f"{PICKLED_WEIGHTS} is not a plain state dict of tensors")
+
+
+def _weight_elements(model_dir: Path, use_safetensors: bool) -> int:
+    """How many numbers the weight files hold, from their headers (nothing is loaded)."""
+    if not use_safetensors:
+        state = torch.load(model_dir / PICKLED_WEIGHTS, weights_only=True, map_location="cpu", mmap=True)
+        return sum(tensor.numel() for tensor in state.values())
+    index_path = model_dir / SAFETENSORS_INDEX
+    files = sorted(set(_read_json(index_path)["weight_map"].values())) if index_path.is_file() else [SAFETENSORS]
+    total = 0
+    for name in files:
+        with safetensors.safe_open(str(model_dir / name), framework="pt") as weights:
+            total += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
+    return total
+
+
+def _check_size(model_class: type, model_dir: Path, use_safetensors: bool) -> None:
+    """The model config.json describes, built on the meta device (no memory), may not be much bigger than the
+    weights: a tiny archive whose config asks for a huge vocabulary would otherwise allocate it first."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = (transformers.AutoModel.from_config(config) if model_class is transformers.AutoModel
+                        else model_class(config))
+    except Exception as exc:
+        raise JobFailure(ErrorCode.INVALID_CONFIG, f"config.json does not describe a model transformers can build: "
+                                                   f"{exc.__class__.__name__}: {str(exc)[:300]}") from None
+    described = sum(parameter.numel() for parameter in skeleton.parameters())
+    held = _weight_elements(model_dir, use_safetensors)
+    if described > SIZE_SLACK * held + SIZE_SLACK_ELEMENTS:
+        raise JobFailure(ErrorCode.WEIGHTS_MISMATCH, f"config.json describes a model of {described} parameters but "
+                                                     f"the weights hold {held} numbers; it is refused before "
+                                                     "anything is allocated")
 
 
 def _build(model_class: type, model_dir: Path, use_safetensors: bool) -> transformers.PreTrainedModel:

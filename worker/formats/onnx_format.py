@@ -102,7 +102,7 @@ def _describe(values) -> list[dict[str, Any]]:
 def inspect(path: Path) -> dict[str, Any]:
     model = _load_checked(path)
     try:
-        session = ort_session(path, "cpu")
+        session = ort_session(path, "cpu", optimize=False)
     except Exception as exc:  # its message names the worker's scratch path: show the file name instead
         reason = str(exc).replace(str(path), path.name)
         raise JobFailure(ErrorCode.INVALID_MODEL, f"ONNX Runtime cannot load the model: {reason[:500]}") from None

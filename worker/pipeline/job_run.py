@@ -17,6 +17,7 @@ import torch
 from app.core.config import Settings
 from app.core.errors import ErrorCode
 from app.core.recipe import Recipe, Target
+from app.core.vetting.hf import UNPACK_FACTOR
 from worker.compression.modules import count_weights
 from worker.context import JobContext
 from worker.errors import JobFailure
@@ -63,14 +64,22 @@ class JobRun:
         self.staged, self.workdir, self.settings, self.ctx, self.deadline = staged, workdir, settings, ctx, deadline
         self.target: Target = staged.target
         self.device, self.runtime = staged.target.device, staged.target.runtime
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise JobFailure(ErrorCode.CUDA_UNAVAILABLE, "the job targets cuda but this worker has no CUDA device; "
+                                                         "it must run on a GPU worker (queue 'gpu')")
         ctx.progress(0.05, "load", f"loading the {staged.model_format} model")
-        self.loaded: LoadedModel = load(staged.model_path, staged.model_format, workdir)
+        self.loaded: LoadedModel = load(staged.model_path, staged.model_format, workdir, self.unpack_limit)
         if self.loaded.module is not None and self.device == "cuda":
             self.loaded.module.to("cuda")
         self.data = job_data.prepare(self.loaded, staged.dataset_files)
         self.example = example_args(self.loaded.inputs, self.data.eval_batches[0], self.device)
         ctx.progress(0.1, "measure", "running the original model")
         self.reference = [self.loaded.reference(batch, self.device) for batch in self.data.eval_batches]
+
+    @property
+    def unpack_limit(self) -> int:
+        """What an uploaded Hugging Face archive may extract to: UNPACK_FACTOR x the upload limit."""
+        return UNPACK_FACTOR * self.settings.max_upload_bytes
 
     @property
     def extension(self) -> str:

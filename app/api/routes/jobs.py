@@ -1,4 +1,4 @@
-"""/v1/jobs: submit (with idempotency keys), list, get (ETag / 304), cancel, report, artifacts."""
+"""/v1/jobs: submit (with idempotency keys), list, get (ETag / 304), cancel, report, artifacts, webhook deliveries."""
 
 import hashlib
 import json
@@ -14,7 +14,8 @@ from app.api.conditional import etag_matches
 from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.errors import error_responses
 from app.api.pagination import MAX_LIMIT, page, paginate
-from app.api.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic
+from app.api.routes.webhooks import job_deliveries
+from app.api.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic, JobWebhookDeliveriesPublic
 from app.core import jobs
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
@@ -97,3 +98,10 @@ def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=error_responses(404))
 def list_artifacts(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
     return {"data": get_owned_job(session, tenant, job_id).artifacts}
+
+
+@router.get("/{job_id}/webhook-deliveries", response_model=JobWebhookDeliveriesPublic, responses=error_responses(404))
+def list_webhook_deliveries(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobWebhookDeliveriesPublic:
+    """The job's webhook event (none without a `webhook_url`, or before it finished) with its attempts."""
+    job = get_owned_job(session, tenant, job_id)
+    return JobWebhookDeliveriesPublic(data=job_deliveries(session, tenant.id, job.id))

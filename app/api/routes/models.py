@@ -76,7 +76,7 @@ def download_model(model_id: str, request: Request, tenant: CurrentTenant, sessi
     extension = model.storage_key.rsplit("/", 1)[-1].partition(".")[2]  # pt2, onnx, zip, tar.gz or tar
     stem = model.name.removesuffix(f".{extension}") if model.name.endswith(f".{extension}") \
         else model.name.rsplit(".", 1)[0]
-    filename = f"{stem}.{extension}".replace('"', "")
+    filename = f"{stem}.{extension}"  # made safe for the header by stream_object
     try:
         return stream_object(request, storage, model.storage_key, size=model.size_bytes, sha256=model.sha256,
                              filename=filename)

@@ -1,11 +1,16 @@
 """Service endpoints: liveness, readiness (database and broker reachable), Prometheus metrics."""
 
+import hmac
+
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.api.guard import bearer_token
+from app.api.errors import error_responses
+from app.core.errors import ErrorCode, ServiceError
 from app.core.queue import check_broker
 
 router = APIRouter(tags=["service"])
@@ -36,6 +41,13 @@ async def readyz(request: Request) -> JSONResponse:
                         status_code=200 if ready else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
 def metrics(request: Request) -> Response:
+    """Prometheus text. With MODELPRESS_METRICS_TOKEN set, only for `Authorization: Bearer <that token>`."""
+    token = request.app.state.settings.metrics_token
+    if token:
+        given = bearer_token(request.headers.get("authorization")) or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise ServiceError(ErrorCode.UNAUTHORIZED, "metrics need 'Authorization: Bearer <MODELPRESS_METRICS_TOKEN>'",
+                               {"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

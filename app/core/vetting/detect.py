@@ -18,7 +18,7 @@ from app.core.vetting.hf import vet_hf
 from app.core.vetting.pickles import parses_as_pickle, starts_with_proto
 from app.core.vetting.pt2 import is_pt2, vet_pt2
 from app.core.vetting.refusals import UnsupportedModelFile
-from app.core.vetting.zips import ARCHIVE_ERRORS, ZIP_END_MAGIC, ZIP_MAGIC, check_layout
+from app.core.vetting.zips import ARCHIVE_ERRORS, ZIP_END_MAGIC, ZIP_MAGIC, check_directory, check_layout
 
 SUPPORTED_FORMATS = ("pt2", "onnx", "hf")
 
@@ -94,6 +94,8 @@ def _sniff(path: Path, subject: str) -> str:
 
 def _sniff_zip(path: Path, subject: str) -> str:
     try:
+        with path.open("rb") as file:
+            check_directory(file, subject)
         with path.open("rb") as file, zipfile.ZipFile(file) as archive:
             check_layout(file, archive)
             infos = archive.infolist()

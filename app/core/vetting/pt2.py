@@ -19,7 +19,14 @@ from typing import IO
 from app.core.errors import ErrorCode
 from app.core.vetting.pickles import scan_pickle, starts_with_proto
 from app.core.vetting.refusals import UnsafeModelFile, UnsupportedModelFile
-from app.core.vetting.zips import ARCHIVE_ERRORS, ZIP_MAGIC, check_layout, check_member_names, member_key
+from app.core.vetting.zips import (
+    ARCHIVE_ERRORS,
+    ZIP_MAGIC,
+    check_directory,
+    check_layout,
+    check_member_names,
+    member_key,
+)
 
 # Pickles inside a pt2 (sample inputs, the odd pickled constant) are small; anything
 # bigger is refused rather than read into the API process.
@@ -35,10 +42,28 @@ _PICKLE_SUFFIXES = (b".pkl", b".pt", b".pth")
 _RAW_PAYLOAD_PREFIXES = ("weight_", "tensor_")
 _PAYLOAD_DIRS = (b"weights", b"constants")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Every member torch.export.save writes for a plain exported program, under the archive's one root folder
+# (torch.export.pt2_archive.constants). Anything else is refused before torch opens the file: an AOTInductor
+# package (data/aotinductor/<name>/ with a shared library that torch.export.load dlopens), ExecuTorch or MTIA
+# payloads, pickled custom objects, extra files.
+_NAME = r"[a-z0-9_][a-z0-9_.-]*"
+_PT2_MEMBERS = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    rf"|models/{_NAME}\.json"
+    rf"|data/weights/{_NAME}_weights_config\.json|data/weights/weight_[0-9]+"
+    rf"|data/constants/{_NAME}_constants_config\.json|data/constants/tensor_[0-9]+"
+    rf"|data/sample_inputs/{_NAME}\.pt"
+)
+# The root-level layout torch <= 2.7 wrote, which torch.export.load still reads.
+_LEGACY_MEMBERS = re.compile(
+    r"version|serialized_exported_program\.json|serialized_(state_dict|constants)\.(json|pt)"
+    r"|serialized_example_inputs\.pt"
+)
 
 
 def vet_pt2(path: Path) -> None:
-    """Scan every member torch.export.load may unpickle, without unpickling anything.
+    """Scan every member torch.export.load may unpickle, without unpickling anything, then refuse any member
+    torch.export.save does not write (native code above all).
 
     Sample inputs fall back to torch.load(weights_only=False), and the weights and
     constants configs can mark any payload file as pickled, so those are scanned
@@ -46,6 +71,8 @@ def vet_pt2(path: Path) -> None:
     named or look like a pickle or a nested torch.save zip.
     """
     try:
+        with path.open("rb") as file:
+            check_directory(file, "the pt2 archive")
         with path.open("rb") as file, zipfile.ZipFile(file) as archive:
             check_layout(file, archive)
             infos = archive.infolist()
@@ -55,8 +82,32 @@ def vet_pt2(path: Path) -> None:
             for info in infos:
                 if not info.is_dir():
                     _vet_member(archive, info, pickled, raw, budget)
+            # After the scan, so a planted pickle is reported as the unsafe pickle it is.
+            check_members(infos)
     except ARCHIVE_ERRORS as exc:
         raise UnsupportedModelFile(ErrorCode.CORRUPT_ARCHIVE, f"the pt2 archive is corrupt ({exc})") from exc
+
+
+def check_members(infos: list[zipfile.ZipInfo]) -> None:
+    """Refuse any member that torch.export.save does not write for a plain exported program (names as torch's
+    reader sees them: lowercased), and archives whose members do not share one root folder."""
+    keys = [member_key(info).decode("utf-8", "replace") for info in infos if not info.is_dir()]
+    if keys and all(_LEGACY_MEMBERS.fullmatch(key) for key in keys):
+        return
+    roots = {key.split("/", 1)[0] for key in keys}
+    if len(roots) > 1:
+        raise UnsupportedModelFile(
+            ErrorCode.UNSUPPORTED_FORMAT,
+            f"the pt2 archive has members under {len(roots)} top-level folders; torch.export.save writes one",
+        )
+    for info, key in zip([i for i in infos if not i.is_dir()], keys, strict=True):
+        inside = key.split("/", 1)[1] if "/" in key else ""
+        if not _PT2_MEMBERS.fullmatch(inside):
+            raise UnsupportedModelFile(
+                ErrorCode.UNSUPPORTED_FORMAT,
+                f"the pt2 archive holds {info.filename!r}, which torch.export.save does not write for an exported "
+                "program (AOTInductor packages, native libraries and extra files are refused)",
+            )
 
 
 def is_pt2(archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> bool:

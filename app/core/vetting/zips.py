@@ -39,6 +39,54 @@ ARCHIVE_ERRORS = (
 )
 
 
+_ZIP_END_FIELDS = struct.Struct("<4sHHHHIIH")  # signature, disks, entries here, entries, cd size, cd offset, comment
+# signature, record size, versions, disks, entries here, entries, cd size, cd offset
+_ZIP64_END_FIELDS = struct.Struct("<4sQHHIIQQQQ")
+_ZIP16_SATURATED = 0xFFFF
+# Members of any zip the service opens; every archive it reads has far fewer (see the callers' own caps).
+MAX_ZIP_ENTRIES = 20_000
+# The central directory zipfile reads whole: entries of a few hundred bytes each at most.
+MAX_ZIP_DIRECTORY_BYTES = 8 * 1024 * 1024
+
+
+def directory_size(file: IO[bytes]) -> tuple[int, int] | None:
+    """(entries, central directory bytes) as the end record declares them, read before zipfile parses the
+    directory (which costs memory per entry); None when there is no end record (zipfile then says what is wrong)."""
+    size = file.seek(0, io.SEEK_END)
+    tail_len = min(size, _ZIP_END_FIELDS.size + 0xFFFF)  # the end record, then at most a 64 KiB comment
+    file.seek(size - tail_len)
+    tail = file.read(tail_len)
+    at = tail.rfind(ZIP_END_MAGIC)
+    if at < 0 or at + _ZIP_END_FIELDS.size > len(tail):
+        return None
+    _, _, _, _, entries, directory, _, _ = _ZIP_END_FIELDS.unpack_from(tail, at)
+    if entries == _ZIP16_SATURATED or directory == _ZIP32_SATURATED:
+        end_at = size - tail_len + at
+        if end_at >= _ZIP64_LOCATOR.size:
+            file.seek(end_at - _ZIP64_LOCATOR.size)
+            magic, _, record_at, _ = _ZIP64_LOCATOR.unpack(file.read(_ZIP64_LOCATOR.size))
+            if magic == _ZIP64_LOCATOR_MAGIC and record_at + _ZIP64_END_FIELDS.size <= size:
+                file.seek(record_at)
+                record = _ZIP64_END_FIELDS.unpack(file.read(_ZIP64_END_FIELDS.size))
+                if record[0] == _ZIP64_END_MAGIC:
+                    entries, directory = record[7], record[8]
+    return entries, directory
+
+
+def check_directory(file: IO[bytes], subject: str, max_entries: int = MAX_ZIP_ENTRIES) -> None:
+    """Refuse a zip with more members, or a bigger directory, than any model archive has, before reading it."""
+    declared = directory_size(file)
+    if declared is None:
+        return
+    entries, directory = declared
+    if entries > max_entries or directory > MAX_ZIP_DIRECTORY_BYTES:
+        raise UnsupportedModelFile(
+            ErrorCode.ARCHIVE_TOO_LARGE,
+            f"{subject} declares {entries} members in a {directory}-byte directory; at most {max_entries} members "
+            f"and {MAX_ZIP_DIRECTORY_BYTES} bytes are read",
+        )
+
+
 def member_key(info: zipfile.ZipInfo) -> bytes:
     """The name as stored, ASCII-lowercased: that is how torch's C++ zip reader finds members."""
     encoding = "utf-8" if info.flag_bits & _ZIP_UTF8_FLAG else "cp437"

@@ -5,7 +5,9 @@ ROUTES = [("get", "/v1/models"), ("post", "/v1/models"), ("get", "/v1/models/x")
           ("post", "/v1/jobs/x/cancel"), ("get", "/v1/jobs/x/report"), ("get", "/v1/jobs/x/artifacts"),
           ("get", "/v1/artifacts/x/download"), ("get", "/v1/datasets"), ("post", "/v1/datasets"),
           ("get", "/v1/datasets/x"), ("delete", "/v1/datasets/x"), ("get", "/v1/presets"), ("get", "/v1/keys"),
-          ("post", "/v1/keys"), ("post", "/v1/keys/x/revoke"), ("post", "/v1/keys/x/rotate")]
+          ("post", "/v1/keys"), ("post", "/v1/keys/x/revoke"), ("post", "/v1/keys/x/rotate"),
+          ("get", "/v1/jobs/x/webhook-deliveries"), ("get", "/v1/webhooks/secret"),
+          ("post", "/v1/webhooks/secret/rotate"), ("get", "/v1/webhooks/deliveries")]
 
 
 @pytest.mark.parametrize("method, path", ROUTES)

@@ -22,7 +22,7 @@ from app.core.auth import create_api_key
 from app.core.config import Settings
 from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.migrate import upgrade
-from tests.conftest import free_port
+from tests.conftest import create_pg_database, drop_pg_database, free_port
 
 EXAMPLES = int(os.environ.get("MODELPRESS_FUZZ_EXAMPLES", "25"))
 
@@ -33,12 +33,15 @@ class Server:
     headers: dict[str, str]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    """The real app under uvicorn on a free port, over a fresh SQLite home, with one tenant's key."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request, tmp_path_factory) -> Iterator[Server]:
+    """The real app under uvicorn on a free port, over a fresh database (SQLite, or a PostgreSQL database of its own:
+    NUL bytes and non-finite numbers fail only there), with one tenant's key."""
     home = tmp_path_factory.mktemp("fuzz-home")
+    database_url = create_pg_database() if request.param == "postgresql" else None
     # No rate limit: the fuzzer sends far more than a tenant's default budget, and a 429 would hide the answer.
-    app_settings = Settings(home=home, broker_url=None, max_upload_bytes=1024 * 1024, tenant_requests_per_minute=0)
+    app_settings = Settings(home=home, database_url=database_url, broker_url=None, max_upload_bytes=1024 * 1024,
+                            tenant_requests_per_minute=0)
     upgrade(app_settings.resolved_database_url())
     engine = make_engine(app_settings.resolved_database_url())
     with session_scope(make_session_factory(engine)) as session:
@@ -56,6 +59,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
     yield Server(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
     uvicorn_server.should_exit = True
     thread.join(timeout=10)
+    if database_url is not None:
+        drop_pg_database(database_url)
 
 
 # The schema is the app's own, loaded at import so that pytest can make one test per operation (schemathesis's

@@ -86,6 +86,44 @@ def test_get_job_etag_and_304(client, auth, model_id):
     assert changed.status_code == 200 and changed.headers["etag"] != etag
 
 
+def test_get_job_if_none_match_star_is_304(client, auth, model_id):
+    """`*` matches any current representation (RFC 9110 13.1.2)."""
+    job = submit(client, auth, model_id).json()
+    response = client.get(f"/v1/jobs/{job['id']}", headers={**auth, "If-None-Match": "*"})
+    assert response.status_code == 304 and response.content == b"" and response.headers["etag"]
+    assert client.get(f"/v1/jobs/{job['id']}", headers={**auth, "If-None-Match": '"other", *'}).status_code == 304
+
+
+@pytest.mark.parametrize("body, what", [
+    (b'{"model_id": 12,', "Expecting property name enclosed in double quotes at line 1, column 17"),
+    (b'{"model_id": "m"\n "recipe": {}}', "Expecting ',' delimiter at line 2, column 2"),
+    (b"{'model_id': 'm'}", "Expecting property name enclosed in double quotes at line 1, column 2"),
+    (b'{"name": "\xff"}', "not UTF-8"),
+    (b"[" * 100_000, "nested too deeply"),
+])
+def test_malformed_json_is_400_saying_what_and_where(client, auth, body, what):
+    response = client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json"}, content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "bad_request"
+    assert response.json()["error"]["message"].startswith(f"malformed JSON body: {what}")
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"recipe": {"steps": [{"op": "quantize", "exclude": ["x" * 513]}]}}, "recipe.steps.0.quantize.exclude.0"),
+    ({"recipe": {"steps": [{"op": "prune", "sparsity": 0.5, "exclude": ["x"] * 101}]}},
+     "recipe.steps.0.prune.exclude"),
+    ({"recipe": {"steps": [{"op": "analyze"}] * 33}}, "recipe.steps"),
+    ({"tune": {"search": [{"steps": [{"op": "quantize"}]}] * 101}}, "tune.search"),
+    ({"name": "n" * 201}, "name"),
+    ({"datasets": {"eval": "d" * 41}}, "datasets.eval"),
+    ({"preset": "p" * 65, "recipe": None}, "preset"),
+])
+def test_strings_and_lists_in_a_job_are_bounded(client, auth, model_id, extra, field):
+    response = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "recipe": RECIPE, **extra})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith(f"{field}: ")
+
+
 def test_cancel_queued_job_then_409(client, auth, model_id):
     job = submit(client, auth, model_id).json()
     response = client.post(f"/v1/jobs/{job['id']}/cancel", headers=auth)
@@ -218,3 +256,14 @@ def test_student_model_must_be_the_tenants(client, make_key, upload, pt2_bytes, 
     response = client.post("/v1/jobs", headers=alice, json=body)
     assert response.status_code == 404
     assert response.json()["error"]["message"].startswith("recipe.steps.0.student.model_id")
+
+
+def test_framework_json_errors_are_400_too():
+    """The body guard answers malformed JSON first; should FastAPI ever meet some, it is told the same way."""
+    from fastapi.exceptions import RequestValidationError
+
+    from app.api.errors import _malformed_json
+
+    error = RequestValidationError([{"type": "json_invalid", "loc": ("body", 9), "msg": "JSON decode error",
+                                     "input": {}, "ctx": {"error": "Expecting value"}}], body='{"a": 1,\n }')
+    assert _malformed_json(error) == "malformed JSON body: Expecting value at line 2, column 1"

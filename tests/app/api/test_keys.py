@@ -138,3 +138,91 @@ def test_cli_create_list_revoke(cli_env, capsys):
     assert main(["keys", "revoke", "key_missing"]) == 1
     assert main(["keys", "list", "--tenant", "nobody"]) == 1
     assert "no tenant" in capsys.readouterr().err
+
+
+@pytest.fixture
+def capped(settings):
+    """A client whose tenants may hold at most 3 active keys."""
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+
+    with TestClient(create_app(settings.model_copy(update={"tenant_max_keys": 3}), housekeeping=False)) as client:
+        yield client
+
+
+def test_active_keys_are_capped_per_tenant(capped, make_key):
+    headers = make_key()  # the tenant's first key
+    assert [capped.post("/v1/keys", headers=headers).status_code for _ in range(2)] == [201, 201]
+    refused = capped.post("/v1/keys", headers=headers, json={"name": "one too many"})
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_keys"
+    assert "limit is 3" in refused.json()["error"]["message"]
+    assert len(capped.get("/v1/keys", headers=headers).json()["data"]) == 3
+    assert capped.post("/v1/keys", headers=make_key()).status_code == 201  # another tenant has its own count
+
+    mine = key_of(capped, headers)["id"]
+    graceful = capped.post(f"/v1/keys/{mine}/rotate", headers=headers, json={"grace_seconds": 60})
+    assert graceful.status_code == 429 and "grace_seconds 0" in graceful.json()["error"]["message"]
+    rotated = capped.post(f"/v1/keys/{mine}/rotate", headers=headers)  # replaces the key: the count stays
+    assert rotated.status_code == 201
+    new = bearer(rotated.json()["key"])
+    spare = next(k for k in capped.get("/v1/keys", headers=new).json()["data"] if k["active"] and
+                 k["id"] != rotated.json()["id"])
+    assert capped.post(f"/v1/keys/{spare['id']}/revoke", headers=new).status_code == 200
+    assert capped.post("/v1/keys", headers=new).status_code == 201  # revoking made room
+
+
+def test_a_key_in_its_grace_period_cannot_manage_keys(client, make_key):
+    """A leaked key that is being rotated out must not mint keys that outlive its grace period (nor revoke the
+    keys that replace it)."""
+    old = make_key()
+    old_id = key_of(client, old)["id"]
+    rotated = client.post(f"/v1/keys/{old_id}/rotate", headers=old, json={"grace_seconds": 600}).json()
+    new = bearer(rotated["key"])
+    assert client.get("/v1/models", headers=old).status_code == 200  # it still works for everything else
+    assert client.get("/v1/keys", headers=old).status_code == 200
+    for method_path, body in ((("POST", "/v1/keys"), {"name": "escape"}),
+                              (("POST", f"/v1/keys/{rotated['id']}/rotate"), None),
+                              (("POST", f"/v1/keys/{old_id}/rotate"), None),
+                              (("POST", f"/v1/keys/{rotated['id']}/revoke"), None)):
+        response = client.request(*method_path, headers=old, json=body)
+        assert response.status_code == 409, (method_path, response.text)
+        assert response.json()["error"]["code"] == "key_expiring"
+    assert len(client.get("/v1/keys", headers=new).json()["data"]) == 2
+    assert client.post(f"/v1/keys/{old_id}/revoke", headers=new).status_code == 200  # the new key may
+
+
+def test_create_a_key_with_an_expiry(client, settings, make_key):
+    headers = make_key()
+    when = (utcnow() + timedelta(days=30)).replace(microsecond=0)
+    created = client.post("/v1/keys", headers=headers, json={"name": "ci", "expires_at": when.isoformat()})
+    assert created.status_code == 201, created.text
+    body = created.json()
+    assert body["expires_at"].startswith(when.strftime("%Y-%m-%dT%H:%M:%S")) and body["active"]
+    expiring = bearer(body["key"])
+    assert client.get("/v1/models", headers=expiring).status_code == 200
+    refused = client.post("/v1/keys", headers=expiring)  # it cannot mint a key that outlives it
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "key_expiring"
+    set_columns(settings, body["id"], expires_at=utcnow() - timedelta(seconds=1))
+    assert client.get("/v1/models", headers=expiring).status_code == 401
+
+
+@pytest.mark.parametrize("value, why", [
+    ("2001-01-01T00:00:00Z", "in the future"),
+    ("2999-01-01T00:00:00Z", "at most 365 days"),
+    ("2030-01-01T00:00:00", "RFC 3339"),  # no offset
+    ("2030-01-01", "RFC 3339"),
+    (1893456000, "RFC 3339"),  # a Unix time
+    ("next week", "RFC 3339"),
+])
+def test_key_expiry_must_be_rfc3339_in_the_coming_year(client, auth, value, why):
+    response = client.post("/v1/keys", headers=auth, json={"expires_at": value})
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("expires_at: ") and why in message
+    assert len(client.get("/v1/keys", headers=auth).json()["data"]) == 1
+
+
+def test_key_name_is_bounded(client, auth):
+    response = client.post("/v1/keys", headers=auth, json={"name": "n" * 201})
+    assert response.status_code == 422 and response.json()["error"]["message"].startswith("name: ")

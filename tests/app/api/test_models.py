@@ -43,6 +43,26 @@ def test_download_roundtrip_with_range_and_etag(client, auth, upload, onnx_bytes
     assert client.get(url, headers={**auth, "If-None-Match": full.headers["etag"]}).status_code == 304
 
 
+@pytest.mark.parametrize("header", ["items=0-1", "lines=1-2", "bytes=0-1,4-5", "Bytes = 0-1"])
+def test_range_that_is_not_one_byte_range_gets_the_whole_body_or_that_range(client, auth, upload, onnx_bytes,
+                                                                            header):
+    """RFC 9110 14.2: a range unit the server does not know is ignored (200 with the whole body), not 416; units
+    are case-insensitive."""
+    model = upload().json()
+    response = client.get(f"/v1/models/{model['id']}/download", headers={**auth, "Range": header})
+    if header.lower().replace(" ", "").startswith("bytes=0-1") and "," not in header:
+        assert response.status_code == 206 and response.content == onnx_bytes[:2]
+    else:
+        assert response.status_code == 200 and response.content == onnx_bytes
+        assert "content-range" not in response.headers
+
+
+def test_download_if_none_match_star_is_304(client, auth, upload):
+    model = upload().json()
+    response = client.get(f"/v1/models/{model['id']}/download", headers={**auth, "If-None-Match": "*"})
+    assert response.status_code == 304 and response.content == b""
+
+
 def test_delete_model_removes_it_and_its_file(client, auth, upload, settings):
     from app.core.storage import open_storage
 

@@ -1,3 +1,4 @@
+import pytest
 from fastapi.testclient import TestClient
 
 from app.api.main import create_app
@@ -72,3 +73,48 @@ def test_api_process_does_not_import_torch():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_metrics_needs_the_token_when_one_is_set(settings):
+    with TestClient(create_app(settings.model_copy(update={"metrics_token": "s3cret-token"}),
+                               housekeeping=False)) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+            refused = client.get("/metrics", headers=headers)
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert "modelpress_" not in refused.text
+        allowed = client.get("/metrics", headers={"Authorization": "Bearer s3cret-token"})
+        assert allowed.status_code == 200 and "modelpress_http_requests_total" in allowed.text
+        assert client.get("/healthz").status_code == 200  # only /metrics is guarded
+
+
+def test_metrics_labels_never_carry_request_values(client, settings, auth):
+    """Labels come from fixed sets: no tenant, id or key from a request, and no method a client made up (each new
+    label value is a new series held in memory for good)."""
+    from app.core.db import make_engine, make_session_factory
+    from app.core.tables import ApiKey
+
+    prefix = auth["Authorization"].split("_")[1]
+    with make_session_factory(make_engine(settings.resolved_database_url()))() as session:
+        tenant_id = session.query(ApiKey).filter_by(prefix=prefix).one().tenant_id
+    client.get(f"/v1/models/mdl_{tenant_id}", headers=auth)
+    client.get(f"/v1/{tenant_id}", headers=auth)
+    client.request("TENANTSMUGGLE", "/v1/models", headers=auth)
+    text = client.get("/metrics").text
+    assert tenant_id not in text and prefix not in text and "TENANTSMUGGLE" not in text
+    assert 'method="OTHER"' in text
+    assert 'route="/v1/models/{model_id}",status="404"' in text and 'route="unmatched",status="404"' in text
+
+
+@pytest.mark.parametrize("method, path, allowed", [
+    ("PUT", "/v1/models", "GET, POST"),
+    ("OPTIONS", "/v1/models/mdl_x", "DELETE, GET"),
+    ("DELETE", "/v1/jobs", "GET, POST"),
+    ("GET", "/v1/keys/key_x/revoke", "POST"),
+    ("POST", "/healthz", "GET"),
+])
+def test_405_lists_every_method_the_path_takes(client, auth, method, path, allowed):
+    response = client.request(method, path, headers=auth)
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == allowed

@@ -23,7 +23,7 @@ def _student(run: JobRun, teacher, step: DistillStep):
         return students.shrink_student(teacher, step.student.shrink.depth, step.student.shrink.width, hf=hf)
     student_id = step.student.model_id
     path, fmt = run.staged.student_files[student_id]
-    other = load(path, fmt, run.workdir / f"student-{student_id}")
+    other = load(path, fmt, run.workdir / f"student-{student_id}", run.unpack_limit)
     if [(i["name"], i["dtype"]) for i in other.inputs] != [(i["name"], i["dtype"]) for i in run.loaded.inputs]:
         raise JobFailure(ErrorCode.INVALID_RECIPE, "student.model_id: the student's inputs "
                                                    f"{[i['name'] for i in other.inputs]} differ from the teacher's "
