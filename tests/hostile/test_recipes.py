@@ -56,11 +56,18 @@ def test_bad_recipe_is_422_naming_the_field(submit, client, auth, body: dict, fi
     assert client.get("/v1/jobs", headers=auth).json()["data"] == []
 
 
+def test_malformed_json_is_400_saying_where(client, auth) -> None:
+    response = client.post("/v1/jobs", headers={**auth, "Content-Type": "application/json"}, content=b"{not json")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "bad_request" and error["message"].startswith("malformed JSON body")
+    assert "line 1" in error["message"]
+
+
 @pytest.mark.parametrize(("content", "content_type"), [
-    (b"{not json", "application/json"),
     (b'["a", "list"]', "application/json"),
     (b"model_id=x", "application/x-www-form-urlencoded"),
-], ids=["broken_json", "json_list", "form_body"])
+], ids=["json_list", "form_body"])
 def test_malformed_job_body_is_422(client, auth, content: bytes, content_type: str) -> None:
     response = client.post("/v1/jobs", headers={**auth, "Content-Type": content_type}, content=content)
     assert response.status_code == 422, response.text
