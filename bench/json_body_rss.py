@@ -61,9 +61,10 @@ class Api:
     def start(self) -> str:
         self.cli("migrate")
         key = self.cli("keys", "create", "--tenant", "bench").strip().splitlines()[-1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(self.port)],
-                                     env=self.env, cwd=self.root, stdout=open(self.work / "api.log", "wb"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.work / "api.log", "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(self.port)],
+                                         env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         for _ in range(240):
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:

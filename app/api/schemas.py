@@ -5,12 +5,30 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from pydantic import (AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, HttpUrl, StringConstraints,
-                      field_validator, model_validator)
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 
 from app.core.presets import preset_recipe
-from app.core.recipe import (DatasetRefs, Id, Name, Recipe, StrictModel, Target, TuneSpec, check_recipe_for_target,
-                             no_control_characters)
+from app.core.recipe import (
+    DatasetRefs,
+    Id,
+    Name,
+    Recipe,
+    StrictModel,
+    Target,
+    TuneSpec,
+    check_recipe_for_target,
+    no_control_characters,
+)
 
 MAX_GRACE_SECONDS = 86400
 MAX_KEY_LIFETIME = timedelta(days=365)

@@ -179,3 +179,17 @@ def test_archive_only_extraction_can_judge_is_invalid(client, auth, upload, work
     shown = client.get(f"/v1/models/{model.id}", headers=auth).json()
     assert shown["status"] == "invalid" and shown["error"] == model.error
     assert worker_for_api.leftovers() == []
+
+
+def test_member_name_longer_than_a_file_name_is_refused_at_upload_and_in_the_worker(upload, tmp_path, add_model,
+                                                                                     worker) -> None:
+    """A 300-byte name raised OSError while extracting in the worker, and the model stayed `uploaded`."""
+    data = zip_bytes([*base(), (f"model/{'a' * 300}.txt", b"x")])
+    response = upload(data, filename="bert.zip")
+    assert response.status_code == 415 and response.json()["error"]["code"] == "unsafe_archive"
+    assert "longer than a file name may be" in response.json()["error"]["message"]
+    path = tmp_path / "long.zip"
+    path.write_bytes(data)
+    model = worker.inspect(add_model(path, "hf").id)
+    assert model.status == "invalid" and "longer than a file name may be" in model.error
+    assert worker.leftovers() == []

@@ -8,8 +8,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from app.api.guard import bearer_token
 from app.api.errors import error_responses
+from app.api.guard import bearer_token
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queue import check_broker
 

@@ -28,6 +28,9 @@ DEFAULT_MAX_FILES = 2000
 DEFAULT_MAX_TOTAL_BYTES = 4 * 2 * 1024**3
 
 ZIP, TAR_GZ, TAR = "zip", "tar.gz", "tar"
+# What a file system takes: longer names fail to extract (OSError), so they are refused when listed.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 1024
 
 # Long-name and pax records are read whole into memory by tarfile; genuine ones are a few hundred bytes.
 _MAX_TAR_METADATA_BYTES = 64 * 1024
@@ -362,6 +365,10 @@ def _normalise(raw_name: str) -> str:
     parts = [part for part in raw_name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member name {raw_name!r} goes up with '..'")
+    if any(len(part.encode()) > MAX_NAME_BYTES for part in parts) or len(raw_name.encode()) > MAX_PATH_BYTES:
+        raise ArchiveError(ErrorCode.UNSAFE_ARCHIVE, f"archive member name {raw_name[:80]!r}... is longer than a file "
+                                                     f"name may be ({MAX_NAME_BYTES} bytes a part, {MAX_PATH_BYTES} "
+                                                     "in all)")
     return "/".join(parts)
 
 
