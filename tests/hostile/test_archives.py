@@ -87,9 +87,10 @@ def not_really_gzip(target: Path, escape: str) -> bytes:
 
 
 def zip_bomb_with_lying_headers(target: Path, escape: str) -> bytes:
-    """zeros.bin declares 100 bytes and inflates to 64 MiB: the listing looks small, only extraction can tell."""
-    data = bytearray(zip_bytes([*base(), ("model/zeros.bin", bytes(BOMB_BYTES))]))
-    name = b"model/zeros.bin"
+    """vocab.txt (a file the worker extracts) declares 100 bytes and inflates to 64 MiB: the listing looks small,
+    only extraction can tell."""
+    data = bytearray(zip_bytes([*base(), ("model/vocab.txt", bytes(BOMB_BYTES))]))
+    name = b"model/vocab.txt"
     local = data.index(name) - 30  # the name follows the 30-byte local header...
     central = data.index(name, local + 31) - 46  # ...and the 46-byte central directory entry
     struct.pack_into("<I", data, local + 22, 100)  # uncompressed size
@@ -124,7 +125,7 @@ REFUSED_AT_UPLOAD: list[tuple[Build, str, str]] = [
 ATTACK_IDS = [build.__name__ for build, _, _ in REFUSED_AT_UPLOAD]
 # The listing the API reads is sound; the bytes are not, which only the worker's extraction can see.
 REFUSED_AT_EXTRACTION: list[tuple[Build, str]] = [
-    (zip_bomb_with_lying_headers, "Bad CRC-32 for file 'model/zeros.bin'"),  # stopped at the declared 100 bytes
+    (zip_bomb_with_lying_headers, "Bad CRC-32 for file 'model/vocab.txt'"),  # stopped at the declared 100 bytes
     (zip_with_corrupt_member, "Bad CRC-32 for file 'model/model.safetensors'"),
 ]
 
@@ -193,3 +194,15 @@ def test_member_name_longer_than_a_file_name_is_refused_at_upload_and_in_the_wor
     model = worker.inspect(add_model(path, "hf").id)
     assert model.status == "invalid" and "longer than a file name may be" in model.error
     assert worker.leftovers() == []
+
+
+def test_only_the_files_a_model_uses_are_extracted(tmp_path) -> None:
+    """Code and libraries shipped in an archive are never written to disk, let alone loaded."""
+    from worker.formats.hf import _extract
+
+    archive = tmp_path / "m.zip"
+    archive.write_bytes(hf_zip({**hf_files(), "modeling_evil.py": b"import os", "libevil.so": b"ELF",
+                                "vocab.txt": b"a\n", "README.md": b"# card"}))
+    root = _extract(archive, tmp_path / "work", None)
+    assert sorted(path.name for path in root.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                            "vocab.txt"]

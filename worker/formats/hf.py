@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,10 @@ OUTPUT_GROUPS = (("logits",), ("start_logits", "end_logits"), ("last_hidden_stat
 # Any of these means the directory holds a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model", "sentencepiece.bpe.model")
+# The files of an uploaded directory that are extracted at all (weights: *.safetensors besides these).
+USED_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin",
+                        "special_tokens_map.json", "added_tokens.json", "merges.txt", "README.md", "LICENSE",
+                        *TOKENIZER_FILES})
 # Files of the uploaded directory that save_hf does not carry over: old weights and code.
 NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf",
                         ".index.json", ".py")
@@ -211,13 +215,20 @@ def export_hf_onnx(hf: HFModel, path: Path, batch: int = 2, seq: int = 16) -> Pa
     return path
 
 
+def _used_file(name: str) -> bool:
+    """What is extracted from an upload: the files transformers reads for a model and its tokenizer, and the
+    model card; code, libraries and anything else stay in the archive, unread."""
+    base = PurePosixPath(name).name
+    return base in USED_FILES or base.endswith(".safetensors")
+
+
 def _extract(archive: Path, workdir: Path, max_unpacked_bytes: int | None) -> Path:
     """`max_unpacked_bytes` defaults to what the default upload limit allows (UNPACK_FACTOR x the limit)."""
     workdir.mkdir(parents=True, exist_ok=True)
     dest = Path(tempfile.mkdtemp(prefix="hf-", dir=workdir))
     limit = max_unpacked_bytes or UNPACK_FACTOR * Settings.model_fields["max_upload_bytes"].default
     try:
-        return extract_archive(archive, dest, max_total_bytes=limit)
+        return extract_archive(archive, dest, max_total_bytes=limit, include=_used_file)
     except ArchiveError as exc:
         raise JobFailure(exc.code, f"model archive: {exc.message}") from None
 

@@ -48,6 +48,7 @@ def metrics(request: Request) -> Response:
     if token:
         given = bearer_token(request.headers.get("authorization")) or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise ServiceError(ErrorCode.UNAUTHORIZED, "metrics need 'Authorization: Bearer <MODELPRESS_METRICS_TOKEN>'",
+            raise ServiceError(ErrorCode.UNAUTHORIZED,
+                               "metrics need 'Authorization: Bearer <MODELPRESS_METRICS_TOKEN>'",
                                {"WWW-Authenticate": "Bearer"})
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

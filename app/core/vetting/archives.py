@@ -16,7 +16,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
@@ -147,9 +147,11 @@ def extract_archive(
     max_files: int = DEFAULT_MAX_FILES,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
     max_member_bytes: int | None = None,
+    include: Callable[[str], bool] | None = None,
 ) -> Path:
     """Extract into `dest` (missing or empty) and return the model root: the single top folder, or `dest`.
 
+    Every member is vetted; with `include`, only the files it accepts (by their normalised path) are written.
     On any error everything written under `dest` is removed again.
     """
     kind = _require_kind(path)
@@ -165,7 +167,7 @@ def extract_archive(
                 for info, name in members:
                     if name in rules.folders:
                         writer.directory(name)
-                    else:
+                    elif include is None or include(name):
                         with archive.open(info) as source:
                             writer.file(name, source)
         else:
@@ -173,7 +175,7 @@ def extract_archive(
                 for info, name in _tar_members(tar, rules):
                     if name in rules.folders:
                         writer.directory(name)
-                    else:
+                    elif include is None or include(name):
                         source = tar.extractfile(info)
                         assert source is not None  # _tar_members lets only regular files and folders through
                         writer.file(name, source)
