@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core.config import Settings  # noqa: E402
 from app.core.recipe import Recipe, Target  # noqa: E402
-from worker.evaluation import measure  # noqa: E402
 from worker.evaluation import data as job_data  # noqa: E402
+from worker.evaluation import measure  # noqa: E402
 from worker.formats import load  # noqa: E402
 from worker.pipeline.files import StagedJob  # noqa: E402
 from worker.pipeline.runner import run_pipeline  # noqa: E402

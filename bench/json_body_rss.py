@@ -96,7 +96,8 @@ def send_body(port: int, size: int, key: str | None, result: dict) -> None:
         sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         filler = b"x" * MiB
         while sent < size and not select.select([sock], [], [], 0)[0]:
-            piece = head if sent == 0 else tail if size - sent == len(tail) else filler[:min(MiB, size - sent - len(tail))]
+            middle = filler[:min(MiB, size - sent - len(tail))]
+            piece = head if sent == 0 else tail if size - sent == len(tail) else middle
             sock.sendall(piece)
             sent += len(piece)
         answer = b""

@@ -483,7 +483,7 @@ def test_secret_is_created_once_and_rotation_keeps_the_old_one_for_a_day(factory
         assert webhooks.signing_secrets(row, utcnow() + timedelta(hours=25)) == [row.secret]
 
 
-def test_real_job_run_in_process_is_announced_once(tmp_path, worker_env, db, add_model, add_job, receiver):
+def test_real_job_run_in_process_is_announced_once(tmp_path, worker_env, db, add_model, add_job, receiver):  # noqa: F811
     """A real quantize job run by the worker's task in this process (no broker), then one send step."""
     from app.core.tables import Job
     from tests.helpers import save_onnx
