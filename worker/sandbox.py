@@ -124,11 +124,13 @@ def scrub_paths(text: str, *folders: Path) -> str:
 
 
 def run(request: Request, *, progress: Callable[[float, str | None, str | None], None] | None = None,
-        check: Callable[[], None] | None = None, wall_seconds: float) -> Outcome:
+        check: Callable[[], None] | None = None, on_trial: Callable[[dict[str, Any]], None] | None = None,
+        wall_seconds: float) -> Outcome:
     """Run `request` in a fresh sandboxed child and wait for it.
 
     `progress` receives the child's progress reports (a JobCancelled it raises is relayed to the child as a
-    cancel, a JobLost kills the child and propagates); `check` is called every poll for the same purpose.
+    cancel, a JobLost kills the child and propagates); `check` is called every poll for the same purpose;
+    `on_trial` receives each finished tuning trial as the child reported it (to be checked by the caller).
     The child is killed past `wall_seconds`, past its memory cap, or when anything here raises (the
     worker's own time limit included), so no child outlives the call.
     """
@@ -158,10 +160,13 @@ def run(request: Request, *, progress: Callable[[float, str | None, str | None],
                 kind = message.get("type") if isinstance(message, dict) else None
                 if kind == "started":
                     watched = int(message["pid"])
-                elif kind == "progress" and progress is not None:
+                elif kind in ("progress", "trial"):
                     try:
-                        progress(float(message["fraction"]), _text(message.get("step"), 100),
-                                 _text(message.get("message"), 1000))
+                        if kind == "progress" and progress is not None:
+                            progress(float(message["fraction"]), _text(message.get("step"), 100),
+                                     _text(message.get("message"), 1000))
+                        elif kind == "trial" and on_trial is not None:
+                            on_trial(message)
                     except JobCancelled:
                         if cancel_sent_at is None:
                             cancel_sent_at = _send_cancel(parent_conn)

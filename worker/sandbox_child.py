@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -61,11 +62,17 @@ class Request:
 
 
 class ChildContext:
-    """The job context the pipeline sees in the sandbox: progress goes to the parent, a cancel comes from it."""
+    """The job context the pipeline sees in the sandbox: progress and finished tuning trials go to the parent, a
+    cancel comes from it."""
 
-    def __init__(self, conn: Connection):
-        self.conn = conn
+    def __init__(self, conn: Connection, workdir: Path):
+        self.conn, self.workdir = conn, workdir
         self.cancel_requested = False
+
+    def trial(self, index: int, path: Path, figures: dict[str, Any]) -> None:
+        """A tuning trial finished: its model file (in the scratch folder) and figures, so the parent can
+        deliver the best one so far if the job is stopped before tuning ends."""
+        send(self.conn, {"type": "trial", "index": index, "path": _relative(path, self.workdir), **figures})
 
     def check(self) -> None:
         while self.conn.poll():
@@ -187,6 +194,7 @@ def main(conn: Connection, request: Request) -> None:
         isolation.update(network=True, pid_namespace=False, hidden=[])
     os.chdir(request.workdir)
     os.environ.update(HOME=str(request.workdir), TMPDIR=str(request.workdir))
+    tempfile.tempdir = str(request.workdir)  # the fork server may have cached /tmp, which is now a tiny tmpfs
     request.isolation = isolation
     _run(conn, request)
     os._exit(0)
@@ -224,7 +232,7 @@ def run_job(request: Request, ctx: ChildContext) -> dict[str, Any]:
 
 
 def _run(conn: Connection, request: Request) -> None:
-    ctx = ChildContext(conn)
+    ctx = ChildContext(conn, request.workdir)
     try:
         inject_fault(request.settings, "child")
         module, name = request.target.split(":")

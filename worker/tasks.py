@@ -23,6 +23,7 @@ from app.core.config import Settings, get_settings
 from app.core.errors import ErrorCode
 from app.core.queue import TaskName
 from app.core.statuses import JobStatus, ModelStatus
+from app.core.storage import keys as storage_keys
 from app.core.tables import Job, Model
 from worker import resources, sandbox, staging
 from worker.context import JobContext, with_db_retry
@@ -129,8 +130,13 @@ def _run(job: Job, workdir: Path, settings: Settings, storage, factory, ctx: Job
     inject_fault(settings, "stage")
     # Training stops in time for the steps after it to finish within the job's soft time limit.
     deadline = time.monotonic() + 0.8 * settings.job_soft_time_limit
+    trials = TrialsSoFar(staged, ctx)
     result = sandbox.run(sandbox.request(settings, "run_job", workdir, staged=staged, deadline=deadline),
-                         progress=ctx.progress, check=ctx.check, wall_seconds=settings.job_soft_time_limit)
+                         progress=ctx.progress, check=ctx.check, on_trial=trials.add,
+                         wall_seconds=settings.job_soft_time_limit)
+    if result.code is not None and trials.best is not None and result.code in (ErrorCode.CANCELLED,
+                                                                                ErrorCode.TIMEOUT):
+        return trials.deliver(job, workdir, storage, result)
     if result.code == ErrorCode.CANCELLED:
         raise JobCancelled(job.id)
     if result.code is not None:
@@ -145,6 +151,55 @@ def _run(job: Job, workdir: Path, settings: Settings, storage, factory, ctx: Job
                                         workdir)
     ctx.check()
     return {"status": JobStatus.SUCCEEDED, "metrics": metrics, "artifacts": artifacts}
+
+
+class TrialsSoFar:
+    """The tuning trials the sandbox has finished, as it reported them: shown as progress, and the best one is
+    delivered if the job is cancelled or runs out of time before tuning ends."""
+
+    def __init__(self, staged, ctx: JobContext):
+        self.objective = staged.tune.objective if staged.tune is not None else "size"
+        self.extension = "onnx" if staged.target.runtime == "onnxruntime" else "pt2"
+        self.ctx = ctx
+        self.trials: list[dict] = []
+        self.best: dict | None = None
+
+    def add(self, message: dict) -> None:
+        try:
+            trial = {"index": int(message["index"]), "path": str(message["path"]),
+                     "recipe": message["recipe"] if isinstance(message.get("recipe"), dict) else None,
+                     "size_bytes": int(message["size_bytes"]), "latency_ms": float(message["latency_ms"]),
+                     "metric": float(message["metric"]), "meets_tolerance": bool(message["meets_tolerance"])}
+        except (KeyError, TypeError, ValueError):
+            return  # not a trial this worker can use
+        self.trials.append(trial)
+        key = "size_bytes" if self.objective == "size" else "latency_ms"
+        if trial["meets_tolerance"] and (self.best is None or not self.best["meets_tolerance"]
+                                         or trial[key] < self.best[key]):
+            self.best = trial
+        elif self.best is None or (not self.best["meets_tolerance"] and trial["metric"] > self.best["metric"]):
+            self.best = trial
+        self.ctx.progress(0.3, "tune", f"trial {trial['index'] + 1} done: {trial['size_bytes']} bytes, p50 "
+                                       f"{trial['latency_ms']:.3g} ms, metric {trial['metric']:.4f}"
+                                       + (" (within the tolerance)" if trial["meets_tolerance"] else ""))
+
+    def deliver(self, job: Job, workdir: Path, storage, stopped: sandbox.Outcome) -> dict:
+        """End the stopped job with the best trial so far as its model artifact, and the trials in its metrics."""
+        best = self.best
+        path = sandbox.safe_output(workdir, best["path"])
+        name = f"best-trial.{self.extension}"
+        key = storage_keys.job_key(job.tenant_id, job.id, name)
+        storage.put_file(key, path)
+        artifact = {"kind": "model", "format": self.extension, "filename": name, "size_bytes": path.stat().st_size,
+                    "sha256": staging.sha256_of(path), "storage_key": key}
+        cancelled = stopped.code == ErrorCode.CANCELLED
+        message = ("cancelled by the user" if cancelled else stopped.message) + \
+            f"; the best of {len(self.trials)} finished tuning trials (trial {best['index']}) is delivered"
+        return {"status": JobStatus.CANCELLED if cancelled else JobStatus.FAILED, "error_code": stopped.code,
+                "error_message": message, "artifacts": [artifact],
+                "metrics": {"tuning": {"trials": [{k: v for k, v in t.items() if k != "path"} for t in self.trials],
+                                       "best": best["index"], "complete": False}, "job_id": job.id,
+                            "model_id": job.model_id}}
 
 
 def _outputs(reported, workdir: Path) -> list[Output]:

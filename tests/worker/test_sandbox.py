@@ -48,6 +48,14 @@ def probe(request: Request, ctx) -> dict:
             "settings_database_url": request.settings.database_url}
 
 
+def writes_temporary_files(request: Request, ctx) -> dict:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as scratch:
+        scratch.write(bytes(8 * 1024 * 1024))
+        return {"folder": str(Path(scratch.name).parent)}
+
+
 def waits_for_cancel(request: Request, ctx) -> dict:
     while True:
         ctx.check()
@@ -178,3 +186,12 @@ def test_messages_never_show_server_paths(tmp_path: Path) -> None:
     scrubbed = sandbox.scrub_paths(message, workdir, tmp_path / "home")
     assert str(tmp_path) not in scrubbed and "input.pt2" in scrubbed and "modelpress.db" in scrubbed
     assert json.dumps(scrubbed)
+
+
+def test_temporary_files_go_to_the_scratch_folder(tmp_path: Path) -> None:
+    """Libraries write temporary files (ONNX Runtime's quantizer does): they land in the job's scratch folder,
+    not in the covered /tmp, whatever the fork server had cached."""
+    request = make_request(tmp_path, "writes_temporary_files")
+    outcome = run(request)
+    assert outcome.code is None, outcome.message
+    assert outcome.value["folder"] == str(request.workdir)

@@ -220,3 +220,43 @@ def test_the_report_says_how_the_job_was_isolated(tmp_path, worker_env, db, add_
     if os.geteuid() == 0:
         assert sandbox["network"] is False and sandbox["pid_namespace"] is True
         assert "MODELPRESS_HOME" in sandbox["hidden"] and str(worker_env.resolved_home()) not in str(sandbox)
+
+
+def test_a_tuning_job_cancelled_midway_delivers_its_best_trial(tmp_path, worker_env, db, add_model, add_job,
+                                                               db_job_tune):
+    """The sandbox hands each finished trial to the worker: a job stopped before tuning ends still delivers."""
+    import threading
+
+    from sqlalchemy import update
+
+    from app.core.db import session_scope
+
+    job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx", 256, 1024, 10), "onnx"))
+    db_job_tune(job_id, {"metric": "fidelity", "max_loss": 0.5, "objective": "size", "max_trials": 8})
+
+    def cancel_after_the_first_trial() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with db() as session:
+                message = session.get(Job, job_id).progress_message or ""
+            if "trial 1 done" in message:
+                with session_scope(db) as session:
+                    session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=cancel_after_the_first_trial)
+    watcher.start()
+    _run(job_id)
+    watcher.join()
+    with db() as session:
+        job = session.get(Job, job_id)
+        assert job.status == "cancelled", (job.error_code, job.error_message)
+        assert "best of" in job.error_message and job.metrics["tuning"]["complete"] is False
+        assert 1 <= len(job.metrics["tuning"]["trials"]) < 8
+        [artifact] = job.artifacts
+        assert artifact.filename == "best-trial.onnx"
+    model_file = tmp_path / "best.onnx"
+    open_storage(worker_env.resolved_storage_url()).get_file(artifact.storage_key, model_file)
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: np.ones((4, 256), np.float32)})[0].shape == (4, 10)

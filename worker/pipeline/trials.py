@@ -61,6 +61,11 @@ def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelit
         fidelity = run.fidelity(result.outputs)
         result.figures["fidelity"] = fidelity
         metric = result.figures["accuracy"] if spec.metric == "accuracy" else fidelity["cosine_mean"]
+        report = getattr(run.ctx, "trial", None)  # the sandbox's context hands each trial's model to the worker
+        if report is not None:
+            report(index, result.path, {"recipe": recipe, "size_bytes": result.figures["size_bytes"],
+                                        "latency_ms": result.figures["latency_ms"]["p50"], "metric": metric,
+                                        "meets_tolerance": tuning.loss(baseline_metric, metric) <= spec.max_loss})
         return result.figures["size_bytes"], result.figures["latency_ms"]["p50"], metric
 
     outcome = tuning.tune(candidates, run_trial, baseline_metric=baseline_metric, max_loss=spec.max_loss,

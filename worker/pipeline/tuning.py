@@ -83,7 +83,8 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
     return _unique([recipe.model_dump(mode="json", exclude_unset=True) for recipe in recipes])
 
 
-def _loss(baseline_metric: float, metric: float) -> float:
+def loss(baseline_metric: float, metric: float) -> float:
+    """The metric's relative loss against the baseline (what `max_loss` bounds)."""
     return (baseline_metric - metric) / max(abs(baseline_metric), 1e-12)
 
 
@@ -109,14 +110,14 @@ def _best(trials: list[Trial], key: str, baseline_metric: float, max_loss: float
         what = (f"the smallest file ({trials[best].size_bytes} bytes)" if key == "size_bytes" else
                 f"the lowest latency ({trials[best].latency_ms:g} ms)")
         return best, (f"trial {best} has {what} of the {len(meeting)} that met the {tolerance} tolerance "
-                      f"({_loss(baseline_metric, trials[best].metric):.1%} loss)")
+                      f"({loss(baseline_metric, trials[best].metric):.1%} loss)")
     done = [i for i, t in enumerate(trials) if t.error is None]
     if not done:
         return None, (f"all {len(trials)} trials failed; there is no compressed model to return" if trials else
                       "no trial ran; there is no compressed model to return")
     best = max(done, key=lambda i: (trials[i].metric, -getattr(trials[i], key), -i))
     return best, (f"no candidate met the {tolerance} tolerance; returning the most accurate one found "
-                  f"({_loss(baseline_metric, trials[best].metric):.1%} loss)")
+                  f"({loss(baseline_metric, trials[best].metric):.1%} loss)")
 
 
 def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, float]], *, baseline_metric: float,
@@ -150,7 +151,7 @@ def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, f
                                 error=f"{exc.__class__.__name__}: {exc}", seconds=clock() - trial_started))
             continue
         trials.append(Trial(recipe=recipe, size_bytes=size_bytes, latency_ms=latency_ms, metric=metric,
-                            meets_tolerance=_loss(baseline_metric, metric) <= max_loss,
+                            meets_tolerance=loss(baseline_metric, metric) <= max_loss,
                             seconds=clock() - trial_started))
 
     best, message = _best(trials, key, baseline_metric, max_loss)
