@@ -25,7 +25,7 @@ from worker.evaluation import data as job_data
 from worker.evaluation import measure
 from worker.formats import load
 from worker.formats.export import example_args, to_onnx, to_pt2
-from worker.formats.loaded import LoadedModel
+from worker.formats.loaded import LoadedModel, hf_model_of
 from worker.formats.onnx_format import count_params
 from worker.pipeline.files import StagedJob
 
@@ -93,9 +93,14 @@ class JobRun:
         return example_args(self.loaded.inputs, feeds, self.device)
 
     def onnx_form(self, state: WorkingModel, path: Path) -> Path:
-        """The model as an ONNX file (exported to `path` if it is still a torch module)."""
+        """The model as an ONNX file (exported to `path` if it is still a torch module): for Hugging Face models the
+        graph ONNX Runtime runs fastest (worker.formats.hf.export_hf_onnx), checked against the module."""
         if state.module is None:
             return state.onnx_path
+        if self.loaded.hf is not None and hf_model_of(state.module) is not None:
+            from worker.formats.hf import export_hf_onnx
+
+            return export_hf_onnx(self.loaded.hf, path, module=state.module)
         return to_onnx(state.module, self.loaded.inputs, self.example, path)
 
     def pt2_form(self, state: WorkingModel, path: Path) -> Path:
