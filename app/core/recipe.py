@@ -59,6 +59,11 @@ class QuantizeStep(StrictModel):
             raise ValueError("method 'static' quantizes to dtype 'int8'")
         if (self.granularity == "group" or self.group_size is not None) and self.method != "weight_only":
             raise ValueError("granularity 'group' and group_size apply to method 'weight_only'")
+        if self.group_size is not None and self.granularity != "group":
+            if "granularity" in self.model_fields_set:
+                raise ValueError(f"group_size needs granularity 'group' (got {self.granularity!r}); leave granularity "
+                                 "out to get groups")
+            self.granularity = "group"  # a group size means groups
         if self.granularity == "group" and self.group_size is None:
             self.group_size = 128
         return self

@@ -145,3 +145,12 @@ def test_dataset_that_does_not_fit_the_model_fails_clearly(tmp_path, worker_env,
         job = session.get(Job, job_id)
     assert job.status == "failed" and job.error_code == "invalid_dataset"
     assert "eval dataset" in job.error_message and "(16,)" in job.error_message
+
+
+def test_weight_only_int4_with_only_a_group_size_runs_in_groups(tmp_path, worker_env, db, add_model, add_job):
+    """`group_size` alone used to keep the per-channel default and fail inside ONNX Runtime."""
+    job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx", 256, 512, 8), "onnx"), steps=[
+        {"op": "quantize", "method": "weight_only", "dtype": "int4", "group_size": 32}])
+    run_job(job_id)
+    details = finished(db, job_id).metrics["steps"][0]["details"]
+    assert (details["granularity"], details["group_size"], details["bits"]) == ("group", 32, 4)
