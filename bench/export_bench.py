@@ -10,6 +10,7 @@ model is used) against the original PyTorch model.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="modelpress-export-"))
+    os.chdir(work)  # ONNX Runtime's shape inference leaves files in the working directory when it gives up
     archive = bench.model_archive(work)
     model_dir = work / "original"
     with zipfile.ZipFile(archive) as z:

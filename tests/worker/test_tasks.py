@@ -223,32 +223,28 @@ def test_the_report_says_how_the_job_was_isolated(tmp_path, worker_env, db, add_
 
 
 def test_a_tuning_job_cancelled_midway_delivers_its_best_trial(tmp_path, worker_env, db, add_model, add_job,
-                                                               db_job_tune):
+                                                               db_job_tune, monkeypatch):
     """The sandbox hands each finished trial to the worker: a job stopped before tuning ends still delivers."""
-    import threading
-
     from sqlalchemy import update
 
     from app.core.db import session_scope
+    from worker import tasks
 
     job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx", 256, 1024, 10), "onnx"))
     db_job_tune(job_id, {"metric": "fidelity", "max_loss": 0.5, "objective": "size", "max_trials": 8})
 
-    def cancel_after_the_first_trial() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with db() as session:
-                message = session.get(Job, job_id).progress_message or ""
-            if "trial 1 done" in message:
-                with session_scope(db) as session:
-                    session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
-                return
-            time.sleep(0.02)
+    # The user cancels the moment the worker has recorded the first finished trial (polling the job's message
+    # for it raced with the next trial's progress overwriting it on a fast machine).
+    record_trial = tasks.TrialsSoFar.add
 
-    watcher = threading.Thread(target=cancel_after_the_first_trial)
-    watcher.start()
+    def add_then_cancel(self, message):
+        if not self.trials:
+            with session_scope(db) as session:
+                session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+        record_trial(self, message)
+
+    monkeypatch.setattr(tasks.TrialsSoFar, "add", add_then_cancel)
     _run(job_id)
-    watcher.join()
     with db() as session:
         job = session.get(Job, job_id)
         assert job.status == "cancelled", (job.error_code, job.error_message)
