@@ -221,8 +221,10 @@ def batches(arrays: list[np.ndarray], batch_size: int, labels: np.ndarray | None
 
 def tokenize_texts(texts: list[str], tokenizer, model_input_names: list[str],
                    max_length: int = 128) -> dict[str, np.ndarray]:
-    """Token arrays for the model's inputs only (tokenizers also emit e.g. token_type_ids some models lack)."""
-    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    """Token arrays for the model's inputs only (tokenizers also emit e.g. token_type_ids some models lack), padded
+    to the longest text (at most `max_length`): padding to a fixed length would fill calibration statistics and
+    latency figures with pad tokens."""
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="np")
     kept = {name: encoded[name] for name in model_input_names if name in encoded}
     if not kept:
         raise JobFailure(ErrorCode.INVALID_DATASET,

@@ -27,6 +27,14 @@ PRESETS: dict[str, Preset] = {
         "Dynamic int8 with per-channel weights for ONNX Runtime on CPU: about 4x smaller, faster on CPU, output "
         "cosine typically above 0.99. The safe default.", (),
         Recipe(steps=[QuantizeStep(op="quantize", method="dynamic", dtype="int8", granularity="per_channel")])),
+    "int8-faithful": Preset(
+        "Dynamic int8 with activation smoothing (SmoothQuant-style: outlier activation channels are divided out "
+        "and folded into the weights, the strength chosen on your data): int8's size at nearly its speed, and "
+        "far closer to the original on transformers (all-MiniLM-L6-v2 embedding cosine 0.997 against 0.993 for "
+        "plain int8). Needs a calibration dataset: a few hundred samples like the ones the model will see (for "
+        "a text model, a .jsonl of sentences). ONNX Runtime target.", ("calibration",),
+        Recipe(steps=[QuantizeStep(op="quantize", method="dynamic", dtype="int8", granularity="per_channel",
+                                   smoothing="auto")])),
     "int8-static-cpu": Preset(
         "Static int8 (QDQ) with activations calibrated on your data: the fastest int8 on CPU where the calibration "
         "data is representative.", ("calibration",),

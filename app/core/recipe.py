@@ -48,9 +48,14 @@ class QuantizeStep(StrictModel):
     group_size: int | None = Field(default=None, ge=8, le=4096)
     exclude: list[LayerPattern] = Field(default_factory=list, max_length=EXCLUDE_MAX)
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # Activation smoothing (SmoothQuant-style) before int8: alpha in [0, 1], or "auto" to pick it on the
+    # calibration data. Needs a calibration dataset; onnxruntime target, method dynamic or static.
+    smoothing: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeStep":
+        if self.smoothing is not None and (self.dtype != "int8" or self.method not in ("dynamic", "static")):
+            raise ValueError("smoothing applies to int8 with method 'dynamic' or 'static'")
         if self.group_size is not None and self.group_size & (self.group_size - 1):
             raise ValueError("group_size must be a power of two (8..4096)")
         if self.dtype == "int4" and self.method != "weight_only":
@@ -198,6 +203,11 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
                                  "target.runtime 'pytorch'")
             if step.method == "static" and not datasets.calibration:
                 raise ValueError(f"datasets.calibration: {where} (static quantization) needs a calibration dataset")
+            if step.smoothing is not None and target.runtime != "onnxruntime":
+                raise ValueError(f"{where}.smoothing: activation smoothing is available for target.runtime "
+                                 "'onnxruntime'")
+            if step.smoothing is not None and not datasets.calibration:
+                raise ValueError(f"datasets.calibration: {where} (smoothing) needs a calibration dataset")
         if step.op in TRAINING_OPS and not datasets.train:
             raise ValueError(f"datasets.train: {where} ({step.op}) needs a train dataset")
         if isinstance(step, PruneStep) and step.method == "activation_aware" and not datasets.calibration:

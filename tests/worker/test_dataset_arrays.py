@@ -176,9 +176,9 @@ def test_tokenize_keeps_only_model_inputs(tokenizer):
     encoded = tokenize_texts(["good movie", "very bad movie !"], tokenizer, ["input_ids", "attention_mask"],
                              max_length=8)
     assert list(encoded) == ["input_ids", "attention_mask"]
-    assert encoded["input_ids"].shape == (2, 8)
-    assert encoded["input_ids"][0].tolist() == [2, 5, 7, 3, 0, 0, 0, 0]
-    assert encoded["attention_mask"][1].tolist() == [1, 1, 1, 1, 1, 1, 0, 0]
+    assert encoded["input_ids"].shape == (2, 6)  # padded to the longest text, not to max_length
+    assert encoded["input_ids"][0].tolist() == [2, 5, 7, 3, 0, 0]
+    assert encoded["attention_mask"][1].tolist() == [1, 1, 1, 1, 1, 1]
     truncated = tokenize_texts(["very " * 20], tokenizer, ["input_ids"], max_length=4)
     assert truncated["input_ids"].tolist() == [[2, 8, 8, 3]]
 
@@ -187,7 +187,7 @@ def test_tokenize_then_match(tokenizer):
     data = DatasetArrays(inputs=tokenize_texts(["good", "bad"], tokenizer, ["input_ids", "attention_mask"],
                                                max_length=6), labels=np.array([1, 0]))
     ids, mask = match_inputs(data, MODEL_INPUTS, "eval")
-    assert ids.shape == mask.shape == (2, 6)
+    assert ids.shape == mask.shape == (2, 3)
 
 
 def test_tokenizer_without_any_model_input_fails(tokenizer):

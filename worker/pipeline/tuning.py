@@ -61,7 +61,7 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
 
     Generated pruning keeps the last layer in `layer_names` (the output head, in graph order: the layer most
     sensitive to pruning and a small share of the weights) dense. Activation-aware pruning needs calibration
-    data and a PyTorch model; static int8 needs calibration data; weight-only int4 is offered for PyTorch models
+    data and a PyTorch model; smoothed and static int8 need calibration data; weight-only int4 is offered for PyTorch models
     (`model_kind` other than "onnx"), where it is the smallest file for the pytorch target. Generated recipes
     are built as Recipe objects and reported with the fields they set.
     """
@@ -69,8 +69,11 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
         return _unique([dict(recipe) for recipe in search])
     head = [f"^{re.escape(layer_names[-1])}$"] if len(layer_names) > 1 else []
     torch_model = model_kind != "onnx"
-    recipes = [Recipe(steps=[_int8()]), Recipe(steps=[_int8("per_tensor")]),
-               Recipe(steps=[_prune("magnitude", 0.3, head), _int8()])]
+    recipes = [Recipe(steps=[_int8()])]
+    if has_calibration:  # the most faithful int8 at int8's size (onnxruntime target only)
+        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="dynamic", dtype="int8",
+                                                  granularity="per_channel", smoothing="auto")]))
+    recipes += [Recipe(steps=[_int8("per_tensor")]), Recipe(steps=[_prune("magnitude", 0.3, head), _int8()])]
     if has_calibration and torch_model:
         recipes.append(Recipe(steps=[_prune("activation_aware", 0.5, head), _int8()]))
     if has_calibration:

@@ -52,9 +52,27 @@ def test_hf_int8_with_text_eval_dataset(tmp_path, worker_env, db, add_model, add
     metrics = finished(db, job_id).metrics
     assert metrics["evaluation"]["inputs"] == "eval dataset" and metrics["evaluation"]["samples"] == 40
     assert metrics["baseline"]["accuracy"] is not None and metrics["compressed"]["accuracy"] is not None
-    assert metrics["evaluation"]["input_shapes"][0] == [16, 128]
+    assert metrics["evaluation"]["input_shapes"][0] == [16, 10]  # padded to the longest text
     assert metrics["fidelity"]["cosine_mean"] > 0.99
     assert metrics["source"]["baseline_fidelity_to_original"]["cosine_min"] > 0.9999
+
+
+def test_hf_int8_faithful_smooths_on_the_calibration_texts(tmp_path, worker_env, db, add_model, add_job,
+                                                           add_text_dataset, bert_archive):
+    from app.core.presets import preset_recipe
+
+    row = add_model(bert_archive, "hf")
+    calibration_id = add_text_dataset(row, tmp_path / "calibration.jsonl", count=48)
+    eval_id = add_text_dataset(row, tmp_path / "eval.jsonl")
+    steps = preset_recipe("int8-faithful").model_dump(mode="json")["steps"]
+    job_id = add_job(row, steps=steps, datasets={"calibration": calibration_id, "eval": eval_id})
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    [step] = metrics["steps"]
+    smoothing = step["details"]["smoothing"]
+    assert smoothing["alpha"] in (0.6, 0.8, 1.0) and smoothing["smoothed_inputs"] >= 4  # per layer: QKV, out, FFN x2
+    assert smoothing["calibration_samples"] == 48
+    assert metrics["compression_ratio"] > 1.5 and metrics["fidelity"]["cosine_mean"] > 0.99
 
 
 def test_hf_structured_pruning_exports_a_loadable_hf_model(tmp_path, worker_env, db, add_model, add_job,

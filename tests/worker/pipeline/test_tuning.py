@@ -151,6 +151,7 @@ def test_generated_candidates_go_from_safe_to_aggressive():
     int8 = ("quantize", "dynamic", "int8", None, "per_channel")
     assert [steps(r) for r in recipes] == [
         [int8],
+        [int8],  # with smoothing
         [("quantize", "dynamic", "int8", None, "per_tensor")],
         [("prune", "magnitude", None, 0.3, None), int8],
         [("prune", "activation_aware", None, 0.5, None), int8],
@@ -159,6 +160,7 @@ def test_generated_candidates_go_from_safe_to_aggressive():
         [("quantize", "weight_only", "int4", None, "group")],
     ]
     assert recipes[-1]["steps"][0]["group_size"] == 32
+    assert recipes[1]["steps"][0]["smoothing"] == "auto"
     assert all(r["steps"][0]["exclude"] == ["^4$"] for r in recipes if r["steps"][0]["op"] == "prune")  # the head
     assert len({json.dumps(r, sort_keys=True) for r in recipes}) == len(recipes)
     for recipe in recipes:
