@@ -47,6 +47,10 @@ JOBS = {
     "int8 static": {"recipe": {"steps": [{"op": "quantize", "method": "static", "dtype": "int8"}]},
                     "datasets": "calibration"},
     "int4 weight-only g32": {"preset": "int4-weights"},
+    "int8 faithful (preset int8-faithful)": {"preset": "int8-faithful", "datasets": "calibration"},
+    "int8 static, smoothing 1.0, percentile": {
+        "recipe": {"steps": [{"op": "quantize", "method": "static", "dtype": "int8", "smoothing": 1.0,
+                              "calibration_method": "percentile"}]}, "datasets": "calibration"},
 }
 
 
@@ -112,6 +116,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="modelpress-peer-"))
+    os.chdir(work)  # ONNX Runtime's shape inference leaves files in the working directory when it gives up
     archive = bench.model_archive(work)
     with zipfile.ZipFile(archive) as z:
         z.extractall(work / "original")

@@ -45,6 +45,9 @@ def test_submit_job_is_queued_and_sent(client, auth, model_id, settings):
     ({"steps": [{"op": "quantize"}, {"op": "prune", "sparsity": 0.5}]}, "recipe: steps.1"),
     ({"steps": [{"op": "quantize", "dtype": "bf16"}]}, "recipe.steps.0.dtype"),
     ({"steps": [{"op": "export", "formats": ["tflite"]}]}, "recipe.steps.0.export.formats.0"),
+    ({"steps": [{"op": "quantize", "smoothing": "auto"}]}, "datasets.calibration"),
+    ({"steps": [{"op": "quantize", "smoothing": 1.5}]}, "recipe.steps.0.quantize.smoothing"),
+    ({"steps": [{"op": "quantize", "method": "weight_only", "smoothing": 0.5}]}, "recipe.steps.0.quantize"),
 ])
 def test_bad_recipe_is_422_naming_the_field(client, auth, model_id, recipe, field):
     response = submit(client, auth, model_id, recipe)
