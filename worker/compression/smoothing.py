@@ -37,8 +37,22 @@ def smoothable_inputs(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]
     return {x: nodes for x, nodes in groups.items() if all(uses[n.input[1]] == 1 for n in nodes)}
 
 
+def token_mask(source: Path, feeds: list[np.ndarray]) -> np.ndarray | None:
+    """The batch's `attention_mask` ([batch, sequence], 1 for real tokens), if the model takes one: padded
+    positions are left out when candidates are compared (their outputs mean nothing)."""
+    model = onnx.load(str(source), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in weights]
+    if "attention_mask" not in names:
+        return None
+    mask = feeds[names.index("attention_mask")]
+    return mask.astype(bool) if mask.ndim == 2 else None
+
+
 def activation_channel_max(source: Path, calibration: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """max |x_j| over the calibration batches, per input channel, for every smoothable MatMul input."""
+    """max |x_j| over the calibration batches, per input channel, for every smoothable MatMul input. Padded
+    positions count too: on all-MiniLM-L6-v2 the int8 chosen from these maxima reached embedding cosine 0.99706,
+    from real tokens' maxima only 0.99517 (the pads' LayerNorm outputs carry the same outlier channels)."""
     model = onnx.load(str(source))
     inputs = list(smoothable_inputs(model))
     outputs = {o.name for o in model.graph.output}
@@ -93,12 +107,17 @@ def smooth(source: Path, destination: Path, channel_max: dict[str, np.ndarray], 
     return len(muls)
 
 
-def output_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
-    """Mean per-sample cosine of the first output: how a candidate is judged on the calibration data."""
+def output_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
+                  masks: list[np.ndarray | None]) -> float:
+    """Mean per-sample cosine of the first output, padded positions zeroed: how a candidate is judged on the
+    calibration data."""
     values = []
-    for want, got in zip(reference, outputs):
-        a = want[0].reshape(len(want[0]), -1).astype(np.float64)
-        b = got[0].reshape(len(got[0]), -1).astype(np.float64)
+    for want, got, mask in zip(reference, outputs, masks):
+        want, got = want[0], got[0]
+        if mask is not None and want.ndim == 3 and want.shape[:2] == mask.shape:
+            want, got = want * mask[..., None], got * mask[..., None]
+        a = want.reshape(len(want), -1).astype(np.float64)
+        b = got.reshape(len(got), -1).astype(np.float64)
         values.append((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12))
     return float(np.concatenate(values).mean())
 

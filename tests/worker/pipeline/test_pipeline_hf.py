@@ -70,7 +70,7 @@ def test_hf_int8_faithful_smooths_on_the_calibration_texts(tmp_path, worker_env,
     metrics = finished(db, job_id).metrics
     [step] = metrics["steps"]
     smoothing = step["details"]["smoothing"]
-    assert smoothing["alpha"] in (0.6, 0.8, 1.0) and smoothing["smoothed_inputs"] >= 4  # per layer: QKV, out, FFN x2
+    assert smoothing["alpha"] in (0.6, 0.7, 0.8, 0.9, 1.0) and smoothing["smoothed_inputs"] >= 4  # per layer: QKV, out, FFN x2
     assert smoothing["calibration_samples"] == 48
     assert metrics["compression_ratio"] > 1.5 and metrics["fidelity"]["cosine_mean"] > 0.99
 
