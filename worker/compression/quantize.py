@@ -280,7 +280,8 @@ def smoothed_int8(source: Path, destination: Path, int8, smoothing: float | str,
         raise _failure("measuring activations for smoothing", exc) from None
     alphas = SMOOTHING_ALPHAS if smoothing == "auto" else (float(smoothing),)
     reference = smoothing_pass.run_all(source, calibration) if len(alphas) > 1 else None
-    masks = [smoothing_pass.token_mask(source, feeds) for feeds in calibration]
+    position = smoothing_pass.mask_position(source)
+    masks = [None if position is None else feeds[position] for feeds in calibration]
     scores: dict[str, float] = {}
     best: tuple[float, float, Path, dict, int] | None = None
     for alpha in alphas:

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from worker.evaluation import measure
 from worker.runtime import ort_session, run_onnx
 
 SCALE_RANGE = (1e-2, 1e2)  # keeps a dead channel (max 0) or a huge one from making s degenerate
@@ -37,16 +38,13 @@ def smoothable_inputs(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]
     return {x: nodes for x, nodes in groups.items() if all(uses[n.input[1]] == 1 for n in nodes)}
 
 
-def token_mask(source: Path, feeds: list[np.ndarray]) -> np.ndarray | None:
-    """The batch's `attention_mask` ([batch, sequence], 1 for real tokens), if the model takes one: padded
-    positions are left out when candidates are compared (their outputs mean nothing)."""
+def mask_position(source: Path) -> int | None:
+    """Where `attention_mask` is among the model's inputs, if it takes one: padded positions are left out when
+    candidates are compared (their outputs mean nothing)."""
     model = onnx.load(str(source), load_external_data=False)
     weights = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in weights]
-    if "attention_mask" not in names:
-        return None
-    mask = feeds[names.index("attention_mask")]
-    return mask.astype(bool) if mask.ndim == 2 else None
+    return names.index("attention_mask") if "attention_mask" in names else None
 
 
 def activation_channel_max(source: Path, calibration: list[list[np.ndarray]]) -> dict[str, np.ndarray]:
@@ -111,15 +109,14 @@ def output_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarr
                   masks: list[np.ndarray | None]) -> float:
     """Mean per-sample cosine of the first output, padded positions zeroed: how a candidate is judged on the
     calibration data."""
-    values = []
-    for want, got, mask in zip(reference, outputs, masks):
-        want, got = want[0], got[0]
-        if mask is not None and want.ndim == 3 and want.shape[:2] == mask.shape:
-            want, got = want * mask[..., None], got * mask[..., None]
-        a = want.reshape(len(want), -1).astype(np.float64)
-        b = got.reshape(len(got), -1).astype(np.float64)
-        values.append((a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12))
-    return float(np.concatenate(values).mean())
+
+    def real(output: np.ndarray, mask: np.ndarray | None) -> list[np.ndarray]:
+        if mask is not None and mask.ndim == 2 and output.ndim == 3 and output.shape[:2] == mask.shape:
+            return [output * mask[..., None].astype(output.dtype)]
+        return [output]
+
+    return measure.fidelity([real(want[0], mask) for want, mask in zip(reference, masks)],
+                            [real(got[0], mask) for got, mask in zip(outputs, masks)])["cosine_mean"]
 
 
 def run_all(path: Path, batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
