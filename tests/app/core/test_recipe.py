@@ -15,3 +15,22 @@ def test_a_group_size_implies_groups() -> None:
 def test_a_group_size_with_another_granularity_is_refused_naming_both() -> None:
     with pytest.raises(ValidationError, match="group_size needs granularity 'group'"):
         QuantizeStep(op="quantize", method="weight_only", dtype="int4", granularity="per_channel", group_size=32)
+
+
+def test_a_data_aware_algorithm_implies_groups() -> None:
+    step = QuantizeStep(op="quantize", method="weight_only", dtype="int4", algorithm="gptq")
+    assert (step.granularity, step.group_size) == ("group", 128)
+    assert QuantizeStep(op="quantize", method="weight_only", dtype="int4", algorithm="hqq",
+                        group_size=32).group_size == 32
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"method": "dynamic", "algorithm": "gptq"}, "algorithm 'gptq' applies to method 'weight_only' with dtype 'int4'"),
+    ({"method": "weight_only", "dtype": "int8", "algorithm": "hqq"}, "applies to method 'weight_only' with dtype"),
+    ({"method": "weight_only", "dtype": "int4", "algorithm": "gptq", "granularity": "per_channel"},
+     "quantizes in groups"),
+    ({"method": "weight_only", "dtype": "int4", "algorithm": "awq"}, "algorithm"),
+])
+def test_an_algorithm_where_it_does_not_apply_is_refused(fields, message) -> None:
+    with pytest.raises(ValidationError, match=message):
+        QuantizeStep(op="quantize", **fields)

@@ -75,6 +75,24 @@ def test_hf_int8_faithful_smooths_on_the_calibration_texts(tmp_path, worker_env,
     assert metrics["compression_ratio"] > 1.5 and metrics["fidelity"]["cosine_mean"] > 0.99
 
 
+def test_hf_int4_gptq_rounds_on_the_calibration_texts(tmp_path, worker_env, db, add_model, add_job,
+                                                      add_text_dataset, bert_archive):
+    from app.core.presets import preset_recipe
+
+    row = add_model(bert_archive, "hf")
+    calibration_id = add_text_dataset(row, tmp_path / "calibration.jsonl", count=32)
+    steps = preset_recipe("int4-gptq").model_dump(mode="json")["steps"]
+    job_id = add_job(row, steps=steps, datasets={"calibration": calibration_id})
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    [step] = metrics["steps"]
+    details = step["details"]
+    assert (details["algorithm"], details["group_size"]) == ("gptq", 32)
+    assert details["gptq"]["calibration_samples"] == 32 and details["gptq"]["quantized_matmuls"] >= 12  # 6 a layer
+    assert 0 < details["gptq"]["calibration_tokens"] < 32 * 128  # real tokens only
+    assert metrics["compression_ratio"] > 1.5 and metrics["fidelity"]["cosine_mean"] > 0.98
+
+
 def test_hf_structured_pruning_exports_a_loadable_hf_model(tmp_path, worker_env, db, add_model, add_job,
                                                            bert_archive):
     from worker.formats.hf import load_hf

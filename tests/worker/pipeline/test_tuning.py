@@ -157,9 +157,11 @@ def test_generated_candidates_go_from_safe_to_aggressive():
         [("prune", "activation_aware", None, 0.5, None), int8],
         [("quantize", "static", "int8", None, "per_channel")],
         [("prune", "magnitude", None, 0.5, None), int8],
+        [("quantize", "weight_only", "int4", None, "group")],  # GPTQ
         [("quantize", "weight_only", "int4", None, "group")],
     ]
-    assert recipes[-1]["steps"][0]["group_size"] == 32
+    assert recipes[-1]["steps"][0]["group_size"] == 32 and "algorithm" not in recipes[-1]["steps"][0]
+    assert recipes[-2]["steps"][0]["algorithm"] == "gptq"
     assert recipes[1]["steps"][0]["smoothing"] == "auto"
     assert all(r["steps"][0]["exclude"] == ["^4$"] for r in recipes if r["steps"][0]["op"] == "prune")  # the head
     assert len({json.dumps(r, sort_keys=True) for r in recipes}) == len(recipes)

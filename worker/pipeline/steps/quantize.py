@@ -13,7 +13,8 @@ def apply(run: JobRun, state: WorkingModel, step: QuantizeStep, place: StepPlace
         source = run.onnx_form(state, place.workdir / f"step{place.index}-input.onnx")
         output = place.workdir / f"step{place.index}-quantize.onnx"
         details = quantize.quantize_onnx(source, output, **options, calibration_method=step.calibration_method,
-                                         calibration=run.data.calibration, smoothing=step.smoothing)
+                                         calibration=run.data.calibration, smoothing=step.smoothing,
+                                         algorithm=step.algorithm)
         state.module, state.onnx_path = None, output
         return details
     state.module, details = quantize.quantize_module(state.module, **options)
