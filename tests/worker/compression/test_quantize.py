@@ -57,6 +57,42 @@ def test_onnx_static_int8_uses_calibration(tmp_path):
     assert cosine(run(source, x), run(out, x)) > 0.98
 
 
+def attention_like(path):
+    """h = x W1 + b1; a = h h^T (two activations); y = (a h) W2 + b2: the shapes of one attention block."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+               for name, shape in [("w1", (16, 8)), ("b1", (8,)), ("w2", (8, 8)), ("b2", (8,))]]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="proj"),
+             helper.make_node("Add", ["b1", "h0"], ["h"], name="proj_bias"),
+             helper.make_node("Transpose", ["h"], ["ht"], name="t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["h", "ht"], ["a"], name="scores"),
+             helper.make_node("MatMul", ["a", "h"], ["c"], name="context"),
+             helper.make_node("MatMul", ["c", "w2"], ["y0"], name="out"),
+             helper.make_node("Add", ["y0", "b2"], ["y"], name="out_bias")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    return path
+
+
+def test_static_int8_fuses_weight_matmuls_and_keeps_activation_products_in_float(tmp_path):
+    source = attention_like(tmp_path / "a.onnx")
+    rng = np.random.default_rng(1)
+    calibration = [[rng.standard_normal((8, 4, 16)).astype(np.float32)] for _ in range(4)]
+    out = tmp_path / "s.onnx"
+    details = quantize_onnx(source, out, **q_onnx(method="static", calibration=calibration))
+    assert details["kept_in_float"]["activation_matmuls"] == 2 and details["fused_int8_matmuls"] == 2
+    nodes = onnx.load(str(out)).graph.node
+    fused = [n for n in nodes if n.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == 2 and all(len(n.input) == 7 for n in fused)  # each took its bias
+    assert sorted(n.name for n in nodes if n.op_type == "MatMul") == ["context", "scores"]
+    assert not any(n.op_type == "Add" for n in nodes)
+    x = rng.standard_normal((8, 4, 16)).astype(np.float32)
+    assert cosine(run(source, x), run(out, x)) > 0.99
+
+
 def test_gemm_rewrite_keeps_outputs(tmp_path):
     source = save_onnx(tmp_path / "m.onnx", 16, 32, 4)
     model = onnx.load(str(source))
