@@ -223,6 +223,48 @@ def fuse_static_matmuls(model: onnx.ModelProto) -> int:
     return len(replaced)
 
 
+def float_consumers_read_float(model: onnx.ModelProto) -> int:
+    """Where an activation x is quantized for the int8 ops, QDQ also hands DequantizeLinear(QuantizeLinear(x)) to
+    every other consumer of x: the residual Add, Shape, LayerNorm. Those get x itself back (exact, and one pass
+    less each). x produced by a quantized op (a Conv or Gemm feeding a residual) is left as it is: ONNX Runtime
+    fuses that op with its output's QuantizeLinear only while the QuantizeLinear is its sole consumer."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    rewired = 0
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in initializers]:
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or dq.output[0] in outputs:
+            continue
+        source = producer.get(q.input[0])
+        if source is not None and source.op_type in STATIC_OPS:
+            continue
+        for node in graph.node:
+            if node.op_type in STATIC_OPS:
+                continue
+            for position, name in enumerate(node.input):
+                if name == dq.output[0]:
+                    node.input[position] = q.input[0]
+                    rewired += 1
+    _drop_dead_nodes(model)
+    return rewired
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    """QuantizeLinear / DequantizeLinear nodes nothing reads any more."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
 def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str],
                      calibration_method: str, calibration: list[list[np.ndarray]]) -> dict:
     """Static int8 as QDQ, with the MatMuls' outputs left in float (quantizing them to uint8 before the bias and
@@ -246,6 +288,7 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
                             extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
             model = onnx.load(str(quantized))
             fused = fuse_static_matmuls(model)
+            rewired = float_consumers_read_float(model)
             onnx.save(model, str(destination))
         except Exception as exc:
             raise _failure("ONNX Runtime static quantization", exc) from None
@@ -255,6 +298,7 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
             "calibration_method": calibration_method, "calibration_batches": len(calibration), **reduce,
             "calibration_samples": int(sum(b[0].shape[0] for b in calibration)) if calibration else 0,
             "kept_in_float": {"activation_matmuls": len(in_float), "matmul_outputs": "float (not re-quantized)",
+                              "float_consumers_reading_exact_inputs": rewired,
                               "other_ops": "everything but " + ", ".join(STATIC_OPS)},
             "fused_int8_matmuls": fused,
             "format": "QDQ (uint8 activations, int8 weights)", "tool": "onnxruntime.quantization.quantize_static"}

@@ -93,6 +93,30 @@ def test_static_int8_fuses_weight_matmuls_and_keeps_activation_products_in_float
     assert cosine(run(source, x), run(out, x)) > 0.99
 
 
+def test_static_int8_leaves_the_residual_exact(tmp_path):
+    """r feeds an int8 MatMul (3-D, as in a transformer: 2-D ones become Gemm) and the residual Add: the Add reads r itself, not r quantized to uint8 and back."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32) * 0.3, "w"),
+               numpy_helper.from_array(np.zeros(16, np.float32), "b")]
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="act"),
+             helper.make_node("MatMul", ["r", "w"], ["m0"], name="dense"),
+             helper.make_node("Add", ["m0", "b"], ["m"], name="dense_bias"),
+             helper.make_node("Add", ["m", "r"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 16])], weights)
+    source = tmp_path / "r.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(source))
+    calibration = [[rng.standard_normal((8, 4, 16)).astype(np.float32)] for _ in range(4)]
+    out = tmp_path / "s.onnx"
+    details = quantize_onnx(source, out, **q_onnx(method="static", calibration=calibration))
+    assert details["kept_in_float"]["float_consumers_reading_exact_inputs"] == 1
+    nodes = {n.name: n for n in onnx.load(str(out)).graph.node}
+    assert "r" in nodes["residual"].input
+    assert not any(n.op_type == "DequantizeLinear" for n in nodes.values())
+
+
 def test_gemm_rewrite_keeps_outputs(tmp_path):
     source = save_onnx(tmp_path / "m.onnx", 16, 32, 4)
     model = onnx.load(str(source))
