@@ -1,7 +1,7 @@
 """Running models: ONNX Runtime sessions and torch modules on a device. One place decides providers, devices
 and threads, for loading, measuring and evaluating alike."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,29 @@ def run_onnx(session: ort.InferenceSession, feeds: list[np.ndarray]) -> list[np.
     names = [i.name for i in session.get_inputs()]
     outputs = session.run(None, dict(zip(names, feeds, strict=True)))
     return [np.asarray(o, dtype=np.float32) for o in outputs]
+
+
+def intermediate_values(source: Path, tensors: list[str],
+                        batches: list[list[np.ndarray]]) -> Iterator[tuple[list[np.ndarray], dict[str, np.ndarray]]]:
+    """(feeds, {tensor: value}) per batch: the model run with the named inner tensors as extra outputs, which
+    is how calibration passes see a layer's inputs."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(source))
+    outputs = {o.name for o in model.graph.output}
+    for name in tensors:
+        if name not in outputs:
+            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    probe = source.with_suffix(".probe.onnx")
+    onnx.save(model, str(probe))
+    try:
+        session = ort_session(probe, "cpu")
+        names = [o.name for o in session.get_outputs()]
+        for feeds in batches:
+            yield feeds, dict(zip(names, run_onnx(session, feeds)))
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def run_module(module: torch.nn.Module, feeds: list[np.ndarray], device: str = "cpu") -> list[np.ndarray]:

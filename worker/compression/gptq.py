@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from worker.runtime import ort_session, run_onnx
+from worker.runtime import intermediate_values
 
 DAMPING = 0.01  # of the mean Hessian diagonal, added to it: keeps the inverse stable when inputs are collinear
 LAZY_BLOCK = 128  # rows updated together; the rest get the accumulated error once per block
@@ -38,29 +38,15 @@ def quantizable_matmuls(model: onnx.ModelProto, excluded: set[str]) -> list[onnx
 def input_hessians(source: Path, nodes: list[onnx.NodeProto], calibration: list[list[np.ndarray]],
                    mask_position: int | None) -> tuple[dict[str, np.ndarray], int]:
     """H = X^T X per distinct MatMul input over the real calibration tokens, and how many tokens that was."""
-    model = onnx.load(str(source))
     inputs = sorted({n.input[0] for n in nodes})
-    outputs = {o.name for o in model.graph.output}
-    for name in inputs:
-        if name not in outputs:
-            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    probe = source.with_suffix(".hessian.onnx")
-    onnx.save(model, str(probe))
     hessians: dict[str, np.ndarray] = {}
     tokens = 0
-    try:
-        session = ort_session(probe, "cpu")
-        names = [o.name for o in session.get_outputs()]
-        for feeds in calibration:
-            values = dict(zip(names, run_onnx(session, feeds)))
-            mask = feeds[mask_position] if mask_position is not None else None
-            for name in inputs:
-                rows = real_rows(values[name], mask)
-                rows64 = rows.astype(np.float64)
-                hessians[name] = hessians.get(name, 0) + rows64.T @ rows64
-            tokens += real_rows(values[inputs[0]], mask).shape[0] if inputs else 0
-    finally:
-        probe.unlink(missing_ok=True)
+    for feeds, values in intermediate_values(source, inputs, calibration):
+        mask = feeds[mask_position] if mask_position is not None else None
+        for name in inputs:
+            rows = real_rows(values[name], mask).astype(np.float64)
+            hessians[name] = hessians.get(name, 0) + rows.T @ rows
+        tokens += real_rows(values[inputs[0]], mask).shape[0] if inputs else 0
     return hessians, tokens
 
 

@@ -17,7 +17,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from worker.evaluation import measure
-from worker.runtime import ort_session, run_onnx
+from worker.runtime import intermediate_values, ort_session, run_onnx
 
 SCALE_RANGE = (1e-2, 1e2)  # keeps a dead channel (max 0) or a huge one from making s degenerate
 
@@ -51,26 +51,13 @@ def activation_channel_max(source: Path, calibration: list[list[np.ndarray]]) ->
     """max |x_j| over the calibration batches, per input channel, for every smoothable MatMul input. Padded
     positions count too: on all-MiniLM-L6-v2 the int8 chosen from these maxima reached embedding cosine 0.99706,
     from real tokens' maxima only 0.99517 (the pads' LayerNorm outputs carry the same outlier channels)."""
-    model = onnx.load(str(source))
-    inputs = list(smoothable_inputs(model))
-    outputs = {o.name for o in model.graph.output}
-    for name in inputs:
-        if name not in outputs:
-            model.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    probe = source.with_suffix(".ranges.onnx")
-    onnx.save(model, str(probe))
-    try:
-        session = ort_session(probe, "cpu")
-        names = [o.name for o in session.get_outputs()]
-        channel_max: dict[str, np.ndarray] = {}
-        for feeds in calibration:
-            values = dict(zip(names, run_onnx(session, feeds)))
-            for name in inputs:
-                value = values[name]
-                current = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
-                channel_max[name] = np.maximum(channel_max[name], current) if name in channel_max else current
-    finally:
-        probe.unlink(missing_ok=True)
+    inputs = list(smoothable_inputs(onnx.load(str(source), load_external_data=False)))
+    channel_max: dict[str, np.ndarray] = {}
+    for _, values in intermediate_values(source, inputs, calibration):
+        for name in inputs:
+            value = values[name]
+            current = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+            channel_max[name] = np.maximum(channel_max[name], current) if name in channel_max else current
     return channel_max
 
 
