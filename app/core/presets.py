@@ -36,8 +36,9 @@ PRESETS: dict[str, Preset] = {
         Recipe(steps=[QuantizeStep(op="quantize", method="dynamic", dtype="int8", granularity="per_channel",
                                    smoothing="auto")])),
     "int8-static-cpu": Preset(
-        "Static int8 (QDQ) with activations calibrated on your data: the fastest int8 on CPU where the calibration "
-        "data is representative.", ("calibration",),
+        "Static int8 (QDQ) with activations calibrated on your data: no run-time range pass, MatMul outputs and "
+        "residuals kept exact (all-MiniLM-L6-v2 embedding cosine 0.993, as dynamic int8). Needs a calibration "
+        "dataset representative of what the model will see. ONNX Runtime target.", ("calibration",),
         Recipe(steps=[QuantizeStep(op="quantize", method="static", dtype="int8")])),
     "sparse50-int8": Preset(
         "50% activation-aware (Wanda) pruning, then dynamic int8. The file is delivered compressed.",
