@@ -59,7 +59,8 @@ def stage_inputs(factory: sessionmaker[Session], storage: Storage, job: Job, wor
             sources[student_id] = (student.storage_key, *student_files[student_id])
         staged = StagedJob(recipe=recipe, tune=tune, target=Target.model_validate(job.target),
                            model_path=sources["model"][1], model_format=model.format, model_name=model.name,
-                           dataset_files=dataset_files, student_files=student_files)
+                           dataset_files=dataset_files, student_files=student_files,
+                           min_fidelity=job.min_fidelity, accept_degraded=bool(job.accept_degraded))
     for key, path, _ in sources.values():
         storage.get_file(key, path)
     return staged

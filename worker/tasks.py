@@ -150,6 +150,14 @@ def _run(job: Job, workdir: Path, settings: Settings, storage, factory, ctx: Job
     artifacts = staging.publish_outputs(storage, job, staged, _outputs(result.value.get("outputs"), workdir), metrics,
                                         workdir)
     ctx.check()
+    verdict = metrics.get("fidelity_floor")
+    if isinstance(verdict, dict) and verdict.get("passed") is False and not staged.accept_degraded:
+        # The model is kept (downloadable) so the user can see what went wrong.
+        return {"status": JobStatus.FAILED, "error_code": ErrorCode.FIDELITY_COLLAPSE, "metrics": metrics,
+                "artifacts": artifacts,
+                "error_message": f"{verdict.get('message', 'the compressed model fell below the fidelity floor')}"
+                                 "; the model is kept for inspection; min_fidelity sets the floor, "
+                                 "accept_degraded: true accepts such a model"}
     return {"status": JobStatus.SUCCEEDED, "metrics": metrics, "artifacts": artifacts}
 
 

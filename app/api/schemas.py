@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.core.presets import preset_recipe
+from app.core.presets import PRESETS, preset_recipe
 from app.core.recipe import (
     DatasetRefs,
     Id,
@@ -45,6 +45,10 @@ class JobCreate(StrictModel):
     datasets: DatasetRefs = Field(default_factory=DatasetRefs)
     target: Target = Field(default_factory=Target)
     webhook_url: HttpUrl | None = None
+    # The final model's output cosine must reach this (default 0.9, or the preset's), else the job fails with
+    # `fidelity_collapse`; `accept_degraded` lets such a job succeed, marked `degraded`.
+    min_fidelity: float | None = Field(default=None, ge=0.0, le=1.0)
+    accept_degraded: bool = False
 
     @model_validator(mode="after")
     def _recipe_fits_target(self) -> "JobCreate":
@@ -52,6 +56,8 @@ class JobCreate(StrictModel):
             if self.recipe is not None:
                 raise ValueError("preset: give a recipe or a preset, not both")
             self.recipe = preset_recipe(self.preset)
+            if self.min_fidelity is None:
+                self.min_fidelity = PRESETS[self.preset].min_fidelity
         if self.recipe is None and self.tune is None:
             raise ValueError("recipe: a job needs a recipe, a preset or tune")
         for recipe in self.candidates():
@@ -98,6 +104,8 @@ class JobPublic(BaseModel):
     datasets: dict[str, Any]
     target: dict[str, Any]
     webhook_url: str | None
+    min_fidelity: float | None
+    accept_degraded: bool
     progress: Progress
     error: JobError | None
     metrics: dict[str, Any] | None

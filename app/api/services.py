@@ -137,6 +137,7 @@ def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery,
             datasets=body.datasets.model_dump(mode="json"),
             target=body.target.model_dump(mode="json"), queue=body.target.queue,
             webhook_url=str(body.webhook_url) if body.webhook_url else None,
+            min_fidelity=body.min_fidelity, accept_degraded=body.accept_degraded,
             idempotency_key=idempotency_key, request_hash=request_hash)
         session.commit()
     except IntegrityError:  # a concurrent request with the same key won the race

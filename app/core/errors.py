@@ -59,6 +59,7 @@ class ErrorCode(StrEnum):
     QUANTIZATION_FAILED = "quantization_failed"
     EXPORT_FAILED = "export_failed"
     TUNING_FAILED = "tuning_failed"
+    FIDELITY_COLLAPSE = "fidelity_collapse"
     CANCELLED = "cancelled"
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
@@ -115,6 +116,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNSUPPORTED_ARCHITECTURE: 422,
     ErrorCode.UNSUPPORTED_FOR_FORMAT: 422,
     ErrorCode.INVALID_RECIPE: 422,
+    ErrorCode.FIDELITY_COLLAPSE: 422,
     ErrorCode.RESOURCE_LIMIT: 422,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.TOO_MANY_JOBS: 429,

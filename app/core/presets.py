@@ -11,11 +11,13 @@ class Preset:
     description: str
     needs: tuple[str, ...]  # dataset roles the job must give
     recipe: Recipe
+    # The job's fidelity floor when it gives none: set by presets that knowingly trade fidelity for size.
+    min_fidelity: float | None = None
 
     def public(self, name: str) -> dict[str, Any]:
         """As GET /v1/presets shows it: the recipe with the fields the preset sets (the rest are defaults)."""
         return {"name": name, "description": self.description, "needs": list(self.needs),
-                "recipe": self.recipe.model_dump(mode="json", exclude_unset=True)}
+                "recipe": self.recipe.model_dump(mode="json", exclude_unset=True), "min_fidelity": self.min_fidelity}
 
 
 def _int8() -> QuantizeStep:
@@ -41,9 +43,10 @@ PRESETS: dict[str, Preset] = {
         "dataset representative of what the model will see. ONNX Runtime target.", ("calibration",),
         Recipe(steps=[QuantizeStep(op="quantize", method="static", dtype="int8")])),
     "sparse50-int8": Preset(
-        "50% activation-aware (Wanda) pruning, then dynamic int8. The file is delivered compressed.",
+        "50% activation-aware (Wanda) pruning, then dynamic int8, with no training to recover: the job's fidelity "
+        "floor is output cosine 0.8 unless it sets min_fidelity. The file is delivered compressed.",
         ("calibration",),
-        Recipe(steps=[PruneStep(op="prune", method="activation_aware", sparsity=0.5), _int8()])),
+        Recipe(steps=[PruneStep(op="prune", method="activation_aware", sparsity=0.5), _int8()]), min_fidelity=0.8),
     "sparse50-finetune-int8": Preset(
         "50% magnitude pruning, fine-tuning that keeps the pruning masks, then dynamic int8.", ("train",),
         Recipe(steps=[PruneStep(op="prune", method="magnitude", sparsity=0.5),

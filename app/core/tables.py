@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core.db import Base, UTCDateTime, utcnow
@@ -99,6 +99,8 @@ class Job(Base):
     target: Mapped[dict[str, Any]] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(32))
     webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    min_fidelity: Mapped[float | None] = mapped_column(nullable=True)
+    accept_degraded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     progress_fraction: Mapped[float] = mapped_column(default=0.0)
     progress_step: Mapped[str | None] = mapped_column(String(100), nullable=True)
     progress_message: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -59,13 +59,13 @@ def add_model(worker_env, db):
 @pytest.fixture
 def add_job(db):
     def _add(model: Model, steps=None, device: str = "cpu", runtime: str = "onnxruntime",
-             datasets: dict | None = None) -> str:
+             datasets: dict | None = None, **fields) -> str:
         with session_scope(db) as session:
             job = create_job(session, tenant_id=model.tenant_id, model_id=model.id,
                              recipe={"steps": steps or [{"op": "quantize", "method": "dynamic", "dtype": "int8",
                                                          "granularity": "per_channel", "exclude": []}]},
                              datasets=datasets or {}, target={"runtime": runtime, "device": device},
-                             queue="gpu" if device == "cuda" else "cpu")
+                             queue="gpu" if device == "cuda" else "cpu", **fields)
             return job.id
 
     return _add

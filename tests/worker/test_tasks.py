@@ -58,6 +58,38 @@ def test_quantize_job_succeeds_with_faithful_smaller_model(fmt, tmp_path, worker
     assert cosine.min() > 0.99
 
 
+COLLAPSING = [{"op": "prune", "method": "magnitude", "sparsity": 0.97}, {"op": "quantize"}]
+
+
+def test_a_collapsed_model_fails_the_job_and_stays_downloadable(tmp_path, worker_env, db, add_model, add_job):
+    job_id = add_job(add_model(save_pt2(tmp_path / "mlp.pt2", 64, 256, 10, batch=4), "pt2"), steps=COLLAPSING)
+    _run(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+        kinds = {a.kind for a in job.artifacts}
+        assert (job.status, job.error_code) == ("failed", "fidelity_collapse"), job.error_message
+        message, metrics = job.error_message, job.metrics
+    assert "below the floor 0.9" in message and "step 0 (prune" in message and "accept_degraded" in message
+    assert metrics["fidelity_floor"]["passed"] is False and metrics["degraded"] is True
+    assert metrics["fidelity_floor"]["worst_step"]["op"] == "prune"
+    assert kinds == {"model", "report"}  # kept for inspection
+
+
+def test_accept_degraded_or_a_lower_floor_lets_the_job_succeed(tmp_path, worker_env, db, add_model, add_job):
+    model = add_model(save_pt2(tmp_path / "mlp.pt2", 64, 256, 10, batch=4), "pt2")
+    degraded = add_job(model, steps=COLLAPSING, accept_degraded=True)
+    lowered = add_job(model, steps=COLLAPSING, min_fidelity=0.0)
+    _run(degraded)
+    _run(lowered)
+    with db() as session:
+        first, second = session.get(Job, degraded), session.get(Job, lowered)
+        assert first.status == "succeeded" and first.metrics["degraded"] is True
+        assert any("accepted: accept_degraded" in note for note in first.metrics["notes"])
+        assert second.status == "succeeded" and "degraded" not in second.metrics
+        assert second.metrics["fidelity_floor"] | {"cosine_mean": 0} == {
+            "min_fidelity": 0.0, "cosine_mean": 0, "source": "job", "passed": True}
+
+
 def test_rerun_of_a_stale_job_replaces_outputs(tmp_path, worker_env, db, add_model, add_job):
     """A re-delivered job (its first worker died) runs again: attempts 2, still one model and one report."""
     from datetime import timedelta

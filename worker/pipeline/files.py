@@ -20,6 +20,8 @@ class StagedJob:
     model_name: str
     dataset_files: Files = field(default_factory=dict)
     student_files: Files = field(default_factory=dict)
+    min_fidelity: float | None = None  # the job's fidelity floor (worker.pipeline.floor); None: the default
+    accept_degraded: bool = False
 
 
 @dataclass

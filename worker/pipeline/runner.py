@@ -18,7 +18,7 @@ import torch
 
 from app.core.config import Settings
 from worker.context import JobContext
-from worker.pipeline import exports, trials
+from worker.pipeline import exports, floor, trials
 from worker.pipeline.apply import Applied, apply_recipe
 from worker.pipeline.files import Output, StagedJob
 from worker.pipeline.job_run import JobRun
@@ -82,7 +82,15 @@ def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, 
     if tuning_report is not None:
         metrics["tuning"] = tuning_report
         metrics["recipe"] = tuning_report["trials"][tuning_report["best"]]["recipe"]
+    notes = []
     if metrics["speedup"] < 1:
-        metrics["notes"] = [f"the compressed model is slower than the baseline on this device "
-                            f"({run.device}, {run.runtime}): it is smaller, not faster"]
+        notes.append(f"the compressed model is slower than the baseline on this device "
+                     f"({run.device}, {run.runtime}): it is smaller, not faster")
+    metrics["fidelity_floor"] = floor.judge(metrics, staged.min_fidelity)
+    if not metrics["fidelity_floor"]["passed"]:
+        metrics["degraded"] = True
+        notes.append(metrics["fidelity_floor"]["message"] + (
+            " (accepted: accept_degraded)" if staged.accept_degraded else ""))
+    if notes:
+        metrics["notes"] = notes
     return metrics

@@ -28,7 +28,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 def job_public(job: Job) -> JobPublic:
     return JobPublic(
         id=job.id, name=job.name, model_id=job.model_id, status=job.status, recipe=job.recipe, tune=job.tune,
-        datasets=job.datasets, target=job.target, webhook_url=job.webhook_url,
+        datasets=job.datasets, target=job.target, webhook_url=job.webhook_url, min_fidelity=job.min_fidelity,
+        accept_degraded=job.accept_degraded,
         progress={"fraction": job.progress_fraction, "step": job.progress_step, "message": job.progress_message},
         error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
         metrics=job.metrics, artifacts=job.artifacts, attempts=job.attempts,

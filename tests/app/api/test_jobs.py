@@ -276,3 +276,25 @@ def test_framework_json_errors_are_400_too():
     error = RequestValidationError([{"type": "json_invalid", "loc": ("body", 9), "msg": "JSON decode error",
                                      "input": {}, "ctx": {"error": "Expecting value"}}], body='{"a": 1,\n }')
     assert _malformed_json(error) == "malformed JSON body: Expecting value at line 2, column 1"
+
+
+def test_the_fidelity_floor_is_taken_kept_and_checked(client, auth, model_id):
+    job = submit(client, auth, model_id, min_fidelity=0.95, accept_degraded=True).json()
+    assert (job["min_fidelity"], job["accept_degraded"]) == (0.95, True)
+    assert client.get(f"/v1/jobs/{job['id']}", headers=auth).json()["min_fidelity"] == 0.95
+    plain = submit(client, auth, model_id).json()
+    assert (plain["min_fidelity"], plain["accept_degraded"]) == (None, False)
+    for bad in (1.5, -0.1, "high"):
+        response = submit(client, auth, model_id, min_fidelity=bad)
+        assert response.status_code == 422 and response.json()["error"]["message"].startswith("min_fidelity")
+    presets = {p["name"]: p for p in client.get("/v1/presets", headers=auth).json()["data"]}
+    assert presets["sparse50-int8"]["min_fidelity"] == 0.8 and presets["int8-cpu"]["min_fidelity"] is None
+
+
+def test_a_preset_brings_its_floor_unless_the_job_sets_one():
+    from app.api.schemas import JobCreate
+
+    body = {"model_id": "mdl_x", "preset": "sparse50-int8", "datasets": {"calibration": "ds_x"}}
+    assert JobCreate.model_validate(body).min_fidelity == 0.8
+    assert JobCreate.model_validate({**body, "min_fidelity": 0.95}).min_fidelity == 0.95
+    assert JobCreate.model_validate({"model_id": "mdl_x", "preset": "int8-cpu"}).min_fidelity is None
