@@ -48,6 +48,28 @@ def pack(folder: Path, archive: Path) -> Path:
     return archive
 
 
+def save_tiny_causal_lm(folder: Path, family: str):
+    """A tiny GPT-2 or LLaMA (random weights) with a word-level tokenizer over VOCAB, save_pretrained'd."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=len(VOCAB), n_positions=64, n_embd=32,
+                                                                     n_layer=2, n_head=2))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64))
+    model.eval().save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]",
+                                         pad_token="[PAD]").save_pretrained(folder)
+    return model
+
+
 def save_tiny_bert(folder: Path, num_labels: int | None = 3, seed: int = 0):
     """A tiny BERT (classifier when num_labels, else base encoder) with an offline tokenizer, save_pretrained'd."""
     import torch

@@ -21,29 +21,6 @@ def bert_archive(tmp_path):
     return pack(folder, tmp_path / "tiny-bert.zip")
 
 
-@pytest.fixture
-def add_text_dataset(worker_env, db):
-    storage = open_storage(worker_env.resolved_storage_url())
-
-    def _add(model, path, count=40):
-        rng = np.random.default_rng(0)
-        lines = []
-        for _ in range(count):
-            words = rng.choice(VOCAB[5:], size=rng.integers(3, 9))
-            lines.append(json.dumps({"text": " ".join(words), "label": int(rng.integers(0, 3))}))
-        path.write_text("\n".join(lines) + "\n")
-        with session_scope(db) as session:
-            dataset_id = new_id("ds")
-            key = f"tenants/{model.tenant_id}/datasets/{dataset_id}/data.jsonl"
-            storage.put_file(key, path)
-            session.add(Dataset(id=dataset_id, tenant_id=model.tenant_id, name=path.name, format="jsonl",
-                                size_bytes=path.stat().st_size, sha256="0" * 64, storage_key=key,
-                                num_samples=count, has_labels=True, info={}))
-        return dataset_id
-
-    return _add
-
-
 def test_hf_int8_with_text_eval_dataset(tmp_path, worker_env, db, add_model, add_job, add_text_dataset, bert_archive):
     row = add_model(bert_archive, "hf")
     eval_id = add_text_dataset(row, tmp_path / "eval.jsonl")
