@@ -70,6 +70,24 @@ def save_tiny_causal_lm(folder: Path, family: str):
     return model
 
 
+def save_tiny_image_model(folder: Path, family: str, num_labels: int = 3):
+    """A tiny ViT or ConvNeXt image classifier (random weights, 32 x 32 RGB), save_pretrained'd."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "vit":
+        config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64, num_labels=num_labels)
+        model = transformers.ViTForImageClassification(config)
+    else:
+        config = transformers.ConvNextConfig(image_size=32, num_channels=3, hidden_sizes=[16, 32], depths=[1, 1],
+                                             num_stages=2, num_labels=num_labels)
+        model = transformers.ConvNextForImageClassification(config)
+    model.eval().save_pretrained(folder)
+    return model
+
+
 def save_tiny_bert(folder: Path, num_labels: int | None = 3, seed: int = 0):
     """A tiny BERT (classifier when num_labels, else base encoder) with an offline tokenizer, save_pretrained'd."""
     import torch

@@ -4,7 +4,8 @@ An upload is extracted with the archive safety rules, and nothing in it may run 
 custom code (auto_map, trust_remote_code) are refused, the architecture must be one transformers ships,
 weights come from safetensors, and a pytorch_model.bin is used only when `torch.load(weights_only=True)`
 accepts it. The hub is never contacted. The rest of the pipeline sees `HFModel.module`: an adapter taking
-positional int64 tensors and returning a tuple of tensors, like any other model.
+positional tensors (int64 token ids for text models, float32 `pixel_values` for image models such as ViT or
+ConvNeXt) and returning a tuple of tensors, like any other model.
 """
 
 import os
@@ -109,19 +110,35 @@ def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None)
     tokenizer = _load_tokenizer(model_dir) if tokenizer_dir else None
 
     forward_params = inspect.signature(model.forward).parameters
-    if "input_ids" not in forward_params:
+    if "input_ids" in forward_params:
+        wanted = tokenizer.model_input_names if tokenizer is not None else ["input_ids", "attention_mask"]
+        input_names = ["input_ids", *(n for n in OPTIONAL_INPUTS if n in wanted and n in forward_params)]
+        inputs = [{"name": name, "shape": ["batch", "sequence"], "dtype": "int64"} for name in input_names]
+    elif "pixel_values" in forward_params:
+        input_names = ["pixel_values"]
+        inputs = [{"name": "pixel_values", "shape": ["batch", *image_shape(model)], "dtype": "float32"}]
+    else:
         raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
-                         f"{type(model).__name__} does not take input_ids; only text "
+                         f"{type(model).__name__} takes neither input_ids nor pixel_values; text and image "
                          "models are supported for Hugging Face uploads")
-    wanted = tokenizer.model_input_names if tokenizer is not None else ["input_ids", "attention_mask"]
-    input_names = ["input_ids", *(n for n in OPTIONAL_INPUTS if n in wanted and n in forward_params)]
     extra = {"use_cache": False} if "use_cache" in forward_params else {}
     output_names, outputs = _describe_outputs(model, input_names, extra)
     return HFModel(model=model, config=config, model_dir=model_dir, tokenizer_dir=tokenizer_dir,
                    tokenizer=tokenizer, input_names=input_names, output_names=output_names,
                    module=TextModelAdapter(model, input_names, output_names, extra).eval(),
-                   inputs=[{"name": name, "shape": ["batch", "sequence"], "dtype": "int64"} for name in input_names],
-                   outputs=outputs)
+                   inputs=inputs, outputs=outputs)
+
+
+def image_shape(model: transformers.PreTrainedModel) -> list[int]:
+    """[channels, height, width] an image model takes, from its config (image_size an int or [h, w])."""
+    config = model.config
+    size = getattr(config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    channels = getattr(config, "num_channels", 3)
+    if not all(isinstance(v, int) and 0 < v <= 4096 for v in (height, width, channels)):
+        raise JobFailure(ErrorCode.INVALID_CONFIG, f"image_size {size!r} / num_channels {channels!r} are not "
+                                                   "positive sizes")
+    return [channels, height, width]
 
 
 def inspect_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None) -> dict[str, Any]:
@@ -193,7 +210,8 @@ def export_hf_onnx(hf: HFModel, path: Path, batch: int = 2, seq: int = 16,
     module = module or hf.module
     inner = getattr(module, "model", hf.model)
     dims = {"batch": "batch", "sequence": "sequence"}
-    axes = {name: {0: "batch", 1: "sequence"} for name in hf.input_names}
+    axes = {spec["name"]: {axis: dims[dim] for axis, dim in enumerate(spec["shape"]) if dim in dims}
+            for spec in hf.inputs}
     for described in hf.outputs:
         axes[described["name"]] = {axis: dims[dim] for axis, dim in enumerate(described["shape"]) if dim in dims}
     previous = inner.config._attn_implementation
@@ -402,8 +420,11 @@ def _load_tokenizer(model_dir: Path) -> Any:
 
 def _example_inputs(model: transformers.PreTrainedModel, input_names: list[str], batch: int, seq: int,
                     seed: int) -> tuple[torch.Tensor, ...]:
-    """Seeded token ids within the vocabulary, a full attention mask, segment 0."""
+    """Seeded token ids within the vocabulary, a full attention mask, segment 0; for an image model, seeded
+    normal pixel values of its image size (`seq` does not apply)."""
     generator = torch.Generator().manual_seed(seed)
+    if input_names == ["pixel_values"]:
+        return (torch.randn((batch, *image_shape(model)), generator=generator),)
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch, seq), generator=generator)
     values = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     return tuple(values[name] for name in input_names)
