@@ -16,11 +16,12 @@ import torch
 
 from app.core.config import Settings
 from app.core.errors import ErrorCode
+from app.core.input_specs import problems_against_model
 from app.core.recipe import Recipe, Target
 from app.core.vetting.hf import UNPACK_FACTOR
 from worker.compression.modules import count_weights
 from worker.context import JobContext
-from worker.errors import JobFailure
+from worker.errors import OUT_OF_MEMORY, JobFailure
 from worker.evaluation import data as job_data
 from worker.evaluation import measure
 from worker.formats import load
@@ -71,10 +72,25 @@ class JobRun:
         self.loaded: LoadedModel = load(staged.model_path, staged.model_format, workdir, self.unpack_limit)
         if self.loaded.module is not None and self.device == "cuda":
             self.loaded.module.to("cuda")
-        self.data = job_data.prepare(self.loaded, staged.dataset_files)
+        problems = problems_against_model(staged.input_specs, self.loaded.inputs)
+        if problems:
+            raise JobFailure(ErrorCode.INVALID_REQUEST, "; ".join(problems[:5]))
+        self.data = job_data.prepare(self.loaded, staged.dataset_files, staged.input_specs)
         self.example = example_args(self.loaded.inputs, self.data.eval_batches[0], self.device)
         ctx.progress(0.1, "measure", "running the original model")
-        self.reference = [self.loaded.reference(batch, self.device) for batch in self.data.eval_batches]
+        self.reference = self._reference()
+
+    def _reference(self) -> list[list[np.ndarray]]:
+        """The original model's outputs on the eval batches; a model that raises on them fails the job naming
+        its inputs (worker.evaluation.data.inputs_do_not_run), not with the runtime's message."""
+        try:
+            return [self.loaded.reference(batch, self.device) for batch in self.data.eval_batches]
+        except (JobFailure, MemoryError):
+            raise
+        except Exception as exc:
+            if any(sign in str(exc).lower() for sign in OUT_OF_MEMORY):
+                raise
+            raise job_data.inputs_do_not_run(self.loaded, self.data, self.staged.input_specs) from None
 
     @property
     def unpack_limit(self) -> int:
