@@ -18,7 +18,7 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from app.core import jobs
+from app.core import input_specs, jobs
 from app.core.config import Settings, get_settings
 from app.core.errors import ErrorCode
 from app.core.queue import TaskName
@@ -55,12 +55,12 @@ def inspect_model(model_id: str) -> None:
             model.error = f"the worker inspecting this model died {model.inspect_attempts} times; giving up"
             return None
         model.inspect_attempts += 1
-        return model.storage_key, model.format
+        return model.storage_key, model.format, model.input_specs
 
     claimed = with_db_retry(factory, start)
     if claimed is None:
         return
-    key, fmt = claimed
+    key, fmt, specs = claimed
     workdir = staging.scratch_folder(settings, "inspect-")
     info, status, error = None, ModelStatus.INVALID, None
     try:
@@ -71,6 +71,9 @@ def inspect_model(model_id: str) -> None:
                               wall_seconds=settings.job_soft_time_limit)
         if outcome.value is not None and isinstance(outcome.value.get("info"), dict):
             info, status = outcome.value["info"], ModelStatus.READY
+            error = _upload_specs_problem(specs, info)
+            if error:
+                status = ModelStatus.INVALID
         else:
             error = sandbox.scrub_paths(outcome.message, workdir, settings.resolved_home())
     except SoftTimeLimitExceeded:
@@ -84,6 +87,12 @@ def inspect_model(model_id: str) -> None:
         update(Model).where(Model.id == model_id, Model.status == ModelStatus.UPLOADED)
         .values(status=status, info=info, error=error)))
     log.info("model %s inspected: %s %s", model_id, status, error or "")
+
+
+def _upload_specs_problem(specs: dict | None, info: dict) -> str | None:
+    """The input specs given at upload must fit the inputs inspection found (as a job's must at submission)."""
+    problems = input_specs.problems_against_model(input_specs.from_json(specs), info.get("inputs") or [])
+    return f"the upload's input_specs do not fit the model: {'; '.join(problems[:5])}" if problems else None
 
 
 @shared_task(name=TaskName.RUN_JOB, **TIME_LIMITS)
