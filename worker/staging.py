@@ -12,9 +12,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core import input_specs
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.core import input_specs
 from app.core.errors import ErrorCode
 from app.core.queries import job_datasets, job_students, owned
 from app.core.recipe import DatasetRefs, Recipe, Target, TuneSpec

@@ -33,8 +33,8 @@ def _value_shape(value: Any, depth: int = 0) -> list[int]:
         if not -(2**63) <= value < 2**63:
             raise ValueError("value: integers must fit in int64")
         return []
-    if not isinstance(value, list):
-        raise ValueError("value: must be a finite number, a boolean or a nested list of them")
+    if not isinstance(value, list):  # a ValueError, which pydantic reports as a validation error
+        raise ValueError("value: must be a finite number, a boolean or a nested list of them")  # noqa: TRY004
     if depth >= MAX_RANK:
         raise ValueError(f"value: nested deeper than {MAX_RANK} levels")
     if not value:

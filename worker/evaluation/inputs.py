@@ -7,11 +7,13 @@ shape, the dtype, the range of the values, or a constant fed as it is in every b
 """
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from app.core.errors import ErrorCode
 from app.core.input_specs import InputSpec
+from worker.errors import JobFailure
 
 # Symbolic dims: the first (usually batch) gets a small batch, later ones a short sequence/feature length.
 SYMBOLIC_FIRST_DIM = 4
@@ -21,17 +23,29 @@ INT_HIGH = 8  # integer inputs (token ids, indices) stay small so any vocabulary
 
 @dataclass
 class GeneratedInput:
-    """How one input is made: its shape and dtype, and in words how its values are drawn."""
+    """How one input is made: its shape and dtype, and the rule its values follow (`low`/`high` bound the
+    integers, inclusive, and the uniform floats)."""
 
     name: str
     shape: list[int]
-    dtype: str
-    how: str
-    spec: InputSpec | None
+    dtype: np.dtype
+    rule: Literal["constant", "ones", "zeros", "booleans", "integers", "uniform", "normal"]
+    low: float = 0
+    high: float = 0
     constant: np.ndarray | None = None
+    spec: InputSpec | None = None
+
+    @property
+    def how(self) -> str:
+        return {"constant": f"the constant {self.spec.value!r}" if self.constant is not None and self.constant.size == 1
+                else "a constant",
+                "ones": "all ones", "zeros": "all zeros", "booleans": "random booleans",
+                "integers": f"integers {self.low}..{self.high}", "uniform": f"uniform in [{self.low:g}, {self.high:g})",
+                "normal": "standard normal"}[self.rule]
 
     def describe(self) -> str:
-        return f"{self.name}: {self.how}, shape {self.shape} {self.dtype}"
+        dtype = "bool" if self.dtype.kind == "b" else self.dtype.name
+        return f"{self.name}: {self.how}, shape {self.shape} {dtype}"
 
 
 def concrete_shape(shape: list, symbols: dict[str, int]) -> list[int]:
@@ -56,17 +70,25 @@ def numpy_dtype(name: str) -> np.dtype:
     return dtype if dtype.kind in "iub" or dtype == np.float16 else np.dtype(np.float32)
 
 
-def _int_bounds(value_range: tuple[float, float] | None) -> tuple[int, int]:
-    """Inclusive integer bounds: the whole numbers inside `range`, or 0..INT_HIGH-1 without one."""
+def _int_bounds(value_range: tuple[float, float] | None, dtype: np.dtype) -> tuple[int, int]:
+    """Inclusive integer bounds: the whole numbers inside `range` that the dtype holds, or 0..INT_HIGH-1."""
     if value_range is None:
         return 0, INT_HIGH - 1
-    low, high = int(np.ceil(value_range[0])), int(np.floor(value_range[1]))
-    return low, max(low, high)
+    limits = np.iinfo(dtype)
+    low = min(max(int(np.ceil(value_range[0])), limits.min), limits.max)
+    high = min(max(int(np.floor(value_range[1])), low), limits.max)
+    return low, high
 
 
 def _constant(entry: dict[str, Any], spec: InputSpec, dtype: np.dtype) -> np.ndarray:
     """The spec's value as fed: broadcast to its `shape`, or a single number shaped to the input's rank."""
-    value = np.asarray(spec.value, dtype=dtype)
+    try:
+        value = np.asarray(spec.value, dtype=dtype)
+    except (OverflowError, ValueError):
+        value = None
+    if value is None or (dtype.kind in "iub" and not np.array_equal(np.asarray(spec.value), value)):
+        raise JobFailure(ErrorCode.INVALID_REQUEST, f"input_specs.{entry['name']}.value: does not fit the input's "
+                                                    f"dtype {dtype}")
     if spec.shape is not None:
         return np.ascontiguousarray(np.broadcast_to(value, spec.shape))
     rank = len(entry["shape"])
@@ -90,52 +112,44 @@ def plan(inputs: list[dict[str, Any]], specs: dict[str, InputSpec] | None = None
     for entry in inputs:
         name, spec = entry["name"], specs.get(entry["name"])
         dtype = numpy_dtype(spec.dtype if spec is not None and spec.dtype else entry["dtype"])
-        dtype_name = "bool" if dtype.kind == "b" else dtype.name
         if spec is not None and spec.is_constant:
             constant = _constant(entry, spec, dtype)
-            planned.append(GeneratedInput(name, list(constant.shape), dtype_name, f"the constant {spec.value!r}"
-                                          if constant.size == 1 else "a constant", spec, constant))
+            planned.append(GeneratedInput(name, list(constant.shape), dtype, "constant", constant=constant, spec=spec))
             continue
         shape = list(spec.shape) if spec is not None and spec.shape is not None else concrete_shape(entry["shape"],
                                                                                                      symbols)
         value_range = spec.range if spec is not None else None
+        item = GeneratedInput(name, shape, dtype, "normal", spec=spec)
         if value_range is None and name == "attention_mask":
-            how = "all ones"
+            item.rule = "ones"
         elif value_range is None and name == "token_type_ids":
-            how = "all zeros"
+            item.rule = "zeros"
         elif dtype.kind == "b":
-            how = "random booleans"
+            item.rule = "booleans"
         elif dtype.kind in "iu":
-            low, high = _int_bounds(value_range)
-            how = f"integers {low}..{high}"
+            item.rule, (item.low, item.high) = "integers", _int_bounds(value_range, dtype)
         elif value_range is not None:
-            how = f"uniform in [{value_range[0]:g}, {value_range[1]:g})"
-        else:
-            how = "standard normal"
-        planned.append(GeneratedInput(name, shape, dtype_name, how, spec))
+            item.rule, (item.low, item.high) = "uniform", value_range
+        planned.append(item)
     return planned
 
 
 def _draw(item: GeneratedInput, rng: np.random.Generator) -> np.ndarray:
-    dtype = numpy_dtype(item.dtype)
-    value_range = item.spec.range if item.spec is not None else None
-    if item.how == "all ones":
-        return np.ones(item.shape, dtype=dtype)
-    if item.how == "all zeros":
-        return np.zeros(item.shape, dtype=dtype)
-    if dtype.kind == "b":
+    if item.rule == "constant":
+        return item.constant
+    if item.rule in ("ones", "zeros"):
+        return (np.ones if item.rule == "ones" else np.zeros)(item.shape, dtype=item.dtype)
+    if item.rule == "booleans":
         return rng.integers(0, 2, size=item.shape).astype(bool)
-    if dtype.kind in "iu":
-        low, high = _int_bounds(value_range)
-        return rng.integers(low, high + 1, size=item.shape).astype(dtype)
-    if value_range is not None:
-        return rng.uniform(value_range[0], value_range[1], size=item.shape).astype(dtype)
-    return rng.standard_normal(size=item.shape).astype(dtype)
+    if item.rule == "integers":
+        return rng.integers(item.low, item.high, size=item.shape, endpoint=True).astype(item.dtype)
+    if item.rule == "uniform":
+        return rng.uniform(item.low, item.high, size=item.shape).astype(item.dtype)
+    return rng.standard_normal(size=item.shape).astype(item.dtype)
 
 
 def generate_feeds(inputs: list[dict[str, Any]], batches: int, seed: int = 0,
                    specs: dict[str, InputSpec] | None = None) -> list[list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     planned = plan(inputs, specs)
-    return [[item.constant if item.constant is not None else _draw(item, rng) for item in planned]
-            for _ in range(batches)]
+    return [[_draw(item, rng) for item in planned] for _ in range(batches)]

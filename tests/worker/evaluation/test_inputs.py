@@ -1,8 +1,10 @@
 """Generated evaluation inputs: defaults from the declared shapes, and what input specs change."""
 
 import numpy as np
+import pytest
 
 from app.core.input_specs import from_json
+from worker.errors import JobFailure
 from worker.evaluation.inputs import generate_feeds, plan
 
 VAD = [{"name": "input", "shape": ["N", "samples"], "dtype": "float32"},
@@ -57,3 +59,13 @@ def test_the_plan_says_how_each_input_is_made():
     assert described == ["input: uniform in [-1, 1), shape [4, 16] float32",
                          "state: standard normal, shape [2, 4, 8] float32",
                          "sr: the constant 16000, shape [] int64"]
+
+
+def test_integer_ranges_are_clamped_to_the_dtype_and_a_constant_that_does_not_fit_is_named():
+    inputs = [{"name": "code", "shape": [4], "dtype": "uint8"}]
+    feeds = generate_feeds(inputs, batches=1, specs=from_json({"code": {"range": [-10, 1e30]}}))[0]
+    assert feeds[0].dtype == np.uint8
+    for value in (16000, 1.5, -1):
+        with pytest.raises(JobFailure) as caught:
+            generate_feeds(inputs, batches=1, specs=from_json({"code": {"value": value}}))
+        assert caught.value.message == "input_specs.code.value: does not fit the input's dtype uint8"

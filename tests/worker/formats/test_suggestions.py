@@ -3,9 +3,9 @@
 import pytest
 
 from app.core.input_specs import from_json, problems_against_model
+from tests.worker.input_models import STATE, save_image_model, save_stateful_model
 from worker import formats
 from worker.formats.suggestions import suggest
-from tests.worker.input_models import STATE, save_image_model, save_stateful_model
 
 
 def test_an_image_model_with_symbolic_height_and_width_gets_224(tmp_path):
