@@ -42,3 +42,15 @@ def test_an_eval_dataset_feeds_the_state_along_its_batch_axis_and_the_rate_from_
     assert metrics["evaluation"]["inputs"] == "eval dataset" and metrics["evaluation"]["samples"] == 12
     assert metrics["evaluation"]["input_shapes"] == [[4, 128], [2, 4, STATE], []]
     assert metrics["fidelity"]["cosine_mean"] > 0.9
+
+
+def test_specs_the_api_could_not_check_are_checked_against_the_loaded_model(tmp_path, worker_env, db, add_model,
+                                                                             add_job):
+    """A job submitted before inspection described the model: its specs meet the model's inputs in the worker."""
+    model = add_model(save_stateful_model(tmp_path / "vad.onnx"), "onnx")
+    job_id = add_job(model, input_specs={"audio": {"shape": [1, 128]}})
+    run_job(job_id)
+    with db() as session:
+        job = session.get(Job, job_id)
+    assert (job.status, job.error_code) == ("failed", "invalid_request")
+    assert job.error_message == "input_specs.audio: the model has no input 'audio'; its inputs are input, state, sr"
