@@ -54,3 +54,32 @@ def test_specs_the_api_could_not_check_are_checked_against_the_loaded_model(tmp_
         job = session.get(Job, job_id)
     assert (job.status, job.error_code) == ("failed", "invalid_request")
     assert job.error_message == "input_specs.audio: the model has no input 'audio'; its inputs are input, state, sr"
+
+
+def test_a_pt2_model_whose_export_needs_longer_signals_names_its_input_then_runs_with_a_shape(tmp_path, worker_env,
+                                                                                            db, add_model, add_job):
+    import torch
+    import torch.nn.functional as F
+
+    class Padded(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(1, 4)
+
+        def forward(self, signal):
+            return self.linear(F.pad(signal.unsqueeze(1), (63, 63), mode="reflect").mean(dim=2))
+
+    path = tmp_path / "padded.pt2"
+    auto = torch.export.Dim.AUTO
+    torch.export.save(torch.export.export(Padded().eval(), (torch.randn(2, 128),),
+                                          dynamic_shapes=({0: auto, 1: auto},)), str(path))
+    model = add_model(path, "pt2")
+    failing = add_job(model)
+    run_job(failing)
+    with db() as session:
+        job = session.get(Job, failing)
+    assert (job.status, job.error_code) == ("failed", "input_spec_needed")
+    assert "give input_specs for 'signal'" in job.error_message and "Guard" not in job.error_message
+    succeeding = add_job(model, input_specs={"signal": {"shape": [2, 128], "range": [-1, 1]}})
+    run_job(succeeding)
+    assert finished(db, succeeding).metrics["evaluation"]["input_shapes"] == [[2, 128]]
