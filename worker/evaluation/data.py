@@ -1,5 +1,6 @@
 """The inputs a job measures and calibrates on: from the user's datasets, or generated when none is given."""
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from worker.compression.train import TrainData
 from worker.dataset_arrays import DatasetArrays, batches, check_labels, load_arrays, match_inputs, tokenize_texts
 from worker.errors import JobFailure
 from worker.evaluation.inputs import generate_feeds, plan
+from worker.formats.suggestions import OTHER_DIM, suggest
 
 GENERATED_BATCHES = 8
 DYNAMIC_BATCH = 16
@@ -172,11 +174,15 @@ def inputs_do_not_run(loaded, data: JobData, specs: dict[str, InputSpec]) -> Job
                if item.spec is None or (item.spec.shape is None and not item.spec.is_constant)]
     suspects = made_up or plan(loaded.inputs, specs)
     named = "; ".join(item.describe() for item in suspects)
+    proposal = {name: spec for name, spec in suggest(loaded.inputs)[0].items()
+                if name in {item.name for item in suspects}}
+    start = (f"; a starting point, read from the declared inputs (lengths it cannot tell are {OTHER_DIM}): "
+             f"{json.dumps(proposal)}") if proposal else ""
     return JobFailure(ErrorCode.INPUT_SPEC_NEEDED,
                       f"the model does not run on the generated inputs ({named}); give input_specs for "
                       f"{', '.join(repr(item.name) for item in suspects)}: a concrete shape (e.g. a longer signal "
                       "or a larger image), a range for the values, a batch_axis, or a constant value for an input "
-                      "that is a setting such as a sample rate; or give an eval dataset")
+                      f"that is a setting such as a sample rate; or give an eval dataset{start}")
 
 
 def accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray] | None) -> float | None:

@@ -59,14 +59,14 @@ def suggest(inputs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], li
             notes.append(f"input {name!r} is a scalar: if it is a setting, give its constant value")
         spec: dict[str, Any] = {}
         images = _image_axes(entry)
-        concrete = []
+        concrete: list[int] = []
+        batch_axis: int | None = None
         for axis, dim in enumerate(shape):
             if not _symbolic(dim):
                 concrete.append(dim)
             elif batch is not None and str(dim) == batch:
                 concrete.append(1)
-                if axis:
-                    spec["batch_axis"] = axis
+                batch_axis = axis if batch_axis is None else batch_axis
             elif axis in images:
                 concrete.append(IMAGE_SIDE)
             else:
@@ -75,6 +75,8 @@ def suggest(inputs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], li
                              f"{OTHER_DIM}, give the length the model needs")
         if any(_symbolic(dim) for dim in shape):
             spec["shape"] = concrete
+        if batch_axis:
+            spec["batch_axis"] = batch_axis
         if images and any(_symbolic(shape[axis]) for axis in images):
             notes.append(f"input {name!r} looks like an image: suggested {IMAGE_SIDE} x {IMAGE_SIDE}")
         if name not in FIXED_MEANING and dtype != "bool":

@@ -79,7 +79,10 @@ def test_generated_inputs_that_do_not_run_name_the_made_up_inputs_and_what_to_gi
     assert failure.message.startswith("the model does not run on the generated inputs (input: standard normal, "
                                       "shape [4, 16] float32; state: standard normal, shape [2, 4, 8] float32); "
                                       "give input_specs for 'input', 'state': a concrete shape")
-    assert "'sr'" not in failure.message
+    assert "'sr'" not in failure.message.partition("; a starting point")[0]
+    assert failure.message.endswith('a starting point, read from the declared inputs (lengths it cannot tell are '
+                                    '16): {"input": {"shape": [1, 16]}, "state": {"shape": [2, 1, 8], '
+                                    '"batch_axis": 1}}')
 
 
 def test_dataset_batches_that_do_not_run_are_an_invalid_dataset_naming_the_shapes(tmp_path):
