@@ -15,6 +15,7 @@ SAMPLE_RATE = 16000
 OTHER_DIM = 16  # what generated inputs use for an unknown length (worker.evaluation.inputs)
 RATE_NAME = re.compile(r"(^|[_.])(sr|fs|rate|sample_?rate|sampling_?rate)$", re.IGNORECASE)
 FIXED_MEANING = ("attention_mask", "token_type_ids")
+MAX_NOTES = 32  # a model with thousands of inputs gets a readable list
 
 
 def _symbolic(dim: Any) -> bool:
@@ -85,4 +86,6 @@ def suggest(inputs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], li
                          "`range` if the model expects another")
         if spec:
             specs[name] = spec
+    if len(notes) > MAX_NOTES:
+        notes = [*notes[:MAX_NOTES], f"... and {len(notes) - MAX_NOTES} more notes like these"]
     return specs, notes

@@ -48,3 +48,8 @@ def test_suggestions_from_declared_inputs(inputs, specs):
 def test_a_scalar_that_is_not_a_rate_is_flagged_not_guessed():
     _, notes = suggest([{"name": "steps", "shape": [], "dtype": "int64"}])
     assert notes[0] == "input 'steps' is a scalar: if it is a setting, give its constant value"
+
+
+def test_notes_stay_readable_for_a_model_with_many_inputs():
+    _, notes = suggest([{"name": f"x{i}", "shape": ["batch", "n"], "dtype": "float32"} for i in range(100)])
+    assert len(notes) == 33 and notes[-1] == "... and 168 more notes like these"
