@@ -172,7 +172,12 @@ def inputs_do_not_run(loaded, data: JobData, specs: dict[str, InputSpec]) -> Job
                           "batch is not its first axis, a constant value for an input that is a setting")
     made_up = [item for item in plan(loaded.inputs, specs)
                if item.spec is None or (item.spec.shape is None and not item.spec.is_constant)]
-    suspects = made_up or plan(loaded.inputs, specs)
+    if not made_up:
+        named = "; ".join(item.describe() for item in plan(loaded.inputs, specs))
+        return JobFailure(ErrorCode.INPUT_SPEC_NEEDED,
+                          f"the model does not run on the inputs made from its input_specs ({named}); check the "
+                          "shapes, ranges, batch axes and constant values given there, or give an eval dataset")
+    suspects = made_up
     named = "; ".join(item.describe() for item in suspects)
     proposal = {name: spec for name, spec in suggest(loaded.inputs)[0].items()
                 if name in {item.name for item in suspects}}

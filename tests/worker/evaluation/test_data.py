@@ -93,3 +93,12 @@ def test_dataset_batches_that_do_not_run_are_an_invalid_dataset_naming_the_shape
     assert failure.code == "invalid_dataset"
     assert failure.message.startswith("the model does not run on the eval dataset's batches (input [3, 128] float32, "
                                       "state [2, 3, 8] float32, sr [] int64)")
+
+
+def test_inputs_all_made_from_specs_that_do_not_run_point_at_the_specs():
+    data = prepare(VAD, {}, SPECS)
+    failure = inputs_do_not_run(VAD, data, SPECS)
+    assert failure.code == "input_spec_needed"
+    assert failure.message.startswith("the model does not run on the inputs made from its input_specs (input: "
+                                      "standard normal, shape [3, 128] float32; state: standard normal, shape "
+                                      "[2, 3, 8] float32; sr: the constant 16000, shape [] int64); check the shapes")
