@@ -179,7 +179,7 @@ def inputs_do_not_run(loaded, data: JobData, specs: dict[str, InputSpec]) -> Job
                           "shapes, ranges, batch axes and constant values given there, or give an eval dataset")
     suspects = made_up
     named = "; ".join(item.describe() for item in suspects)
-    proposal = {name: spec for name, spec in suggest(loaded.inputs)[0].items()
+    proposal = {name: spec for name, spec in suggest(loaded.inputs, loaded.info.get("dim_ranges"))[0].items()
                 if name in {item.name for item in suspects}}
     start = (f"; a starting point, read from the declared inputs (lengths it cannot tell are {OTHER_DIM}): "
              f"{json.dumps(proposal)}") if proposal else ""

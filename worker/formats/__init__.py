@@ -36,5 +36,6 @@ def inspect(path: Path, fmt: str, workdir: Path, max_unpacked_bytes: int | None 
         info = hf.inspect_hf(path, workdir, max_unpacked_bytes)
     else:
         info = dict(load(path, fmt, workdir, max_unpacked_bytes).info)
-    info["suggested_input_specs"], info["input_spec_notes"] = suggestions.suggest(info["inputs"])
+    info["suggested_input_specs"], info["input_spec_notes"] = suggestions.suggest(info["inputs"],
+                                                                                  info.get("dim_ranges"))
     return info

@@ -3,8 +3,8 @@
 
 Simple rules, stated in the notes: the batch dim becomes 1 (and its axis, where a symbol shared with the first
 input sits elsewhere, the input's `batch_axis`); the symbolic height and width of an image-like input 224; a
-scalar integer named like a sample rate a constant 16000. Ranges and sequence lengths cannot be read from a
-declaration: the notes say so. Suggestions are proposals: jobs use them only when given as `input_specs`.
+scalar integer named like a sample rate a constant 16000; each within the range a .pt2 export declares for the
+dim. Value ranges and other lengths cannot be read from a declaration: the notes say so. Suggestions are proposals: jobs use them only when given as `input_specs`.
 """
 
 import re
@@ -42,8 +42,19 @@ def _batch_symbol(inputs: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def suggest(inputs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """(suggested input specs, notes) for a model's declared inputs."""
+def _within(size: int, symbol: str, dim_ranges: dict[str, list[int | None]]) -> int:
+    """`size` moved into the range the export declares for `symbol` (pt2), when it declares one."""
+    low, high = (dim_ranges.get(symbol) or [None, None])[:2]
+    if low is not None:
+        size = max(size, low)
+    return min(size, high) if high is not None else size
+
+
+def suggest(inputs: list[dict[str, Any]],
+            dim_ranges: dict[str, list[int | None]] | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(suggested input specs, notes) for a model's declared inputs; `dim_ranges` are the ranges a .pt2 export
+    declares for its symbolic dims (worker.formats.pt2.dim_ranges)."""
+    dim_ranges = dim_ranges or {}
     batch = _batch_symbol(inputs)
     specs: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
@@ -66,10 +77,14 @@ def suggest(inputs: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], li
             if not _symbolic(dim):
                 concrete.append(dim)
             elif batch is not None and str(dim) == batch:
-                concrete.append(1)
+                concrete.append(_within(1, batch, dim_ranges))
                 batch_axis = axis if batch_axis is None else batch_axis
             elif axis in images:
-                concrete.append(IMAGE_SIDE)
+                concrete.append(_within(IMAGE_SIDE, str(dim), dim_ranges))
+            elif str(dim) in dim_ranges:
+                concrete.append(_within(OTHER_DIM, str(dim), dim_ranges))
+                notes.append(f"dim {axis} ({dim!r}) of input {name!r}: the export allows {dim_ranges[str(dim)]} "
+                             f"([min, max], null: no bound); suggested {concrete[-1]}")
             else:
                 concrete.append(OTHER_DIM)
                 notes.append(f"could not tell the size of dim {axis} ({dim!r}) of input {name!r}; suggested "

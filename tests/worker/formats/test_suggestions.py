@@ -53,3 +53,11 @@ def test_a_scalar_that_is_not_a_rate_is_flagged_not_guessed():
 def test_notes_stay_readable_for_a_model_with_many_inputs():
     _, notes = suggest([{"name": f"x{i}", "shape": ["batch", "n"], "dtype": "float32"} for i in range(100)])
     assert len(notes) == 33 and notes[-1] == "... and 168 more notes like these"
+
+
+def test_a_pt2_exports_dim_ranges_bound_the_suggested_sizes():
+    inputs = [{"name": "signal", "shape": ["s0", "s1"], "dtype": "float32"}]
+    suggested, notes = suggest(inputs, {"s0": [2, None], "s1": [64, 4096]})
+    assert suggested == {"signal": {"shape": [2, 64]}}
+    assert "dim 1 ('s1') of input 'signal': the export allows [64, 4096] ([min, max], null: no bound); " \
+           "suggested 64" in notes

@@ -80,6 +80,8 @@ def test_a_pt2_model_whose_export_needs_longer_signals_names_its_input_then_runs
         job = session.get(Job, failing)
     assert (job.status, job.error_code) == ("failed", "input_spec_needed")
     assert "give input_specs for 'signal'" in job.error_message and "Guard" not in job.error_message
+    # The export's own ranges make the proposal in the message one that runs: batch >= 2, samples >= 64.
+    assert job.error_message.endswith('{"signal": {"shape": [2, 64]}}')
     succeeding = add_job(model, input_specs={"signal": {"shape": [2, 128], "range": [-1, 1]}})
     run_job(succeeding)
     assert finished(db, succeeding).metrics["evaluation"]["input_shapes"] == [[2, 128]]
