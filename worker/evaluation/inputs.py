@@ -14,6 +14,7 @@ import numpy as np
 from app.core.errors import ErrorCode
 from app.core.input_specs import InputSpec
 from worker.errors import JobFailure
+from worker.formats.suggestions import UNNAMED_DIM
 
 # Symbolic dims: the first (usually batch) gets a small batch, later ones a short sequence/feature length.
 SYMBOLIC_FIRST_DIM = 4
@@ -106,7 +107,7 @@ def plan(inputs: list[dict[str, Any]], specs: dict[str, InputSpec] | None = None
         spec = specs.get(entry["name"])
         if spec is not None and spec.shape is not None and len(spec.shape) == len(entry["shape"]):
             for dim, given in zip(entry["shape"], spec.shape):
-                if not (isinstance(dim, int) and dim >= 0):
+                if not (isinstance(dim, int) and dim >= 0) and str(dim) != UNNAMED_DIM:
                     symbols.setdefault(str(dim), given)
     planned = []
     for entry in inputs:

@@ -10,6 +10,7 @@ dim. Value ranges and other lengths cannot be read from a declaration: the notes
 import re
 from typing import Any
 
+UNNAMED_DIM = "dim"  # how an ONNX input's unnamed symbolic dim is described: it ties no two dims together
 IMAGE_SIDE = 224  # a multiple of 32, as strided CNNs need
 SAMPLE_RATE = 16000
 OTHER_DIM = 16  # what generated inputs use for an unknown length (worker.evaluation.inputs)
@@ -37,7 +38,7 @@ def _image_axes(entry: dict[str, Any]) -> set[int]:
 def _batch_symbol(inputs: list[dict[str, Any]]) -> str | None:
     for entry in inputs:
         shape = entry["shape"]
-        if shape and _symbolic(shape[0]) and not RATE_NAME.search(entry["name"]):
+        if shape and _symbolic(shape[0]) and str(shape[0]) != UNNAMED_DIM and not RATE_NAME.search(entry["name"]):
             return str(shape[0])
     return None
 
@@ -76,8 +77,8 @@ def suggest(inputs: list[dict[str, Any]],
         for axis, dim in enumerate(shape):
             if not _symbolic(dim):
                 concrete.append(dim)
-            elif batch is not None and str(dim) == batch:
-                concrete.append(_within(1, batch, dim_ranges))
+            elif (batch is not None and str(dim) == batch) or (axis == 0 and str(dim) == UNNAMED_DIM):
+                concrete.append(_within(1, str(dim), dim_ranges))
                 batch_axis = axis if batch_axis is None else batch_axis
             elif axis in images:
                 concrete.append(_within(IMAGE_SIDE, str(dim), dim_ranges))

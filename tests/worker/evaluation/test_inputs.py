@@ -69,3 +69,10 @@ def test_integer_ranges_are_clamped_to_the_dtype_and_a_constant_that_does_not_fi
         with pytest.raises(JobFailure) as caught:
             generate_feeds(inputs, batches=1, specs=from_json({"code": {"value": value}}))
         assert caught.value.message == "input_specs.code.value: does not fit the input's dtype uint8"
+
+
+def test_an_unnamed_dim_in_a_spec_ties_no_other_input_to_it():
+    inputs = [{"name": "a", "shape": ["dim", "dim"], "dtype": "float32"},
+              {"name": "b", "shape": ["dim", 3], "dtype": "float32"}]
+    feeds = generate_feeds(inputs, batches=1, specs=from_json({"a": {"shape": [1, 512]}}))[0]
+    assert feeds[0].shape == (1, 512) and feeds[1].shape == (4, 3)

@@ -32,6 +32,7 @@ def test_a_stateful_model_gets_its_state_batch_axis_and_a_constant_rate_and_says
     ([{"name": "pixel_values", "shape": ["batch", "h", "w", 3], "dtype": "float32"}],
      {"pixel_values": {"shape": [1, 224, 224, 3]}}),
     ([{"name": "fixed", "shape": [1, 3, 32, 32], "dtype": "float32"}], {}),
+    ([{"name": "x", "shape": ["dim", 3, "dim", "dim"], "dtype": "float32"}], {"x": {"shape": [1, 3, 224, 224]}}),
     ([{"name": "x", "shape": ["b", 1, "h", 32], "dtype": "float32"}], {"x": {"shape": [1, 1, 224, 32]}}),
     ([{"name": "sample_rate", "shape": [1], "dtype": "int64"}], {"sample_rate": {"value": 16000}}),
     ([{"name": "steps", "shape": [], "dtype": "int64"}], {}),
