@@ -36,7 +36,7 @@ _settings = get_settings()
 # The soft limit raises SoftTimeLimitExceeded in the task, which records `timeout`; the hard limit kills it.
 TIME_LIMITS = {"soft_time_limit": _settings.job_soft_time_limit, "time_limit": _settings.job_time_limit}
 OUTPUT_KINDS = {"model"}
-OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "hf"}
+OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "hf", "onnx-seq2seq"}  # onnx-seq2seq: a zip of two graphs
 
 
 @shared_task(name=TaskName.INSPECT_MODEL, **TIME_LIMITS)
@@ -195,10 +195,11 @@ class TrialsSoFar:
         """End the stopped job with the best trial so far as its model artifact, and the trials in its metrics."""
         best = self.best
         path = sandbox.safe_output(workdir, best["path"])
-        name = f"best-trial.{self.extension}"
+        seq2seq = path.suffix == ".zip"  # an encoder-decoder's two graphs (worker.formats.onnx_pair)
+        name = f"best-trial.{'zip' if seq2seq else self.extension}"
         key = storage_keys.job_key(job.tenant_id, job.id, name)
         storage.put_file(key, path)
-        artifact = {"kind": "model", "format": self.extension, "filename": name, "size_bytes": path.stat().st_size,
+        artifact = {"kind": "model", "format": "onnx-seq2seq" if seq2seq else self.extension, "filename": name, "size_bytes": path.stat().st_size,
                     "sha256": staging.sha256_of(path), "storage_key": key}
         cancelled = stopped.code == ErrorCode.CANCELLED
         message = ("cancelled by the user" if cancelled else stopped.message) + \

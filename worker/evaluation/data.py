@@ -45,7 +45,10 @@ def _arrays(path: Path, fmt: str, loaded, role: str, limit: int) -> DatasetArray
                              f"{role} dataset: a .jsonl text dataset needs a Hugging Face model "
                              "that ships its tokenizer")
         names = [i["name"] for i in loaded.inputs]
-        data = DatasetArrays(inputs=tokenize_texts(data.texts, tokenizer, names, TEXT_MAX_LENGTH), labels=data.labels)
+        arrays = tokenize_texts(data.texts, tokenizer, names, TEXT_MAX_LENGTH)
+        if "decoder_input_ids" in names:  # an encoder-decoder: the decoder reads the text shifted right
+            arrays["decoder_input_ids"] = loaded.hf.decoder_inputs(arrays["input_ids"])
+        data = DatasetArrays(inputs=arrays, labels=data.labels)
     return data
 
 
