@@ -167,6 +167,7 @@ class TrialsSoFar:
 
     def __init__(self, staged, ctx: JobContext):
         self.objective = staged.tune.objective if staged.tune is not None else "size"
+        self.sign = -1 if staged.tune is not None and staged.tune.metric == "perplexity" else 1  # lower is better
         self.extension = "onnx" if staged.target.runtime == "onnxruntime" else "pt2"
         self.ctx = ctx
         self.trials: list[dict] = []
@@ -185,7 +186,8 @@ class TrialsSoFar:
         if trial["meets_tolerance"] and (self.best is None or not self.best["meets_tolerance"]
                                          or trial[key] < self.best[key]):
             self.best = trial
-        elif self.best is None or (not self.best["meets_tolerance"] and trial["metric"] > self.best["metric"]):
+        elif self.best is None or (not self.best["meets_tolerance"]
+                                   and self.sign * trial["metric"] > self.sign * self.best["metric"]):
             self.best = trial
         self.ctx.progress(0.3, "tune", f"trial {trial['index'] + 1} done: {trial['size_bytes']} bytes, p50 "
                                        f"{trial['latency_ms']:.3g} ms, metric {trial['metric']:.4f}"

@@ -11,7 +11,9 @@ from app.core.recipe import ExportStep, PruneStep, QuantizeStep, Recipe, Target
 
 ONNX_MAX_BYTES = 2 * 1024**3  # protobuf's limit on one serialized message: a single .onnx file
 ONNX_BYTES_PER_PARAM = 4  # torch models are exported in fp32 (Hugging Face models are loaded as fp32)
-SEQ2SEQ_TASK = "seq2seq-lm"
+# info.architecture.task of Hugging Face models the pipeline treats specially (worker.formats.hf)
+CAUSAL_LM_TASK = "causal-lm"  # perplexity on texts
+SEQ2SEQ_TASK = "seq2seq-lm"  # two ONNX graphs
 
 
 def onnx_bytes_estimate(info: dict[str, Any]) -> int:

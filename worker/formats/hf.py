@@ -31,6 +31,7 @@ import transformers
 
 from app.core.config import Settings
 from app.core.errors import ErrorCode
+from app.core.model_limits import CAUSAL_LM_TASK, SEQ2SEQ_TASK
 from app.core.vetting.archives import ArchiveError, extract_archive
 from app.core.vetting.hf import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
 from worker.errors import JobFailure
@@ -63,8 +64,6 @@ ONNX_TOLERANCE = 1e-3
 SIZE_SLACK = 1.1
 SIZE_SLACK_ELEMENTS = 4_000_000
 SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
-CAUSAL_LM = "causal-lm"
-SEQ2SEQ_LM = "seq2seq-lm"  # app.core.model_limits.SEQ2SEQ_TASK
 
 
 @dataclass
@@ -79,7 +78,7 @@ class HFModel:
     module: torch.nn.Module
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
-    task: str | None = None  # CAUSAL_LM, SEQ2SEQ_LM, or None for other models
+    task: str | None = None  # CAUSAL_LM_TASK, SEQ2SEQ_TASK, or None for other models
 
     def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0,
                        decoder_seq: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -127,7 +126,7 @@ def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None)
 
     forward_params = inspect.signature(model.forward).parameters
     task = _task(model, config, forward_params)
-    if task == SEQ2SEQ_LM:
+    if task == SEQ2SEQ_TASK:
         input_names = list(SEQ2SEQ_INPUTS)
         inputs = [{"name": name, "shape": ["batch", "decoder_sequence" if name.startswith("decoder") else "sequence"],
                    "dtype": "int64"} for name in input_names]
@@ -144,7 +143,7 @@ def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None)
                          "models are supported for Hugging Face uploads")
     extra = {"use_cache": False} if "use_cache" in forward_params else {}
     output_names, outputs = _describe_outputs(model, input_names, extra)
-    if task == SEQ2SEQ_LM:  # the outputs follow the decoder's length
+    if task == SEQ2SEQ_TASK:  # the outputs follow the decoder's length
         for described in outputs:
             described["shape"] = ["decoder_sequence" if dim == "sequence" else dim for dim in described["shape"]]
     return HFModel(model=model, config=config, model_dir=model_dir, tokenizer_dir=tokenizer_dir,
@@ -161,9 +160,9 @@ def _task(model: transformers.PreTrainedModel, config: dict[str, Any], forward_p
             raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
                              f"{type(model).__name__} is an encoder-decoder that does not take input_ids and "
                              "decoder_input_ids; text encoder-decoders (T5 family) are supported")
-        return SEQ2SEQ_LM
+        return SEQ2SEQ_TASK
     causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
-    return CAUSAL_LM if type(model).__name__ in causal else None
+    return CAUSAL_LM_TASK if type(model).__name__ in causal else None
 
 
 def image_shape(model: transformers.PreTrainedModel) -> list[int]:

@@ -30,10 +30,10 @@ ENCODER_INPUTS = ["input_ids", "attention_mask"]
 DECODER_INPUTS = ["decoder_input_ids", "encoder_hidden_states", "encoder_attention_mask"]
 HOW_TO_RUN = [
     "hidden = encoder.run(None, {'input_ids': ids, 'attention_mask': mask})[0]",
-    "logits = decoder.run(None, {'decoder_input_ids': decoder_ids, 'encoder_hidden_states': hidden, "
-    "'encoder_attention_mask': mask})[0]",
-    "greedy generation: decoder_ids starts as [[decoder_start_token_id]]; append argmax(logits[:, -1]) and run "
-    "the decoder again (no KV cache: the whole decoder sequence each step) until eos_token_id",
+    ("logits = decoder.run(None, {'decoder_input_ids': decoder_ids, 'encoder_hidden_states': hidden, "
+     "'encoder_attention_mask': mask})[0]"),
+    ("greedy generation: decoder_ids starts as [[tokens.decoder_start_token_id]]; append argmax(logits[:, -1]) "
+     "and run the decoder again (no KV cache: the whole decoder sequence each step) until tokens.eos_token_id"),
 ]
 
 

@@ -16,7 +16,13 @@ import torch
 
 from app.core.config import Settings
 from app.core.errors import ErrorCode
-from app.core.model_limits import ONNX_BYTES_PER_PARAM, ONNX_MAX_BYTES, SEQ2SEQ_TASK, check_recipe_for_info
+from app.core.model_limits import (
+    CAUSAL_LM_TASK,
+    ONNX_BYTES_PER_PARAM,
+    ONNX_MAX_BYTES,
+    SEQ2SEQ_TASK,
+    check_recipe_for_info,
+)
 from app.core.recipe import Recipe, Target
 from app.core.vetting.hf import UNPACK_FACTOR
 from worker.compression.modules import count_weights
@@ -154,6 +160,8 @@ class JobRun:
         params, nonzero = state.weights()
         figures = {"size_bytes": path.stat().st_size, "params": params, "nonzero_params": nonzero,
                    "latency_ms": latency, "accuracy": job_data.accuracy(outputs, self.data.eval_labels)}
+        if self.data.eval_texts and self.loaded.hf is not None and self.loaded.hf.task == CAUSAL_LM_TASK:
+            figures["perplexity"] = job_data.perplexity(outputs, self.data.eval_batches, self.loaded.hf.input_names)
         return figures, outputs
 
     def fidelity(self, outputs: list) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def test_t5_int8_delivers_both_graphs(tmp_path, worker_env, db, add_model, add_j
     assert metrics["fidelity"]["cosine_mean"] > 0.99 and metrics["compression_ratio"] > 1.3  # tiny: the embeddings weigh a lot
     assert set(metrics["steps"][0]["details"]) == {"encoder", "decoder"}
 
-    artifact, path = fetch(worker_env, job, tmp_path, fmt="onnx-seq2seq")
+    _, path = fetch(worker_env, job, tmp_path, fmt="onnx-seq2seq")
     with zipfile.ZipFile(path) as archive:
         assert {"encoder.onnx", "decoder.onnx", "model.json", "README.md"} <= set(archive.namelist())
         manifest = json.loads(archive.read("model.json"))
