@@ -50,20 +50,16 @@ def _check_seq2seq(recipe: Recipe, target: Target) -> None:
     if target.runtime != "onnxruntime":
         raise ValueError(f"target.runtime: {what} are compressed for 'onnxruntime' only (an encoder and a decoder "
                          "graph)")
-    quantized = False
     for index, step in enumerate(recipe.steps):
         where = f"recipe.steps.{index}"
         if isinstance(step, QuantizeStep):
-            quantized = True
             if step.method == "static" or step.smoothing is not None or step.algorithm != "rtn":
-                raise ValueError(f"{where}: calibrated quantization (static, smoothing, gptq) is not available "
-                                 f"for {what}; use method 'dynamic' or weight-only round-to-nearest")
+                raise ValueError(f"{where}: calibrated or searched rounding (static, smoothing, gptq, hqq) is not "
+                                 f"available for {what} yet; use method 'dynamic' or weight-only round-to-nearest")
         elif isinstance(step, PruneStep):
             if step.method != "magnitude":
                 raise ValueError(f"{where}.method: {step.method!r} pruning is not available for {what}; "
                                  "use 'magnitude'")
-            if quantized:
-                raise ValueError(f"{where}: for {what}, prune before quantizing (the graphs are not pruned)")
         elif isinstance(step, ExportStep):
             if "pt2" in step.formats:
                 raise ValueError(f"{where}.formats: 'pt2' is not available for {what}")
