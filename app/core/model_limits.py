@@ -7,7 +7,7 @@ The worker applies the same rules to the model it loads, in case `info` was miss
 
 from typing import Any
 
-from app.core.recipe import ExportStep, PruneStep, QuantizeStep, Recipe, Target
+from app.core.recipe import AnalyzeStep, ExportStep, PruneStep, QuantizeStep, Recipe, Target
 
 ONNX_MAX_BYTES = 2 * 1024**3  # protobuf's limit on one serialized message: a single .onnx file
 ONNX_BYTES_PER_PARAM = 4  # torch models are exported in fp32 (Hugging Face models are loaded as fp32)
@@ -50,9 +50,11 @@ def _check_seq2seq(recipe: Recipe, target: Target) -> None:
     if target.runtime != "onnxruntime":
         raise ValueError(f"target.runtime: {what} are compressed for 'onnxruntime' only (an encoder and a decoder "
                          "graph)")
+    quantized = False
     for index, step in enumerate(recipe.steps):
         where = f"recipe.steps.{index}"
         if isinstance(step, QuantizeStep):
+            quantized = True
             if step.method == "static" or step.smoothing is not None or step.algorithm != "rtn":
                 raise ValueError(f"{where}: calibrated or searched rounding (static, smoothing, gptq, hqq) is not "
                                  f"available for {what} yet; use method 'dynamic' or weight-only round-to-nearest")
@@ -60,6 +62,9 @@ def _check_seq2seq(recipe: Recipe, target: Target) -> None:
             if step.method != "magnitude":
                 raise ValueError(f"{where}.method: {step.method!r} pruning is not available for {what}; "
                                  "use 'magnitude'")
+        elif isinstance(step, AnalyzeStep) and quantized:
+            raise ValueError(f"{where}: analyze after quantize is not available for {what} (two graphs); "
+                             "analyze before quantizing")
         elif isinstance(step, ExportStep):
             if "pt2" in step.formats:
                 raise ValueError(f"{where}.formats: 'pt2' is not available for {what}")
