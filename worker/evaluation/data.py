@@ -70,6 +70,8 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
         labels = [lab for _, lab in split.batches] if data.labels is not None else None
         description.update(inputs="eval dataset", samples=sum(b[0].shape[0] for b in eval_batches),
                            dropped_samples=split.dropped, has_labels=labels is not None)
+        if eval_texts and any(spec["name"] == "decoder_input_ids" for spec in loaded.inputs):
+            description["decoder_inputs"] = "the input text shifted right behind decoder_start_token_id"
     else:
         eval_batches, labels = generate_feeds(loaded.inputs, batches=GENERATED_BATCHES, seed=0), None
         description.update(inputs="generated", batches=GENERATED_BATCHES, seed=0,

@@ -29,6 +29,7 @@ def test_t5_int8_delivers_both_graphs(tmp_path, worker_env, db, add_model, add_j
     job = finished(db, job_id)
     metrics = job.metrics
     assert metrics["evaluation"]["inputs"] == "eval dataset" and metrics["evaluation"]["samples"] == 24
+    assert metrics["evaluation"]["decoder_inputs"].startswith("the input text shifted right")
     assert metrics["fidelity"]["cosine_mean"] > 0.99 and metrics["compression_ratio"] > 1.3  # tiny: the embeddings weigh a lot
     assert set(metrics["steps"][0]["details"]) == {"encoder", "decoder"}
 
