@@ -201,8 +201,8 @@ class TrialsSoFar:
         name = f"best-trial.{'zip' if seq2seq else self.extension}"
         key = storage_keys.job_key(job.tenant_id, job.id, name)
         storage.put_file(key, path)
-        artifact = {"kind": "model", "format": "onnx-seq2seq" if seq2seq else self.extension, "filename": name, "size_bytes": path.stat().st_size,
-                    "sha256": staging.sha256_of(path), "storage_key": key}
+        artifact = {"kind": "model", "format": "onnx-seq2seq" if seq2seq else self.extension, "filename": name,
+                    "size_bytes": path.stat().st_size, "sha256": staging.sha256_of(path), "storage_key": key}
         cancelled = stopped.code == ErrorCode.CANCELLED
         message = ("cancelled by the user" if cancelled else stopped.message) + \
             f"; the best of {len(self.trials)} finished tuning trials (trial {best['index']}) is delivered"

@@ -62,3 +62,13 @@ def test_export_pair_and_quantize_each_graph(tmp_path: Path, t5):
     reference, quantized = (onnx_pair.open_pair(path, "cpu", 1)(feeds)[0] for path in (pair, int4))
     cosine = (reference * quantized).sum() / (np.linalg.norm(reference) * np.linalg.norm(quantized))
     assert reference.shape == (1, 2, 100) and cosine > 0.98
+
+
+def test_t5_encoder_alone_is_a_plain_text_model(tmp_path: Path, t5):
+    import transformers
+
+    folder = tmp_path / "t5-encoder"
+    transformers.T5EncoderModel(t5[0].config).save_pretrained(folder)
+    hf = load_hf(pack(folder, tmp_path / "t5-encoder.zip"), tmp_path / "work")
+    assert hf.task is None and hf.input_names == ["input_ids", "attention_mask"]
+    assert hf.output_names == ["last_hidden_state"]

@@ -154,12 +154,13 @@ def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None)
 
 def _task(model: transformers.PreTrainedModel, config: dict[str, Any], forward_params) -> str | None:
     """What kind of model this is where the pipeline treats it specially: a causal LM (perplexity on texts) or
-    an encoder-decoder (two ONNX graphs)."""
-    if config.get("is_encoder_decoder"):
-        if "decoder_input_ids" not in forward_params or "input_ids" not in forward_params:
+    an encoder-decoder (two ONNX graphs). The encoder of an encoder-decoder alone (T5EncoderModel) is a plain
+    text model."""
+    if config.get("is_encoder_decoder") and "decoder_input_ids" in forward_params:
+        if "input_ids" not in forward_params:
             raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
-                             f"{type(model).__name__} is an encoder-decoder that does not take input_ids and "
-                             "decoder_input_ids; text encoder-decoders (T5 family) are supported")
+                             f"{type(model).__name__} is an encoder-decoder that does not take input_ids; text "
+                             "encoder-decoders (T5 family) are supported")
         return SEQ2SEQ_TASK
     causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
     return CAUSAL_LM_TASK if type(model).__name__ in causal else None

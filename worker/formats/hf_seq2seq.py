@@ -44,7 +44,8 @@ def export_pair(hf: HFModel, path: Path, module: torch.nn.Module | None = None, 
     inner = hf_model_of(module) or hf.model
     output_name = hf.output_names[0]
     input_ids, attention_mask, decoder_input_ids = hf.example_inputs(batch, seq)
-    encoder_path, decoder_path = path.with_name(f"{path.stem}-encoder.onnx"), path.with_name(f"{path.stem}-decoder.onnx")
+    encoder_path = path.with_name(f"{path.stem}-encoder.onnx")
+    decoder_path = path.with_name(f"{path.stem}-decoder.onnx")
     text = {0: "batch", 1: "sequence"}
     previous = inner.config._attn_implementation
     try:

@@ -175,5 +175,5 @@ def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, f
         message += f"; stopped after {len(trials)} of {len(candidates)} candidates: {reason} reached"
     return {"trials": [asdict(t) for t in trials], "best": best,
             "met_tolerance": best is not None and trials[best].meets_tolerance,
-            "pareto_front": _pareto_front(trials, key, -1 if lower_is_better else 1), "objective": objective, "max_loss": max_loss,
-            "baseline_metric": baseline_metric, "stopped": stopped, "message": message}
+            "pareto_front": _pareto_front(trials, key, -1 if lower_is_better else 1), "objective": objective,
+            "max_loss": max_loss, "baseline_metric": baseline_metric, "stopped": stopped, "message": message}

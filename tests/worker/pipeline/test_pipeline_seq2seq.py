@@ -30,7 +30,8 @@ def test_t5_int8_delivers_both_graphs(tmp_path, worker_env, db, add_model, add_j
     metrics = job.metrics
     assert metrics["evaluation"]["inputs"] == "eval dataset" and metrics["evaluation"]["samples"] == 24
     assert metrics["evaluation"]["decoder_inputs"].startswith("the input text shifted right")
-    assert metrics["fidelity"]["cosine_mean"] > 0.99 and metrics["compression_ratio"] > 1.3  # tiny: the embeddings weigh a lot
+    assert metrics["fidelity"]["cosine_mean"] > 0.99
+    assert metrics["compression_ratio"] > 1.3  # tiny: the embeddings (not quantized) weigh a lot
     assert set(metrics["steps"][0]["details"]) == {"encoder", "decoder"}
 
     _, path = fetch(worker_env, job, tmp_path, fmt="onnx-seq2seq")
