@@ -124,9 +124,9 @@ _PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/]+/)+[^\s'\":,]*")
 
 
 def without_server_paths(text: str) -> str:
-    """`text` with the paths of this machine's files replaced (a node named "/layer/Conv" is kept: no such
-    folder exists)."""
-    return _PATH.sub(lambda m: "<model file>" if Path(m.group()).parent.exists() else m.group(), text)
+    """`text` with the paths of this machine's files replaced: those whose top folder exists here (a node named
+    "/layer/Conv" is kept: there is no /layer)."""
+    return _PATH.sub(lambda m: "<model file>" if Path(m.group()).parents[-2].exists() else m.group(), text)
 
 
 def _failure(what: str, exc: Exception) -> JobFailure:
@@ -294,7 +294,7 @@ def float_convolutions(model_path: Path) -> dict[str, list[str]]:
 
 def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str],
                      calibration_method: str, calibration: list[list[np.ndarray]],
-                     convolutional: bool = False) -> dict:
+                     convolutional: bool = False, depthwise_in_float: bool = True) -> dict:
     """Static int8 as QDQ, with the MatMuls' outputs left in float (quantizing them to uint8 before the bias and
     residual cost all-MiniLM-L6-v2 embedding cosine 0.940 against 0.988) and each int8 MatMul fused with its bias
     into MatMulIntegerToFloat.
@@ -302,11 +302,14 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
     `convolutional` quantizes a conv net the way ONNX Runtime runs it fastest on CPU: the activations around the
     convolutions (Relu/Clip, residual Add, pooling) are quantized too, so every Conv sits between a
     DequantizeLinear and a QuantizeLinear and becomes a QLinearConv with its activation fused, int8 from layer to
-    layer; depthwise convolutions and tiny layers stay in float (float_convolutions)."""
+    layer; tiny layers stay in float, and depthwise convolutions too unless `depthwise_in_float` is False
+    (float_convolutions: which is faster depends on the net and the CPU, so int8_auto measures both)."""
     with _prepared(source, destination) as prepared:
         excluded = excluded_nodes(prepared, exclude)
         in_float = [name for name in activation_matmuls(prepared) if name not in excluded]
         conv_float = float_convolutions(prepared) if convolutional else {}
+        if not depthwise_in_float:
+            conv_float.pop("depthwise_convolutions", None)
         in_float += [name for names in conv_float.values() for name in names if name not in excluded]
         graph = onnx.load(str(prepared), load_external_data=False).graph
         weights = {t.name for t in graph.initializer}
