@@ -157,3 +157,27 @@ def test_weight_only_int4_with_only_a_group_size_runs_in_groups(tmp_path, worker
     run_job(job_id)
     details = finished(db, job_id).metrics["steps"][0]["details"]
     assert (details["granularity"], details["group_size"], details["bits"]) == ("group", 32, 4)
+
+
+def test_foreign_cnn_gets_normalized_and_static_int8_by_default(tmp_path, worker_env, db, add_model, add_job):
+    """An opset-11 conv net with Constant weights (as Paddle and older exporters write them): the default quantize
+    step normalizes it and tries static int8 first, which now gives valid graphs; the report says what was
+    normalized, what was tried and measured, and what stayed in float."""
+    from tests.helpers import save_foreign_cnn
+
+    row = add_model(save_foreign_cnn(tmp_path / "cnn.onnx", opset=11), "onnx")
+    job_id = add_job(row, steps=[{"op": "quantize"}])
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    details = metrics["steps"][0]["details"]
+    assert details["method"] == "auto" and details["family"] == "convolutional"
+    normalization = details["normalization"]
+    assert normalization["constants_to_initializers"] == 11 and normalization["opset"] == {"from": 11, "to": 13}
+    assert normalization["duplicate_initializers_merged"] == 1 and normalization["output_change"] <= 1e-6
+    static = [c for c in details["candidates"] if c["name"].startswith("static")]
+    assert static and all("error" not in c and c["cosine"] >= 0.99 for c in static)
+    assert details["chosen_method"] == "static", details["candidates"]
+    assert details["calibrated_on"]["data"] == "the job's evaluation inputs (generated)"
+    assert details["chosen"]["kept_in_float"]["tiny_layers"] == ["stem", "fc"]
+    assert metrics["fidelity"]["cosine_mean"] >= 0.99
+    assert ("warning" in details) == any("no int8 candidate" in note for note in metrics.get("notes", []))
