@@ -191,3 +191,22 @@ def test_static_int8_errors_never_show_server_paths(tmp_path):
     message = f"INVALID_GRAPH : Load model from {tmp_path}/job/step0.onnx failed: node (/layer.0/Conv_quant)"
     assert without_server_paths(message) == "INVALID_GRAPH : Load model from <model file> failed: node " \
                                             "(/layer.0/Conv_quant)"
+
+
+def test_conv_nets_keep_adds_of_constants_in_float_but_quantize_residual_adds(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from worker.compression.quantize import float_convolutions
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(np.full((1,), 3.0, np.float32), "three")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "three"], ["shifted"], name="plus_three"),
+             helper.make_node("Add", ["shifted", "x"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])], weights)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    assert float_convolutions(path) == {"depthwise_convolutions": [], "tiny_layers": [],
+                                        "adds_of_constants": ["plus_three"]}
