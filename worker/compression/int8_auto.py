@@ -11,6 +11,7 @@ FAITHFUL_COSINE). If none is, the fastest faithful one is delivered with a warni
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,9 +136,10 @@ def _quantize(name: str, source: Path, destination: Path, *, granularity: str, e
 
 def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str], calibration_method: str,
               calibration: list[list[np.ndarray]] | None, eval_batches: list[list[np.ndarray]], eval_inputs: str,
-              threads: int, warmup: int, runs: int) -> dict:
+              threads: int, warmup: int, runs: int, check: Callable[[], None] = lambda: None) -> dict:
     """int8 by family and measurement (module docstring). `calibration` is the calibration dataset's batches, or
-    None to calibrate on `eval_batches` (described by `eval_inputs`, e.g. "generated")."""
+    None to calibrate on `eval_batches` (described by `eval_inputs`, e.g. "generated"). `check` is called before
+    each candidate, so a cancel is noticed."""
     family, counts = model_family(source)
     plan = PLANS[family]
     if calibration:
@@ -153,6 +155,7 @@ def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: lis
     for name in plan:
         if name == "static_conv_depthwise" and not has_depthwise:
             continue
+        check()
         path = destination.with_suffix(f".{name}.onnx")
         candidate = Candidate(name)
         candidates.append(candidate)

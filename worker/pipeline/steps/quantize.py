@@ -21,7 +21,7 @@ def apply(run: JobRun, state: WorkingModel, step: QuantizeStep, place: StepPlace
                 calibration_method=step.calibration_method, calibration=run.data.calibration,
                 eval_batches=run.data.eval_batches, eval_inputs=run.data.description.get("inputs", "generated"),
                 threads=run.settings.eval_threads, warmup=run.settings.latency_warmup,
-                runs=run.settings.latency_runs)
+                runs=run.settings.latency_runs, check=run.ctx.check)
         else:
             details = quantize.quantize_onnx(source, output, **options, calibration_method=step.calibration_method,
                                              calibration=run.data.calibration, smoothing=step.smoothing,
