@@ -181,3 +181,34 @@ def test_foreign_cnn_gets_normalized_and_static_int8_by_default(tmp_path, worker
     assert details["chosen"]["kept_in_float"]["tiny_layers"] == ["stem", "fc"]
     assert metrics["fidelity"]["cosine_mean"] >= 0.99
     assert ("warning" in details) == any("no int8 candidate" in note for note in metrics.get("notes", []))
+
+
+def cancelling_cnn(path):
+    """y = conv_a(x) + conv_b(x) with W_b = -W_a + tiny noise: the fp32 output is the small difference, which any
+    int8 rounding of the two convolutions drowns, so no int8 candidate can be faithful."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    near = (-w + 1e-3 * rng.standard_normal(w.shape)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "a"], ["ya"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "b"], ["yb"], name="b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["ya", "yb"], ["y"], name="difference")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 16, 16])],
+                              [numpy_helper.from_array(w, "a"), numpy_helper.from_array(near, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_auto_int8_that_cannot_stay_faithful_says_so_in_the_notes(tmp_path, worker_env, db, add_model, add_job):
+    job_id = add_job(add_model(cancelling_cnn(tmp_path / "c.onnx"), "onnx"), steps=[{"op": "quantize"}],
+                     accept_degraded=True)
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    details = metrics["steps"][0]["details"]
+    assert [c["name"] for c in details["candidates"]] == ["static_conv", "static", "dynamic"]
+    assert all(c["cosine"] < 0.99 for c in details["candidates"])
+    assert details["warning"].startswith("no int8 candidate keeps output cosine >= 0.99")
+    assert details["warning"] in metrics["notes"] and metrics["degraded"] is True
