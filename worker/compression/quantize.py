@@ -36,8 +36,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from app.core.errors import ErrorCode
 from worker.compression import gptq
 from worker.compression import smoothing as smoothing_pass
-from worker.compression.normalize import drop_initializer_shapes
 from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, replace_linears
+from worker.compression.normalize import drop_initializer_shapes
 from worker.errors import JobFailure
 
 log = logging.getLogger(__name__)
@@ -311,11 +311,11 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
     (float_convolutions: which is faster depends on the net and the CPU, so int8_auto measures both)."""
     with _prepared(source, destination) as prepared:
         excluded = excluded_nodes(prepared, exclude)
-        in_float = [name for name in activation_matmuls(prepared) if name not in excluded]
+        activations = [name for name in activation_matmuls(prepared) if name not in excluded]
         conv_float = float_convolutions(prepared) if convolutional else {}
         if not depthwise_in_float:
             conv_float.pop("depthwise_convolutions", None)
-        in_float += [name for names in conv_float.values() for name in names if name not in excluded]
+        in_float = activations + [name for names in conv_float.values() for name in names if name not in excluded]
         graph = onnx.load(str(prepared), load_external_data=False).graph
         weights = {t.name for t in graph.initializer}
         names = [i.name for i in graph.input if i.name not in weights]
@@ -338,7 +338,7 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
             raise _failure("ONNX Runtime static quantization", exc) from None
         finally:
             quantized.unlink(missing_ok=True)
-    kept_in_float = {"activation_matmuls": len(in_float) - sum(len(v) for v in conv_float.values()),
+    kept_in_float = {"activation_matmuls": len(activations),
                      "matmul_outputs": "float (not re-quantized)",
                      "other_ops": "everything but " + ", ".join(op_types)}
     if convolutional:
