@@ -103,6 +103,24 @@ def save_tiny_bert(folder: Path, num_labels: int | None = 3, seed: int = 0):
     return model
 
 
+def save_tiny_t5(folder: Path):
+    """A tiny T5 (random weights) with a word-level tokenizer over VOCAB ([PAD] = 0 is also the decoder start
+    token, as in T5), save_pretrained'd."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_decoder_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                                   pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    model.eval().save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]",
+                                         eos_token="[SEP]").save_pretrained(folder)
+    return model
 def save_foreign_cnn(path: Path, opset: int = 11, size: int = 32, constants: bool = True) -> Path:
     """A small conv net written the way other exporters write them: weights as Constant nodes, the same bias
     tensor stored twice, an unused weight, opset 11. Stem 3x3 conv (tiny), 3x3 conv, depthwise 3x3, pointwise

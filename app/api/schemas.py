@@ -64,6 +64,8 @@ class JobCreate(StrictModel):
             check_recipe_for_target(recipe, self.target, self.datasets)
         if self.tune is not None and self.tune.metric == "accuracy" and not self.datasets.eval:
             raise ValueError("datasets.eval: tune.metric 'accuracy' needs an eval dataset with labels")
+        if self.tune is not None and self.tune.metric == "perplexity" and not self.datasets.eval:
+            raise ValueError("datasets.eval: tune.metric 'perplexity' needs a .jsonl text eval dataset")
         return self
 
     def candidates(self) -> list[Recipe]:

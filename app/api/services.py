@@ -20,6 +20,7 @@ from app.core.db import utcnow
 from app.core.dispatch import dispatch_inspection, dispatch_job
 from app.core.errors import ErrorCode, ServiceError
 from app.core.ids import new_id
+from app.core.model_limits import check_recipe_for_info
 from app.core.queries import job_datasets, job_students, owned
 from app.core.recipe import check_recipe_for_model
 from app.core.statuses import ModelStatus
@@ -98,6 +99,7 @@ def _check_references(session: Session, tenant_id: str, body: JobCreate) -> Mode
     try:
         for recipe in body.candidates():
             check_recipe_for_model(recipe, body.target, model.format)
+            check_recipe_for_info(recipe, body.target, model.format, model.info)
     except ValueError as exc:
         raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from None
     for field, student_id, student in job_students(session, tenant_id, body.candidates()):

@@ -258,7 +258,8 @@ def check_recipe_for_model(recipe: Recipe, target: Target, model_format: str) ->
 class TuneSpec(StrictModel):
     """Accuracy-aware tuning: try candidate recipes, keep the best one within the tolerance."""
 
-    metric: Literal["accuracy", "fidelity"] = "fidelity"
+    # perplexity (causal LMs on a .jsonl text eval set): lower is better, max_loss bounds its relative increase
+    metric: Literal["accuracy", "fidelity", "perplexity"] = "fidelity"
     max_loss: float = Field(default=0.01, ge=0.0, le=1.0)
     objective: Literal["size", "latency"] = "size"
     max_trials: int = Field(default=8, ge=1, le=100)

@@ -28,6 +28,7 @@ class JobData:
     train: TrainData | None = None
     val: TrainData | None = None
     description: dict[str, Any] = field(default_factory=dict)
+    eval_texts: bool = False  # the eval batches are tokenized texts (a .jsonl eval dataset)
 
 
 def batch_size(inputs: list[dict[str, Any]]) -> tuple[int, bool]:
@@ -45,7 +46,10 @@ def _arrays(path: Path, fmt: str, loaded, role: str, limit: int) -> DatasetArray
                              f"{role} dataset: a .jsonl text dataset needs a Hugging Face model "
                              "that ships its tokenizer")
         names = [i["name"] for i in loaded.inputs]
-        data = DatasetArrays(inputs=tokenize_texts(data.texts, tokenizer, names, TEXT_MAX_LENGTH), labels=data.labels)
+        arrays = tokenize_texts(data.texts, tokenizer, names, TEXT_MAX_LENGTH)
+        if "decoder_input_ids" in names:  # an encoder-decoder: the decoder reads the text shifted right
+            arrays["decoder_input_ids"] = loaded.hf.decoder_inputs(arrays["input_ids"])
+        data = DatasetArrays(inputs=arrays, labels=data.labels)
     return data
 
 
@@ -54,7 +58,9 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
     size, static = batch_size(loaded.inputs)
     description: dict[str, Any] = {}
     val = None
+    eval_texts = False
     if "eval" in files:
+        eval_texts = files["eval"][1] == "jsonl"
         data = _arrays(*files["eval"], loaded, "eval", MAX_EVAL_SAMPLES)
         check_labels(data.labels, loaded.outputs, "eval")
         arrays = match_inputs(data, loaded.inputs, "eval")
@@ -64,6 +70,8 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
         labels = [lab for _, lab in split.batches] if data.labels is not None else None
         description.update(inputs="eval dataset", samples=sum(b[0].shape[0] for b in eval_batches),
                            dropped_samples=split.dropped, has_labels=labels is not None)
+        if eval_texts and any(spec["name"] == "decoder_input_ids" for spec in loaded.inputs):
+            description["decoder_inputs"] = "the input text shifted right behind decoder_start_token_id"
     else:
         eval_batches, labels = generate_feeds(loaded.inputs, batches=GENERATED_BATCHES, seed=0), None
         description.update(inputs="generated", batches=GENERATED_BATCHES, seed=0,
@@ -83,7 +91,7 @@ def prepare(loaded, files: dict[str, tuple[Path, str]]) -> JobData:
         train = TrainData(inputs=match_inputs(data, loaded.inputs, "train"), labels=data.labels)
         description["train_samples"] = len(train.inputs[0])
     return JobData(eval_batches=eval_batches, eval_labels=labels, calibration=calibration, train=train, val=val,
-                   description=description)
+                   description=description, eval_texts=eval_texts)
 
 
 def accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray] | None) -> float | None:
@@ -92,3 +100,25 @@ def accuracy(outputs: list[list[np.ndarray]], labels: list[np.ndarray] | None) -
         return None
     correct = sum(int((np.argmax(out[0], axis=1) == lab).sum()) for out, lab in zip(outputs, labels))
     return round(correct / max(sum(len(lab) for lab in labels), 1), 6)
+
+
+def perplexity(outputs: list[list[np.ndarray]], batches: list[list[np.ndarray]],
+               input_names: list[str]) -> float | None:
+    """exp(mean next-token cross-entropy) of a causal LM over its eval texts: the logits at position t (the
+    first output, [batch, sequence, vocab]) score token t + 1, counted where both are real tokens (attention
+    mask 1; every token when the model takes no mask). Lower is better."""
+    ids_at = input_names.index("input_ids")
+    mask_at = input_names.index("attention_mask") if "attention_mask" in input_names else None
+    total, count = 0.0, 0
+    for batch_outputs, feeds in zip(outputs, batches, strict=True):
+        ids = feeds[ids_at]
+        mask = feeds[mask_at] > 0 if mask_at is not None else np.ones(ids.shape, dtype=bool)
+        real = mask[:, 1:] & mask[:, :-1]
+        for logits, targets, counted in zip(batch_outputs[0], ids[:, 1:], real):  # one text at a time: V can be big
+            scores = logits[:-1].astype(np.float64)
+            peak = scores.max(axis=-1, keepdims=True)
+            log_norm = peak[:, 0] + np.log(np.exp(scores - peak).sum(axis=-1))
+            picked = scores[np.arange(len(targets)), targets]
+            total += float((log_norm - picked)[counted].sum())
+            count += int(counted.sum())
+    return round(float(np.exp(total / count)), 6) if count else None

@@ -52,7 +52,7 @@ def run_pipeline(staged: StagedJob, workdir: Path, settings: Settings, ctx: JobC
     compressed = dict(applied.figures)
     delivered, encoding = exports.encode(applied.path, compressed)
     compressed.update(encoding)
-    main = Output("model", run.extension, delivered,
+    main = Output("model", run.artifact_format, delivered,
                   f"compressed.{run.extension}" + (".gz" if delivered != applied.path else ""))
     extra = exports.export_formats(run, applied.state, applied.exports, applied.path.parent)
     metrics = _report(run, baseline, baseline_fidelity, compressed, applied, tuning_report)

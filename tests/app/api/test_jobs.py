@@ -298,3 +298,54 @@ def test_a_preset_brings_its_floor_unless_the_job_sets_one():
     assert JobCreate.model_validate(body).min_fidelity == 0.8
     assert JobCreate.model_validate({**body, "min_fidelity": 0.95}).min_fidelity == 0.95
     assert JobCreate.model_validate({"model_id": "mdl_x", "preset": "int8-cpu"}).min_fidelity is None
+
+
+@pytest.fixture
+def model_with_info(upload, pt2_bytes, settings):
+    """A .pt2 upload whose stored inspection says `info` (what a worker would have written)."""
+    from sqlalchemy import update
+
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.core.tables import Model
+
+    def _make(info: dict) -> str:
+        model_id = upload(pt2_bytes, "model.pt2").json()["id"]
+        engine = make_engine(settings.resolved_database_url())
+        with session_scope(make_session_factory(engine)) as session:
+            session.execute(update(Model).where(Model.id == model_id).values(info=info))
+        engine.dispose()
+        return model_id
+
+    return _make
+
+
+def test_model_too_large_for_onnx_is_422_unless_the_target_is_pytorch(client, auth, model_with_info):
+    model_id = model_with_info({"params": 600_000_000, "inputs": [], "outputs": []})  # 2.2 GiB as fp32
+    response = submit(client, auth, model_id)
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message.startswith("target.runtime") and "too large for a single ONNX file" in message
+    export = {"steps": [{"op": "quantize"}, {"op": "export", "formats": ["onnx"]}]}
+    assert submit(client, auth, model_id, export, target={"runtime": "pytorch"}).status_code == 422
+    assert submit(client, auth, model_id, target={"runtime": "pytorch"}).status_code == 201
+    assert submit(client, auth, model_with_info({"params": 500_000_000})).status_code == 201  # 1.9 GiB
+
+
+def test_encoder_decoder_steps_that_do_not_apply_are_422(client, auth, model_with_info):
+    model_id = model_with_info({"params": 1000, "architecture": {"model_type": "t5", "task": "seq2seq-lm"}})
+    assert submit(client, auth, model_id).status_code == 201
+    for recipe, target, field in [
+        (RECIPE, {"runtime": "pytorch"}, "target.runtime"),
+        ({"steps": [{"op": "prune", "method": "structured", "sparsity": 0.5}]}, None, "recipe.steps.0.method"),
+        ({"steps": [{"op": "export", "formats": ["pt2"]}]}, None, "recipe.steps.0.formats"),
+        ({"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4", "algorithm": "hqq"}]}, None,
+         "recipe.steps.0: calibrated or searched"),
+    ]:
+        response = submit(client, auth, model_id, recipe, **({"target": target} if target else {}))
+        assert response.status_code == 422 and response.json()["error"]["message"].startswith(field), response.text
+        assert "encoder-decoder" in response.json()["error"]["message"]
+
+
+def test_tune_on_perplexity_needs_an_eval_dataset(client, auth, model_id):
+    response = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "tune": {"metric": "perplexity"}})
+    assert response.status_code == 422 and response.json()["error"]["message"].startswith("datasets.eval")

@@ -4,6 +4,7 @@ torch layers for the pytorch target. ONNX graphs are normalized first (worker.co
 
 from app.core.recipe import QuantizeStep
 from worker.compression import int8_auto, normalize, quantize
+from worker.formats import onnx_pair
 from worker.pipeline.job_run import JobRun, StepPlace, WorkingModel
 
 
@@ -12,9 +13,18 @@ def apply(run: JobRun, state: WorkingModel, step: QuantizeStep, place: StepPlace
                "group_size": step.group_size, "exclude": step.exclude}
     if run.runtime == "onnxruntime":
         exported = run.onnx_form(state, place.workdir / f"step{place.index}-input.onnx")
+        output = place.workdir / f"step{place.index}-quantize.onnx"
+        if onnx_pair.is_pair(exported):  # an encoder-decoder: each graph alike, without calibration data
+            output = output.with_suffix(".zip")
+            # The job's batches feed neither graph alone, so `auto` cannot measure here: dynamic, as for any
+            # transformer.
+            pair_options = {**options, "method": "dynamic" if step.method == "auto" else step.method}
+            details = onnx_pair.map_graphs(exported, output, lambda graph, new: quantize.quantize_onnx(
+                graph, new, **pair_options, calibration_method=step.calibration_method, calibration=None))
+            state.module, state.onnx_path = None, output
+            return details
         source, normalization = normalize.normalize(exported, place.workdir / f"step{place.index}-normalized.onnx",
                                                     run.data.eval_batches)
-        output = place.workdir / f"step{place.index}-quantize.onnx"
         if step.method == "auto":
             details = int8_auto.auto_int8(
                 source, output, granularity=step.granularity, exclude=step.exclude,
