@@ -89,6 +89,14 @@ def test_pytorch_target_weight_only_int4_delivers_a_small_pt2(tmp_path, worker_e
     assert cos > 0.98
 
 
+def test_pytorch_target_default_int8_is_dynamic(tmp_path, worker_env, db, add_model, add_job):
+    job_id = add_job(add_model(save_pt2(tmp_path / "m.pt2", 64, 128, 8), "pt2"), runtime="pytorch",
+                     steps=[{"op": "quantize"}])
+    run_job(job_id)
+    details = finished(db, job_id).metrics["steps"][0]["details"]
+    assert (details["method"], details["chosen_method"], details["quantized_layers"]) == ("auto", "dynamic", 3)
+
+
 def test_pruned_model_is_delivered_compressed_and_loads_back_exactly(tmp_path, worker_env, db, add_model, add_job):
     path = save_onnx(tmp_path / "m.onnx", 128, 256, 8)
     # 70% of an untrained MLP's weights gone: far below the fidelity floor, delivered because the job says so
