@@ -1,11 +1,12 @@
 """`quantize.method: "auto"`: int8 chosen by model family, then kept only if measurement agrees.
 
 Convolutional nets run fastest as static QDQ (ONNX Runtime fuses the Conv chain into QLinearConv); dynamic int8
-turns every Conv into ConvInteger plus a float rescale, 4-10x slower than fp32 on the OCR models of issue 11.
-Transformers and recurrent nets get dynamic int8 (their MatMuls quantized per row at run time). Each candidate
-is timed against the fp32 model on the job's eval batches (interleaved, so a busy machine slows both alike) and
-its outputs compared; the next candidate is tried until one is faster than fp32 and faithful (output cosine >=
-FAITHFUL_COSINE). If none is, the fastest faithful one is delivered with a warning.
+turns every Conv into ConvInteger plus a float rescale, 4-12x slower than fp32 on every CNN of
+bench/cnn_int8_bench.py. Transformers and recurrent nets get dynamic int8 (their MatMuls quantized per row at run
+time). Each candidate is timed against the fp32 model on the job's first eval batch (interleaved, so a busy
+machine slows both alike) and its outputs compared on all of them; the next candidate is tried until one is
+faster than fp32 and faithful (output cosine >= FAITHFUL_COSINE). If none is, the fastest faithful one is
+delivered (else the most faithful) with a warning.
 """
 
 import shutil
