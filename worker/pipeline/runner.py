@@ -82,7 +82,8 @@ def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, 
     if tuning_report is not None:
         metrics["tuning"] = tuning_report
         metrics["recipe"] = tuning_report["trials"][tuning_report["best"]]["recipe"]
-    notes = []
+    notes = [step["details"]["warning"] for step in applied.steps
+             if isinstance(step.get("details"), dict) and step["details"].get("warning")]
     if metrics["speedup"] < 1:
         notes.append(f"the compressed model is slower than the baseline on this device "
                      f"({run.device}, {run.runtime}): it is smaller, not faster")
