@@ -10,8 +10,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from app.core.errors import ErrorCode
 from app.core.recipe import ExportStep
 from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear
