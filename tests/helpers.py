@@ -88,13 +88,15 @@ def save_tiny_image_model(folder: Path, family: str, num_labels: int = 3):
     return model
 
 
-def save_tiny_bert(folder: Path, num_labels: int | None = 3, seed: int = 0):
-    """A tiny BERT (classifier when num_labels, else base encoder) with an offline tokenizer, save_pretrained'd."""
+def save_tiny_bert(folder: Path, num_labels: int | None = 3, seed: int = 0, **config_changes):
+    """A tiny BERT (classifier when num_labels, else base encoder) with an offline tokenizer, save_pretrained'd;
+    `config_changes` override TINY_BERT's config."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.BertConfig(**TINY_BERT, **({"num_labels": num_labels} if num_labels else {}))
+    config = transformers.BertConfig(**{**TINY_BERT, **config_changes},
+                                     **({"num_labels": num_labels} if num_labels else {}))
     model = (transformers.BertForSequenceClassification(config) if num_labels else transformers.BertModel(config))
     model.eval().save_pretrained(folder)
     vocab = folder.parent / f"{folder.name}-vocab.txt"

@@ -36,7 +36,8 @@ _settings = get_settings()
 # The soft limit raises SoftTimeLimitExceeded in the task, which records `timeout`; the hard limit kills it.
 TIME_LIMITS = {"soft_time_limit": _settings.job_soft_time_limit, "time_limit": _settings.job_time_limit}
 OUTPUT_KINDS = {"model"}
-OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "hf", "onnx-seq2seq"}  # onnx-seq2seq: a zip of two graphs
+# onnx-seq2seq: a zip of two graphs; safetensors-dense: the plain layout of a sparse model's weights
+OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "safetensors-dense", "hf", "onnx-seq2seq"}
 
 
 @shared_task(name=TaskName.INSPECT_MODEL, **TIME_LIMITS)

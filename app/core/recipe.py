@@ -138,11 +138,14 @@ class Shrink(StrictModel):
 class Student(StrictModel):
     model_id: Id | None = None
     shrink: Shrink | None = None
+    # The model as the earlier steps left it (pruning masks kept), taught by the original upload: recovery.
+    current: bool = False
 
     @model_validator(mode="after")
     def _one(self) -> "Student":
-        if (self.model_id is None) == (self.shrink is None):
-            raise ValueError("give either model_id (an uploaded student) or shrink (derived from the teacher)")
+        if (self.model_id is not None) + (self.shrink is not None) + self.current != 1:
+            raise ValueError("give exactly one of model_id (an uploaded student), shrink (derived from the teacher) "
+                             "or current: true (the model as the earlier steps left it)")
         if self.shrink is not None and self.shrink.depth == 1.0 and self.shrink.width == 1.0:
             raise ValueError("shrink: depth or width must be below 1 for the student to be smaller")
         return self
@@ -169,7 +172,10 @@ class FinetuneStep(Training):
 
 class ExportStep(StrictModel):
     op: Literal["export"]
-    formats: list[Literal["onnx", "pt2", "hf", "safetensors"]] = Field(min_length=1, max_length=4)
+    # safetensors (and hf weights) of a sparse model use compressed-tensors' sparse-bitmask layout;
+    # safetensors-dense is the plain layout
+    formats: list[Literal["onnx", "pt2", "hf", "safetensors", "safetensors-dense"]] = Field(min_length=1,
+                                                                                             max_length=5)
 
 
 Step = Annotated[QuantizeStep | PruneStep | DistillStep | FinetuneStep | AnalyzeStep | ExportStep,

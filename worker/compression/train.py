@@ -36,6 +36,7 @@ class TrainConfig:
     temperature: float = 2.0      # distillation only
     alpha: float = 0.5            # weight of the soft-target loss; hard-label loss gets 1 - alpha
     hidden_weight: float = 0.0    # > 0: also match extra outputs (MSE) where teacher and student shapes agree
+    attention_mask_input: int | None = None  # encoders: the input whose nonzeros mark real tokens (mean pooling)
     fake_quant_bits: int | None = None  # quantization-aware training of Linear weights
     weight_decay: float = 0.0
     seed: int = 0
@@ -59,8 +60,10 @@ class _Objective:
     """The loss: soft * (teacher match) + hard * CE(labels) + hidden * MSE(extra outputs).
 
     The teacher match on [batch, classes] logits is T^2 * KL(teacher || student) at temperature T, the usual
-    implementation of Hinton's soft-target loss (T^2 keeps its gradients on the scale of the CE term); on any
-    other first output (an encoder's [batch, seq, hidden] states) it is the MSE between the two. Extra outputs
+    implementation of Hinton's soft-target loss (T^2 keeps its gradients on the scale of the CE term); on an
+    encoder's [batch, seq, hidden] states it is the hidden-state MSE plus 1 - cosine of the mean-pooled embeddings
+    (over real tokens when `mask_input` names the attention mask): what a sentence encoder is used for; on any
+    other first output it is the MSE between the two. Extra outputs
     (tuple elements after the first) are paired by position and matched where their shapes agree.
     Terms that need labels are left out when the data has none (validation data without labels).
     """
@@ -69,9 +72,10 @@ class _Objective:
     hard: float
     hidden: float
     temperature: float
+    mask_input: int | None = None
 
     def __call__(self, student: list[torch.Tensor], teacher: list[torch.Tensor] | None,
-                 labels: torch.Tensor | None) -> torch.Tensor | None:
+                 labels: torch.Tensor | None, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         first = student[0].float()
         terms = []
         if self.hard > 0:
@@ -86,23 +90,35 @@ class _Objective:
                                                                 f"has {first.shape[1]} classes")
                 terms.append(self.hard * F.cross_entropy(first, labels))
         if self.soft > 0:
-            terms.append(self.soft * self._match(first, teacher[0].float()))
+            mask = None if self.mask_input is None else inputs[self.mask_input][:len(first)]
+            terms.append(self.soft * self._match(first, teacher[0].float(), mask))
         if self.hidden > 0:
             pairs = [(s, t) for s, t in zip(student[1:], teacher[1:]) if s.shape == t.shape]
             if pairs:
                 terms.append(self.hidden * sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / len(pairs))
         return sum(terms) if terms else None
 
-    def _match(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def _match(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if student.shape != teacher.shape:
             raise JobFailure(ErrorCode.INVALID_RECIPE,
                              f"the student's first output has shape {list(student.shape)}, the "
                              f"teacher's {list(teacher.shape)}: they must match to distill")
+        if student.dim() == 3:
+            pooled_cosine = F.cosine_similarity(_mean_pool(student, mask), _mean_pool(teacher, mask), dim=-1)
+            return F.mse_loss(student, teacher) + (1 - pooled_cosine).mean()
         if student.dim() != 2:
             return F.mse_loss(student, teacher)
         t = self.temperature
         return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
                         reduction="batchmean", log_target=True) * t * t
+
+
+def _mean_pool(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """[batch, seq, hidden] -> [batch, hidden]: the mean over the tokens the mask marks (all when None)."""
+    if mask is None:
+        return states.mean(dim=1)
+    weights = (mask != 0).to(states.dtype).unsqueeze(-1)
+    return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
 
 class _FakeQuant(nn.Module):
@@ -133,7 +149,7 @@ def distill(teacher: nn.Module, student: nn.Module, train: TrainData, val: Train
                                                     "loss gets weight 1 - alpha): add a labels array to the training "
                                                     "dataset, or use alpha=1 to learn from the teacher's outputs alone")
     objective = _Objective(soft=cfg.alpha, hard=1 - cfg.alpha, hidden=cfg.hidden_weight,
-                           temperature=cfg.temperature)
+                           temperature=cfg.temperature, mask_input=cfg.attention_mask_input)
     _set_training(teacher, False)
     return _train(student, teacher, objective, train, val, cfg, masks, device, static_batch, on_epoch, check,
                   deadline)
@@ -248,7 +264,7 @@ def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Obje
             if teacher is not None:
                 with torch.no_grad():
                     teacher_out = _outputs(teacher(*inputs))
-            loss = objective(_outputs(student(*inputs)), teacher_out, labels)
+            loss = objective(_outputs(student(*inputs)), teacher_out, labels, inputs)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -306,7 +322,7 @@ def _evaluate(student: nn.Module, teacher: nn.Module | None, objective: _Objecti
             labels = None if labels is None else labels[:count]
             student_out = [o[:count] for o in _outputs(student(*inputs))]
             teacher_out = None if teacher is None else [o[:count] for o in _outputs(teacher(*inputs))]
-            loss = objective(student_out, teacher_out, labels)
+            loss = objective(student_out, teacher_out, labels, inputs)
             if loss is not None:
                 loss_sum += float(loss) * count
                 loss_count += count

@@ -35,6 +35,7 @@ from app.core.model_limits import CAUSAL_LM_TASK, SEQ2SEQ_TASK
 from app.core.vetting.archives import ArchiveError, extract_archive
 from app.core.vetting.hf import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
 from worker.errors import JobFailure
+from worker.formats import sparse_safetensors
 from worker.runtime import ort_session, run_onnx
 
 transformers.utils.logging.disable_progress_bar()
@@ -116,6 +117,7 @@ class TextModelAdapter(torch.nn.Module):
 def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None) -> HFModel:
     """Extract and load an uploaded Hugging Face model archive in eval mode, fp32, on the CPU."""
     model_dir = _extract(archive, workdir, max_unpacked_bytes)
+    sparse_safetensors.densify_hf_dir(model_dir, max_unpacked_bytes or _default_unpack_limit())
     config = _read_config(model_dir)
     model_class = _model_class(config)
     use_safetensors = _check_weights(model_dir)
@@ -198,8 +200,10 @@ def describe(hf: HFModel) -> dict[str, Any]:
             "tokenizer": hf.tokenizer is not None}
 
 
-def save_hf(hf: HFModel, model: torch.nn.Module, out_dir: Path) -> Path:
-    """Write `model` (the possibly compressed transformers model) as a Hugging Face directory, zipped.
+def save_hf(hf: HFModel, model: torch.nn.Module, out_dir: Path,
+            sparse: bool = False) -> tuple[Path, dict[str, Any] | None]:
+    """Write `model` (the possibly compressed transformers model) as a Hugging Face directory, zipped; with
+    `sparse`, a sparse model's weights in compressed-tensors' bitmask layout (returns its config, else None).
 
     transformers 5 always saves safetensors. The tokenizer and the upload's other plain files (README,
     sentence-transformers pooling configs) go along; its old weights and any code do not.
@@ -209,6 +213,7 @@ def save_hf(hf: HFModel, model: torch.nn.Module, out_dir: Path) -> Path:
                          f"the hf export needs a transformers model, got {type(model).__name__}")
     save_dir = out_dir / "model"
     model.save_pretrained(save_dir)
+    config = sparse_safetensors.sparsify_hf_dir(save_dir) if sparse else None
     if hf.tokenizer is not None:
         hf.tokenizer.save_pretrained(save_dir)
     for source in sorted(hf.model_dir.rglob("*")):
@@ -221,7 +226,7 @@ def save_hf(hf: HFModel, model: torch.nn.Module, out_dir: Path) -> Path:
         for path in sorted(save_dir.rglob("*")):
             if path.is_file():
                 archive.write(path, f"model/{path.relative_to(save_dir).as_posix()}")
-    return zip_path
+    return zip_path, config
 
 
 def verify_hf_zip(zip_path: Path, workdir: Path) -> HFModel:
@@ -300,11 +305,15 @@ def _extract(archive: Path, workdir: Path, max_unpacked_bytes: int | None) -> Pa
     """`max_unpacked_bytes` defaults to what the default upload limit allows (UNPACK_FACTOR x the limit)."""
     workdir.mkdir(parents=True, exist_ok=True)
     dest = Path(tempfile.mkdtemp(prefix="hf-", dir=workdir))
-    limit = max_unpacked_bytes or UNPACK_FACTOR * Settings.model_fields["max_upload_bytes"].default
+    limit = max_unpacked_bytes or _default_unpack_limit()
     try:
         return extract_archive(archive, dest, max_total_bytes=limit, include=_used_file)
     except ArchiveError as exc:
         raise JobFailure(exc.code, f"model archive: {exc.message}") from None
+
+
+def _default_unpack_limit() -> int:
+    return UNPACK_FACTOR * Settings.model_fields["max_upload_bytes"].default
 
 
 def _read_json(path: Path) -> dict[str, Any]:

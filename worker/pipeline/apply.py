@@ -30,6 +30,7 @@ def apply_recipe(run: JobRun, recipe: Recipe, state: WorkingModel, workdir: Path
     records: list[dict[str, Any]] = []
     reported: dict[str, Any] = {}
     last: tuple[Path, dict, list] | None = None
+    fidelity_before: dict | None = None  # the last measured step's: what a recovery step starts from
     for index, step in enumerate(recipe.steps):
         place = StepPlace(recipe=recipe, index=index, workdir=workdir,
                           fraction=0.3 + 0.5 * index / len(recipe.steps))
@@ -46,6 +47,9 @@ def apply_recipe(run: JobRun, recipe: Recipe, state: WorkingModel, workdir: Path
                 path = run.write(state, workdir / f"after-step{index}")
                 figures, outputs = run.evaluate(path, state)
                 record.update(figures, fidelity=run.fidelity(outputs))
+                if details.get("student") == "current" and fidelity_before is not None:
+                    record["fidelity_before"] = fidelity_before
+                fidelity_before = record["fidelity"]
                 last = (path, figures, outputs)
             else:
                 record["params"], record["nonzero_params"] = state.weights()

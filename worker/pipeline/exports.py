@@ -1,26 +1,38 @@
 """The files a job delivers besides its main model: the formats its `export` steps ask for, and the encoding of
-the main file. Every file is loaded back (and, for models, run) before the job succeeds."""
+the main file. Every file is loaded back (and, for models, run) before the job succeeds.
+
+The weights of a sparse model's `safetensors` export are written in compressed-tensors' sparse-bitmask layout
+(worker.formats.sparse_safetensors), so the file itself is smaller; `safetensors-dense` is the plain layout. The `hf`
+directory keeps plain weights: transformers 5 needs compressed-tensors >= 0.15, which no longer reads that layout,
+and `from_pretrained` would then leave the sparse weights newly initialised with only a warning."""
 
 import gzip
 import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from app.core.errors import ErrorCode
 from app.core.recipe import ExportStep
 from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear
 from worker.errors import JobFailure
+from worker.formats import sparse_safetensors
 from worker.formats.loaded import hf_model_of
 from worker.pipeline.files import Output
 from worker.pipeline.job_run import JobRun, WorkingModel
 
 SPARSE_ENCODING_BELOW = 0.9  # nonzero fraction under which a model file is delivered gzip-compressed
+SPARSE_LOADING = ("compressed-tensors' sparse-bitmask layout (config in the safetensors metadata key "
+                  "'quantization_config'): each sparse '<module>.weight' is stored as "
+                  "<module>.shape, .compressed (nonzero values), .bitmask (numpy.packbits, bitorder little) and "
+                  ".row_offsets. Load with compressed-tensors 0.12: BitmaskCompressor(BitmaskConfig(**config"
+                  "['sparsity_config'])).decompress(path) yields the dense tensors. Ask for 'safetensors-dense' "
+                  "for the plain layout.")
 
 
-def export_formats(run: JobRun, state: WorkingModel, steps: list[ExportStep], workdir: Path) -> list[Output]:
-    outputs = []
+def export_formats(run: JobRun, state: WorkingModel, steps: list[ExportStep],
+                   workdir: Path) -> tuple[list[Output], dict[str, Any]]:
+    """The exported files, and for the report what layout each weights file has and how to load it."""
+    outputs, layouts = [], {}
     for fmt in dict.fromkeys(f for step in steps for f in step.formats):
         run.ctx.check()
         if fmt == run.extension or (fmt == "onnx" and run.seq2seq):
@@ -37,27 +49,30 @@ def export_formats(run: JobRun, state: WorkingModel, steps: list[ExportStep], wo
             path = run.pt2_form(state, workdir / "export.pt2")
             run.check_runs(path, "pytorch")
             outputs.append(Output("model", "pt2", path, "compressed.pt2"))
-        elif fmt == "safetensors":
-            outputs.append(Output("model", "safetensors", _safetensors(state.module, workdir),
-                                  "compressed.safetensors"))
+        elif fmt in ("safetensors", "safetensors-dense"):
+            dense = fmt == "safetensors-dense"
+            path = workdir / f"export{'-dense' if dense else ''}.safetensors"
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.module.state_dict().items()}
+            config = sparse_safetensors.save(tensors, path, sparse=not dense)
+            outputs.append(Output("model", fmt, path, f"compressed{'-dense' if dense else ''}.safetensors"))
+            layouts[fmt] = _layout(config, path)
         elif fmt == "hf":
-            outputs.append(Output("model", "hf", _hf(run, state, workdir), "compressed-hf.zip"))
-    return outputs
+            path, config = _hf(run, state, workdir)
+            outputs.append(Output("model", "hf", path, "compressed-hf.zip"))
+            layouts[fmt] = _layout(config, path)
+    return outputs, layouts
 
 
-def _safetensors(module: torch.nn.Module, workdir: Path) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    path = workdir / "export.safetensors"
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(tensors, str(path))
-    loaded = load_file(str(path))
-    if set(loaded) != set(tensors) or any(not torch.equal(loaded[k], tensors[k]) for k in tensors):
-        raise JobFailure(ErrorCode.EXPORT_FAILED, "the safetensors export did not load back identically")
-    return path
+def _layout(config: dict[str, Any] | None, path: Path) -> dict[str, Any]:
+    if config is None:
+        return {"layout": "dense", "size_bytes": path.stat().st_size}
+    sparsity = config["sparsity_config"]
+    return {"layout": sparse_safetensors.FORMAT, "sparsity_structure": sparsity["sparsity_structure"],
+            "global_sparsity": sparsity["global_sparsity"], "sparse_weights": len(sparsity["targets"]),
+            "size_bytes": path.stat().st_size, "how_to_load": SPARSE_LOADING}
 
 
-def _hf(run: JobRun, state: WorkingModel, workdir: Path) -> Path:
+def _hf(run: JobRun, state: WorkingModel, workdir: Path) -> tuple[Path, dict[str, Any] | None]:
     inner = hf_model_of(state.module)
     if run.loaded.hf is None or inner is None:
         raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "export format 'hf' needs a Hugging Face model upload, "
@@ -66,9 +81,9 @@ def _hf(run: JobRun, state: WorkingModel, workdir: Path) -> Path:
         raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "export format 'hf' is not available for quantized layers")
     from worker.formats import hf
 
-    path = hf.save_hf(run.loaded.hf, inner, workdir / "export-hf")
+    path, config = hf.save_hf(run.loaded.hf, inner, workdir / "export-hf")
     hf.verify_hf_zip(path, workdir / "verify-hf")
-    return path
+    return path, config
 
 
 def encode(path: Path, figures: dict[str, Any]) -> tuple[Path, dict[str, Any]]:

@@ -54,8 +54,10 @@ def run_pipeline(staged: StagedJob, workdir: Path, settings: Settings, ctx: JobC
     compressed.update(encoding)
     main = Output("model", run.artifact_format, delivered,
                   f"compressed.{run.extension}" + (".gz" if delivered != applied.path else ""))
-    extra = exports.export_formats(run, applied.state, applied.exports, applied.path.parent)
+    extra, layouts = exports.export_formats(run, applied.state, applied.exports, applied.path.parent)
     metrics = _report(run, baseline, baseline_fidelity, compressed, applied, tuning_report)
+    if layouts:
+        metrics["exports"] = layouts
     return PipelineResult(metrics=metrics, outputs=[main, *extra])
 
 

@@ -241,6 +241,8 @@ def test_tune_job_is_accepted_and_validated(client, auth, model_id):
     ({"op": "finetune"}, "datasets.train"),
     ({"op": "distill", "student": {}}, "recipe.steps.0.distill.student"),
     ({"op": "distill", "student": {"shrink": {"depth": 1.0}}}, "recipe.steps.0.distill.student"),
+    ({"op": "distill", "student": {"current": True, "shrink": {"depth": 0.5}}}, "recipe.steps.0.distill.student"),
+    ({"op": "distill", "student": {"current": False}}, "recipe.steps.0.distill.student"),
     ({"op": "distill", "student": {"shrink": {"depth": 0.5}}, "temperature": 0}, "recipe.steps.0.distill.temperature"),
     ({"op": "distill", "student": {"shrink": {"depth": 0.5}}, "alpha": 1.5}, "recipe.steps.0.distill.alpha"),
     ({"op": "analyze", "bins": 1}, "recipe.steps.0.analyze.bins"),

@@ -56,3 +56,16 @@ def test_the_int8_cpu_preset_chooses_auto() -> None:
 
     assert preset_recipe("int8-cpu").steps[0].method == "auto"
     assert PRESETS["int8-cpu"].public("int8-cpu")["recipe"]["steps"][0]["method"] == "auto"
+
+def test_a_student_is_exactly_one_of_model_id_shrink_and_current() -> None:
+    from app.core.recipe import Recipe, Student, Target, check_recipe_for_model
+
+    assert Student(current=True).current
+    for fields in ({}, {"current": False}, {"current": True, "model_id": "mdl_x"},
+                   {"model_id": "mdl_x", "shrink": {"depth": 0.5}}):
+        with pytest.raises(ValidationError, match="exactly one of model_id"):
+            Student(**fields)
+    recovery = Recipe(steps=[{"op": "prune", "sparsity": 0.5}, {"op": "distill", "student": {"current": True}}])
+    with pytest.raises(ValueError, match=r"recipe.steps.1.op: distill needs a PyTorch model"):
+        check_recipe_for_model(recovery, Target(), "onnx")
+    check_recipe_for_model(recovery, Target(), "hf")

@@ -223,3 +223,54 @@ def test_fake_quant_training_survives_low_bit_quantization():
         results[bits] = {b: quantized_accuracy(model, b, x_test, y_test) for b in (4, 3)}
     assert results[4][4] > results[None][4] + 0.03, results
     assert results[3][3] > results[None][3] + 0.05, results
+
+
+def test_an_encoder_is_matched_on_its_pooled_embedding_over_real_tokens_only():
+    """The encoder loss (hidden-state MSE + 1 - cosine of mean-pooled embeddings) pools only where the attention
+    mask is set: what padding positions hold does not change the pooled term."""
+    from worker.compression.train import _Objective
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    objective = _Objective(soft=1.0, hard=0.0, hidden=0.0, temperature=1.0, mask_input=1)
+    loss = objective([student], [teacher], None, [torch.zeros(2, 5), mask])
+    padded = student.clone()
+    padded[0, 3:] = 100.0
+    mse_change = torch.nn.functional.mse_loss(padded, teacher) - torch.nn.functional.mse_loss(student, teacher)
+    assert torch.isclose(objective([padded], [teacher], None, [torch.zeros(2, 5), mask]), loss + mse_change)
+    assert objective([teacher], [teacher], None, [torch.zeros(2, 5), mask]) < 1e-6
+
+
+def test_an_encoder_distils_on_unlabelled_tokens_with_masks_kept():
+    """Recovery at the training level: a pruned copy of a tiny encoder learns back toward the original from
+    token ids alone (no labels), and its pruned weights stay zero."""
+    from transformers import BertConfig, BertModel
+
+    from worker.formats.hf import TextModelAdapter
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, initializer_range=0.3, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    names = ["input_ids", "attention_mask"]
+    teacher = TextModelAdapter(BertModel(config).eval(), names, ["last_hidden_state"], {})
+    student = copy.deepcopy(teacher)
+    masks, _ = prune_unstructured(student, method="magnitude", sparsity=0.5, pattern="unstructured",
+                                  threshold=None, scope="layer", exclude=[], calibration=None, check=lambda: None)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 40, size=(96, 8)).astype(np.int64)
+    attention = np.ones_like(ids)
+    attention[::2, 5:] = 0
+
+    def gap():
+        with torch.no_grad():
+            inputs = torch.from_numpy(ids[:32]), torch.from_numpy(attention[:32])
+            return float(torch.nn.functional.mse_loss(student(*inputs)[0], teacher(*inputs)[0]))
+
+    before = gap()
+    distill(teacher, student, TrainData([ids, attention], None), None,
+            TrainConfig(epochs=3, lr=3e-3, batch_size=16, alpha=1.0, attention_mask_input=1), masks=masks)
+    assert gap() < 0.7 * before
+    for name, mask in masks.items():
+        assert not student.get_submodule(name).weight[mask == 0].any()

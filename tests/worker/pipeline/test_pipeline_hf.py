@@ -93,3 +93,47 @@ def test_generated_inputs_are_valid_for_text_models(tmp_path, worker_env, db, ad
     metrics = finished(db, job_id).metrics
     assert metrics["evaluation"]["inputs"] == "generated"
     assert metrics["fidelity"]["cosine_mean"] > 0.98
+
+
+def test_pruning_recovered_by_distillation_into_the_current_model(tmp_path, worker_env, db, add_model, add_job,
+                                                                   add_text_dataset):
+    """Activation-aware 50% pruning of a sentence encoder, then recovery on unlabelled text with the pruned model as
+    the student and the upload as the teacher: fidelity rises, the zeros stay, and the sparse weights are
+    exported in the bitmask layout."""
+    import torch
+    from safetensors import safe_open
+
+    from worker.formats import sparse_safetensors
+
+    folder = tmp_path / "encoder"
+    # weights as large as a trained model's, so that pruning them costs fidelity (at BERT's initial 0.02 the
+    # residual stream hides them); no dropout, so that a few epochs win it back
+    save_tiny_bert(folder, num_labels=None, initializer_range=0.3, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0)
+    row = add_model(pack(folder, tmp_path / "encoder.zip"), "hf")
+    texts = {role: add_text_dataset(row, tmp_path / f"{role}.jsonl", count=count, labelled=False)
+             for role, count in (("calibration", 32), ("train", 96), ("eval", 32))}
+    job_id = add_job(row, datasets=texts, steps=[
+        {"op": "prune", "method": "activation_aware", "sparsity": 0.5},
+        {"op": "distill", "student": {"current": True}, "alpha": 1.0, "epochs": 4, "lr": 0.003, "batch_size": 16},
+        {"op": "export", "formats": ["safetensors", "safetensors-dense", "hf"]}])
+    run_job(job_id)
+    job = finished(db, job_id)
+    pruned, recovered = job.metrics["steps"][:2]
+    assert recovered["details"]["student"] == "current" and recovered["details"]["masks_kept"] > 0
+    assert recovered["fidelity_before"] == pruned["fidelity"]
+    assert recovered["fidelity"]["cosine_mean"] > pruned["fidelity"]["cosine_mean"]
+    for name, layer in pruned["details"]["per_layer"].items():  # the masks held through training
+        assert recovered["details"]["per_layer"][name]["zeros"] >= layer["zeros"]
+    layouts = job.metrics["exports"]
+    assert layouts["safetensors"]["layout"] == "sparse-bitmask" and layouts["safetensors-dense"]["layout"] == "dense"
+    assert layouts["safetensors"]["size_bytes"] < layouts["safetensors-dense"]["size_bytes"]  # embeddings: dense
+    assert layouts["hf"]["layout"] == "dense"  # transformers 5 cannot read the bitmask layout back
+    _, sparse_path = fetch(worker_env, job, tmp_path, fmt="safetensors")
+    _, dense_path = fetch(worker_env, job, tmp_path, fmt="safetensors-dense")
+    assert sparse_safetensors.config_of(sparse_path)["sparsity_config"]["format"] == "sparse-bitmask"
+    with safe_open(str(dense_path), framework="pt") as dense:
+        plain = {key: dense.get_tensor(key) for key in dense.keys()}
+    with safe_open(str(sparse_path), framework="pt") as sparse:
+        back = sparse_safetensors.decompress({key: sparse.get_tensor(key) for key in sparse.keys()})
+    assert set(back) == set(plain) and all(torch.equal(back[key], plain[key]) for key in plain)

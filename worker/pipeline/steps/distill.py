@@ -1,11 +1,12 @@
 """`distill`: train a student (derived from the teacher, or uploaded) to match the model as the earlier steps
-left it; the student then replaces the model."""
+left it; the student then replaces the model. With `student.current` it is recovery instead: the model as the
+earlier steps left it (pruning masks kept) learns to match the original upload again."""
 
 import copy
 
 from app.core.errors import ErrorCode
 from app.core.recipe import DistillStep
-from worker.compression import students, train
+from worker.compression import prune, students, train
 from worker.compression.modules import count_weights
 from worker.errors import JobFailure
 from worker.formats import load
@@ -31,18 +32,38 @@ def _student(run: JobRun, teacher, step: DistillStep):
     return other.module, {"student": student_id}
 
 
+def _original(run: JobRun):
+    """The upload as it came, loaded afresh: the steps before changed the job's own copy in place."""
+    original = load(run.staged.model_path, run.staged.model_format, run.workdir / "teacher", run.unpack_limit).module
+    if original is None:
+        raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "student.current needs the upload in PyTorch form")
+    return original.to(run.device)
+
+
+def _attention_mask_input(run: JobRun) -> int | None:
+    names = [spec["name"] for spec in run.loaded.inputs]
+    return names.index("attention_mask") if run.loaded.hf is not None and "attention_mask" in names else None
+
+
 def apply(run: JobRun, state: WorkingModel, step: DistillStep, place: StepPlace) -> dict:
     if state.module is None:
         raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "distill needs the teacher in PyTorch form")
-    teacher = state.module
-    student, details = _student(run, teacher, step)
+    if step.student.current:
+        teacher, student, masks = _original(run), state.module, state.masks
+        details = {"student": "current", "masks_kept": len(masks)}
+    else:
+        teacher, masks = state.module, {}
+        student, details = _student(run, teacher, step)
     if run.device == "cuda":
         student.to("cuda")
     config = train.TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size,
-                               temperature=step.temperature, alpha=step.alpha, hidden_weight=step.hidden_weight)
-    result = train.distill(teacher, student, run.data.train, run.data.val, config,
+                               temperature=step.temperature, alpha=step.alpha, hidden_weight=step.hidden_weight,
+                               attention_mask_input=_attention_mask_input(run))
+    result = train.distill(teacher, student, run.data.train, run.data.val, config, masks=masks or None,
                            **training_options(run, step, place))
-    state.module, state.masks = student, {}
+    state.module, state.masks = student, masks
+    if step.student.current:
+        details["per_layer"] = prune.layer_sparsity(student)  # the pruned weights are still zero
     teacher_params, student_params = count_weights(teacher)[0], count_weights(student)[0]
     return {**details, "teacher_params": teacher_params, "student_params": student_params,
             "epochs": result.history, "best_epoch": result.best_epoch, "stopped": result.stopped}
