@@ -216,7 +216,7 @@ def test_auto_int8_that_cannot_stay_faithful_says_so_in_the_notes(tmp_path, work
     run_job(job_id)
     metrics = finished(db, job_id).metrics
     details = metrics["steps"][0]["details"]
-    assert [c["name"] for c in details["candidates"]] == ["static_conv", "static", "dynamic"]
+    assert [c["name"] for c in details["candidates"]] == ["static_conv", "static", "dynamic", "weights_int8"]
     assert all(c["cosine"] < 0.99 for c in details["candidates"])
     assert details["warning"].startswith("no int8 candidate keeps output cosine >= 0.99")
     assert details["warning"] in metrics["notes"] and metrics["degraded"] is True
