@@ -115,7 +115,7 @@ def bench(name: str, source: Path, shape: tuple[int, ...], batch: int, args, fol
     kept = details["chosen"].get("kept_in_float", {})
     in_float = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in kept.items() if isinstance(v, list) and v)
     tried = " / ".join(f"{c['name']} {c['speedup']:.2f}x {c['cosine']:.4f}" if "speedup" in c else
-                       f"{c['name']} failed" for c in details["candidates"])
+                       f"{c['name']} failed ({c['error'][:80]})" for c in details["candidates"])
     normalized_what = "opset {from}->{to}".format(**normalization["opset"]) + (
         f", {normalization['constants_to_initializers']} Constants" if normalization["constants_to_initializers"]
         else "")

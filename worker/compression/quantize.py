@@ -308,7 +308,8 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
     convolutions (Relu/Clip, residual Add, pooling) are quantized too, so every Conv sits between a
     DequantizeLinear and a QuantizeLinear and becomes a QLinearConv with its activation fused, int8 from layer to
     layer; tiny layers stay in float, and depthwise convolutions too unless `depthwise_in_float` is False
-    (float_convolutions: which is faster depends on the net and the CPU, so int8_auto measures both)."""
+    (float_convolutions: which is faster depends on the net and the CPU, so int8_auto measures both). The weights
+    of the layers left in float are stored in int8 all the same (store_weights_int8: float compute, folded at load)."""
     with _prepared(source, destination) as prepared:
         excluded = excluded_nodes(prepared, exclude)
         activations = [name for name in activation_matmuls(prepared) if name not in excluded]
@@ -333,6 +334,7 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
             model = onnx.load(str(quantized))
             fused = fuse_static_matmuls(model)
             rewired = 0 if convolutional else float_consumers_read_float(model)
+            stored = store_weights_int8(model, excluded) if convolutional else 0
             onnx.save(model, str(destination))
         except Exception as exc:
             raise _failure("ONNX Runtime static quantization", exc) from None
@@ -343,6 +345,7 @@ def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclu
                      "other_ops": "everything but " + ", ".join(op_types)}
     if convolutional:
         kept_in_float.update(conv_float)
+        kept_in_float["their_weights"] = f"int8 storage, float compute ({stored} weights; store_weights_int8)"
     else:
         kept_in_float["float_consumers_reading_exact_inputs"] = rewired
     return {"method": "static", "dtype": "int8", "granularity": granularity, "excluded_nodes": excluded,

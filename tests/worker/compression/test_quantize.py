@@ -174,6 +174,8 @@ def test_conv_net_static_int8_runs_as_qlinearconv_with_depthwise_and_tiny_layers
                                calibration=batches, convolutional=True)
     assert details["kept_in_float"]["depthwise_convolutions"] == ["depthwise"]
     assert details["kept_in_float"]["tiny_layers"] == ["stem", "fc"]
+    stored = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}
+    assert stored["stem_w_int8"] == stored["dw_w_int8"] == onnx.TensorProto.INT8  # float compute, int8 file
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
