@@ -119,3 +119,18 @@ def test_hard_sigmoid_alone_and_shared_intermediates(tmp_path):
         assert details["activations_fused"] == fused
         assert [n.op_type for n in onnx.load(str(path)).graph.node] == ops
         assert relative_change(source, path, inputs) <= 1e-6
+
+
+def test_fusion_that_moves_the_outputs_too_far_is_undone_and_the_rest_kept(tmp_path, monkeypatch):
+    """A fused hard-swish rounds differently from its four ops; a graph that amplifies that past the threshold
+    (the OCR detector) is normalized without the fusion (here: a threshold of 0, where only exact rewrites pass)."""
+    import worker.compression.normalize as normalize_module
+
+    source = tmp_path / "hswish.onnx"
+    onnx.save(_conv_then(PADDLE_HARD_SWISH, 11, {"three": 3.0, "zero": 0.0, "six": 6.0}), str(source))
+    inputs = [[np.random.default_rng(4).uniform(-4, 4, (1, 3, 8, 8)).astype(np.float32)]]
+    monkeypatch.setattr(normalize_module, "MAX_RELATIVE_CHANGE", 0.0)
+    path, details = normalize(source, tmp_path / "normalized.onnx", inputs)
+    assert details["changed"] and details["activations_fused"] == {} and details["opset"]["to"] == 13
+    assert details["activations_not_fused"].startswith("fusing them changed the outputs by")
+    assert "HardSwish" not in [n.op_type for n in onnx.load(str(path)).graph.node]
