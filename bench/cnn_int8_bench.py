@@ -122,8 +122,8 @@ def bench(name: str, source: Path, shape: tuple[int, ...], batch: int, args, fol
     fused = normalization.get("activations_fused", {})
     if any(fused.values()):
         normalized_what += ", " + ", ".join(f"{n} {op}" for op, n in fused.items() if n)
-    return [f"| {name} | {batch} | {uploaded_ms:.2f} | {fp32_ms:.2f} | {auto_ms:.2f} | **{uploaded_ms / auto_ms:.2f}x** "
-            f"| **{fp32_ms / auto_ms:.2f}x** | {cosine[0]:.4f} "
+    return [f"| {name} | {batch} | {uploaded_ms:.2f} | {fp32_ms:.2f} | {auto_ms:.2f} "
+            f"| **{uploaded_ms / auto_ms:.2f}x** | **{fp32_ms / auto_ms:.2f}x** | {cosine[0]:.4f} "
             f"| {auto.stat().st_size / size:.2f} | {details['kept']} | {in_float or '-'} | {fp32_ms / dynamic_ms:.2f}x "
             f"| {cosine[1]:.4f} | {tried} | {normalized_what} | {seconds:.0f} |"]
 

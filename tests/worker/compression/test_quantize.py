@@ -228,7 +228,8 @@ def test_int8_weight_storage_is_folded_at_load_smaller_and_close(tmp_path):
     details = onnx_weights_int8(source, out, exclude=["^fc$"])
     assert details["weights_stored_int8"] == 4 and details["excluded_nodes"] == ["fc"]
     stored = {t.name: t for t in onnx.load(str(out)).graph.initializer}
-    assert stored["conv_w_int8"].data_type == onnx.TensorProto.INT8 and list(stored["conv_w_scale"].dims) == [32, 1, 1, 1]
+    assert stored["conv_w_int8"].data_type == onnx.TensorProto.INT8
+    assert list(stored["conv_w_scale"].dims) == [32, 1, 1, 1]
     assert stored["fc_w"].data_type == onnx.TensorProto.FLOAT  # excluded
     assert out.stat().st_size < 0.4 * source.stat().st_size
     optimized = {}
