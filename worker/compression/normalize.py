@@ -316,7 +316,10 @@ def _rewritten(source: Path, fuse_activations: bool) -> tuple[onnx.ModelProto, d
             "weight_shapes_dropped": drop_initializer_shapes(model),
             "unnamed_nodes_named": name_unnamed_nodes(model)}
     fuse = fuse_activations and has_hard_swish(model)
-    model, done["opset"] = upgrade_opset(model, HARD_SWISH_OPSET if fuse else PER_CHANNEL_OPSET)
+    upgraded, done["opset"] = upgrade_opset(model, HARD_SWISH_OPSET if fuse else PER_CHANNEL_OPSET)
+    if fuse and "not_converted" in done["opset"]:  # per-channel int8 matters more than the fusion
+        upgraded, done["opset"] = upgrade_opset(model, PER_CHANNEL_OPSET)
+    model = upgraded
     done["activations_fused"] = fuse_hard_swish(model) if fuse and default_opset(model) >= HARD_SWISH_OPSET else {}
     return model, done
 

@@ -134,3 +134,22 @@ def test_fusion_that_moves_the_outputs_too_far_is_undone_and_the_rest_kept(tmp_p
     assert details["changed"] and details["activations_fused"] == {} and details["opset"]["to"] == 13
     assert details["activations_not_fused"].startswith("fusing them changed the outputs by")
     assert "HardSwish" not in [n.op_type for n in onnx.load(str(path)).graph.node]
+
+
+def test_when_opset_14_is_out_of_reach_the_graph_still_reaches_13_unfused(tmp_path, monkeypatch):
+    import worker.compression.normalize as normalize_module
+
+    convert = normalize_module.version_converter.convert_version
+
+    def without_14(model, version):
+        if version >= 14:
+            raise RuntimeError("no adapter")
+        return convert(model, version)
+
+    monkeypatch.setattr(normalize_module.version_converter, "convert_version", without_14)
+    source = tmp_path / "hswish.onnx"
+    onnx.save(_conv_then(PADDLE_HARD_SWISH, 11, {"three": 3.0, "zero": 0.0, "six": 6.0}), str(source))
+    inputs = [[np.random.default_rng(5).uniform(-4, 4, (1, 3, 8, 8)).astype(np.float32)]]
+    path, details = normalize(source, tmp_path / "normalized.onnx", inputs)
+    assert details["opset"] == {"from": 11, "to": 13} and details["activations_fused"] == {}
+    assert default_opset(onnx.load(str(path))) == 13
