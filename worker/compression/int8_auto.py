@@ -5,7 +5,11 @@ turns every Conv into ConvInteger plus a float rescale, 4-12x slower than fp32 o
 bench/cnn_int8_bench.py. Transformers and recurrent nets get dynamic int8 (their MatMuls quantized per row at run
 time). Each candidate is timed against the fp32 model on the job's first eval batch (interleaved, so a busy
 machine slows both alike) and its outputs compared on all of them; the next candidate is tried until one is
-faster than fp32 and faithful (output cosine >= FAITHFUL_COSINE). If none is, the fastest faithful one is
+faster than fp32 and faithful (output cosine >= FAITHFUL_COSINE). The last candidate of every plan,
+"weights_int8", stores the weights in int8 and computes in float (quantize.store_weights_int8): ONNX Runtime folds
+the decoding at load, so it runs as fast as fp32 from a file about 4x smaller. It is kept when no int8 computation
+beats fp32 (small depthwise nets such as the OCR angle classifier of issue 11, where the dequantize/quantize pairs
+cost more than the int8 convolutions save). If it is not faithful either, the fastest faithful candidate is
 delivered (else the most faithful) with a warning.
 """
 
@@ -34,9 +38,13 @@ MATMUL_OPS = {"MatMul", "Gemm", "Attention", "MultiHeadAttention"}
 # the net has some: on this VNNI CPU a plain MobileNet-style chain ran 1.66x fp32 with them in int8 against 1.35x,
 # the OCR angle classifier 0.52x against 0.72x); "static" quantizes only the weight-bearing ops (on the OCR
 # recognizer, whose attention layers follow the convolutions, it stayed faithful where static_conv did not).
-PLANS = {"convolutional": ("static_conv", "static_conv_depthwise", "static", "dynamic"),
-         "transformer": ("dynamic", "static"),
-         "recurrent": ("dynamic", "static")}
+PLANS = {"convolutional": ("static_conv", "static_conv_depthwise", "static", "dynamic", "weights_int8"),
+         "transformer": ("dynamic", "static", "weights_int8"),
+         "recurrent": ("dynamic", "static", "weights_int8")}
+# "weights_int8" runs the fp32 graph once ONNX Runtime has folded its decoding, so its measured speedup is fp32
+# against itself: on this shared 2-core machine such pairs measure 0.9-1.1x, and 0.73x in a busy spell. It counts
+# as "not slower" above this, or when ONNX Runtime's optimized graph of it has the fp32 graph's ops (`folded`).
+AT_PAR = 0.9
 # Latency is measured in this many rounds, fp32 and candidate alternating.
 ROUNDS = 5
 
@@ -62,6 +70,7 @@ class Candidate:
     latency_ms: float | None = None
     fp32_latency_ms: float | None = None
     size_bytes: int | None = None
+    folded: bool | None = None  # weights_int8: ONNX Runtime's optimized graph has the fp32 graph's ops
     error: str | None = None
 
     @property
@@ -79,8 +88,9 @@ class Candidate:
 
 def decide(candidates: list[Candidate]) -> tuple[int, str, str | None]:
     """The candidate to keep among those measured: (index, why, warning or None). Faster than fp32 and faithful
-    first (the fastest such); else the fastest faithful one, said loudly; else the most faithful one, said
-    loudly. Raises ValueError when no candidate was measured."""
+    first (the fastest such); else int8 weight storage when faithful and at par with fp32 (AT_PAR); else the
+    fastest faithful one, said loudly; else the most faithful one, said loudly. Raises ValueError when no
+    candidate was measured."""
     measured = [i for i, c in enumerate(candidates) if c.error is None]
     if not measured:
         raise ValueError("no candidate could be measured")
@@ -89,6 +99,14 @@ def decide(candidates: list[Candidate]) -> tuple[int, str, str | None]:
         best = max(good, key=lambda i: candidates[i].speedup)
         return best, f"{candidates[best].name}: faster than fp32 and faithful", None
     faithful = [i for i in measured if candidates[i].faithful]
+    storage = [i for i in faithful if candidates[i].name == "weights_int8"
+               and (candidates[i].folded or candidates[i].speedup >= AT_PAR)]
+    if storage:
+        kept = candidates[storage[0]]
+        how = "the fp32 graph once ONNX Runtime folds the decoding, " if kept.folded else ""
+        return storage[0], (f"{kept.name}: no int8 computation is faster than fp32 here; int8 weights with float "
+                            f"compute run at fp32 speed ({how}measured {kept.speedup:.2f}x) from a smaller "
+                            "file"), None
     if faithful:
         best = max(faithful, key=lambda i: candidates[i].speedup)
         kept = candidates[best]
@@ -120,6 +138,21 @@ def paired_latency(fp32_path: Path, candidate_path: Path, feeds: list[np.ndarray
     return float(np.median(times[0])), float(np.median(times[1]))
 
 
+def loaded_ops(path: Path, folder: Path) -> list[str]:
+    """The op types of the graph ONNX Runtime runs for `path` (its optimized graph, layout rewrites aside)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / f"{path.stem}.loaded.onnx")
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return sorted(n.op_type for n in onnx.load(options.optimized_model_filepath, load_external_data=False)
+                      .graph.node)
+    finally:
+        Path(options.optimized_model_filepath).unlink(missing_ok=True)
+
+
 def outputs_of(path: Path, batches: list[list[np.ndarray]], threads: int) -> list[list[np.ndarray]]:
     run = open_runner(path, "onnxruntime", "cpu", threads)
     return [run(batch) for batch in batches]
@@ -129,6 +162,8 @@ def _quantize(name: str, source: Path, destination: Path, *, granularity: str, e
               calibration_method: str, calibration: list[list[np.ndarray]]) -> dict:
     if name == "dynamic":
         return quantize.onnx_dynamic_int8(source, destination, granularity=granularity, exclude=exclude)
+    if name == "weights_int8":
+        return quantize.onnx_weights_int8(source, destination, exclude=exclude)
     return quantize.onnx_static_int8(source, destination, granularity=granularity, exclude=exclude,
                                      calibration_method=calibration_method, calibration=calibration,
                                      convolutional=name.startswith("static_conv"),
@@ -165,6 +200,8 @@ def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: lis
                                 calibration_method=calibration_method, calibration=calibration or eval_batches)
             candidate.cosine = round(fidelity(reference, outputs_of(path, eval_batches, threads))["cosine_mean"], 6)
             fp32_ms, candidate_ms = paired_latency(source, path, eval_batches[0], threads, warmup, runs)
+            if name == "weights_int8":
+                candidate.folded = loaded_ops(path, path.parent) == loaded_ops(source, path.parent)
         except JobFailure as exc:
             candidate.error, candidate.cosine = exc.message, None
             failures.append(exc)

@@ -94,3 +94,32 @@ def test_among_good_candidates_the_fastest_wins():
                    Candidate("static_conv_depthwise", speedup=1.6, cosine=0.998)])[0] == 1
     with pytest.raises(ValueError):
         decide([Candidate("static", error="failed")])
+
+
+def test_int8_weight_storage_is_kept_when_no_int8_computation_beats_fp32():
+    """Timings as measured on the OCR angle classifier: every int8 computation slower than fp32; int8 storage with
+    float compute measures at par (the same graph once folded) and is kept without a warning."""
+    measured = [Candidate("static_conv", speedup=0.63, cosine=0.9998), Candidate("static", speedup=0.44, cosine=0.996),
+                Candidate("dynamic", speedup=0.06, cosine=0.9956), Candidate("weights_int8", speedup=0.96,
+                                                                             cosine=0.99995)]
+    index, reason, warning = decide(measured)
+    assert (index, warning) == (3, None) and "fp32 speed" in reason
+    assert decide([Candidate("static_conv", speedup=1.4, cosine=0.999), *measured[1:]])[0] == 0
+    busy = Candidate("weights_int8", speedup=0.73, cosine=0.99995, folded=True)  # a busy spell, the same graph
+    assert decide([*measured[:3], busy])[0] == 3
+    index, _, warning = decide([*measured[:3], Candidate("weights_int8", speedup=0.8, cosine=0.99995)])
+    assert index == 3 and "not faster" in warning  # well below par: the fastest faithful, said loudly
+    index, _, warning = decide([*measured[:3], Candidate("weights_int8", speedup=1.0, cosine=0.95)])
+    assert index == 0 and "no int8 candidate is faster" in warning
+
+
+def test_int8_weight_storage_measured_in_auto_runs_the_fp32_graph(tmp_path, cnn, monkeypatch):
+    import worker.compression.int8_auto as int8_auto
+
+    source, batches = cnn
+    monkeypatch.setitem(int8_auto.PLANS, "convolutional", ("weights_int8",))
+    details = auto(source, tmp_path / "q.onnx", batches)
+    (candidate,) = details["candidates"]
+    assert candidate["folded"] is True and candidate["cosine"] >= 0.999
+    assert details["kept"] == "weights_int8" and "warning" not in details
+    assert candidate["size_bytes"] < 0.4 * source.stat().st_size

@@ -174,6 +174,8 @@ def test_conv_net_static_int8_runs_as_qlinearconv_with_depthwise_and_tiny_layers
                                calibration=batches, convolutional=True)
     assert details["kept_in_float"]["depthwise_convolutions"] == ["depthwise"]
     assert details["kept_in_float"]["tiny_layers"] == ["stem", "fc"]
+    stored = {t.name: t.data_type for t in onnx.load(str(out)).graph.initializer}
+    assert stored["stem_w_int8"] == stored["dw_w_int8"] == onnx.TensorProto.INT8  # float compute, int8 file
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
@@ -210,3 +212,46 @@ def test_conv_nets_keep_adds_of_constants_in_float_but_quantize_residual_adds(tm
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
     assert float_convolutions(path) == {"depthwise_convolutions": [], "tiny_layers": [],
                                         "adds_of_constants": ["plus_three"]}
+
+
+def test_int8_weight_storage_is_folded_at_load_smaller_and_close(tmp_path):
+    """Conv, depthwise and Gemm weights in int8 (Cast + Mul in the file): ONNX Runtime folds the decoding when the
+    session loads, so the optimized graph has the fp32 model's ops, and the outputs stay close."""
+    from tests.helpers import save_foreign_cnn
+    from worker.compression.normalize import normalize
+    from worker.compression.quantize import onnx_weights_int8
+
+    rng = np.random.default_rng(0)
+    batches = [[rng.standard_normal((2, 3, 32, 32)).astype(np.float32)]]
+    source, _ = normalize(save_foreign_cnn(tmp_path / "cnn.onnx", opset=11), tmp_path / "n.onnx", batches)
+    out = tmp_path / "w8.onnx"
+    details = onnx_weights_int8(source, out, exclude=["^fc$"])
+    assert details["weights_stored_int8"] == 4 and details["excluded_nodes"] == ["fc"]
+    stored = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    assert stored["conv_w_int8"].data_type == onnx.TensorProto.INT8
+    assert list(stored["conv_w_scale"].dims) == [32, 1, 1, 1]
+    assert stored["fc_w"].data_type == onnx.TensorProto.FLOAT  # excluded
+    assert out.stat().st_size < 0.4 * source.stat().st_size
+    optimized = {}
+    for name, path in (("fp32", source), ("int8 storage", out)):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(tmp_path / f"{name}.optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized[name] = sorted(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert optimized["int8 storage"] == optimized["fp32"] and "Cast" not in optimized["fp32"]
+    x = batches[0][0]
+    assert cosine(run(source, x), run(out, x)) > 0.999
+
+
+def test_int8_weight_storage_leaves_weights_read_elsewhere_in_float():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from worker.compression.quantize import store_weights_int8
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Add", ["h", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [w])
+    model = helper.make_model(graph)
+    assert store_weights_int8(model) == 0 and [t.name for t in model.graph.initializer] == ["w"]
