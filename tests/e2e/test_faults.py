@@ -265,7 +265,11 @@ def test_job_that_keeps_killing_its_worker_fails_after_max_attempts(tmp_path, pr
     assert job["attempts"] == 3
     assert job["error"]["code"] == "worker_lost"
     assert "stopped responding 3 times" in job["error"]["message"]
-    assert service.events(job_id) == ["queued", "running", "queued", "running", "queued", "running", "failed"]
+    # Each lost run is taken up again either by the reaper (running -> queued -> running) or, when the broker
+    # re-delivers first, by a worker claiming the stale job directly (running -> running): both are recorded.
+    events = service.events(job_id)
+    assert events[:2] == ["queued", "running"] and events[-1] == "failed", events
+    assert events.count("running") == 3 and set(events[2:-1]) <= {"queued", "running"}, events
     time.sleep(HEARTBEAT_TIMEOUT + 1)  # a reaper round and a re-delivery later, it is still done with
     assert service.job(job_id) == job
     assert worker.poll() is None  # only its pool processes died; Celery replaced them
