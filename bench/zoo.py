@@ -361,27 +361,32 @@ def compress_all(client: httpx.Client, model: Model, presets: list[dict], work: 
     datasets = {role: upload(client, "/v1/datasets", path)["id"]
                 for role, path in (("eval", model.eval_file), ("calibration", model.calibration_file))}
     rows = []
-    for preset in presets:
-        name = preset["name"]
-        if "train" in preset["needs"] and model.name == "minilm":
+    jobs = [(p["name"], p["needs"], True) for p in presets]
+    if model.name != "minilm":  # what a user gets who gives no data: inputs generated from the graph alone
+        jobs.append(("int8-cpu", [], False))
+    for name, needs, with_data in jobs:
+        if "train" in needs and model.name == "minilm":
             rows.append(Row(model.name, name, "skipped", error="needs a labelled train set and minutes of training"))
             continue
-        body = {"model_id": uploaded["id"], "preset": name, "datasets": {"eval": datasets["eval"]}}
-        if "calibration" in preset["needs"]:
+        body = {"model_id": uploaded["id"], "preset": name, "datasets": {"eval": datasets["eval"]} if with_data else {}}
+        if "calibration" in needs:
             body["datasets"]["calibration"] = datasets["calibration"]
-        if "train" in preset["needs"]:
+        if "train" in needs:
             body["datasets"]["train"] = datasets["eval"]
         started = time.monotonic()
-        spec_note = ""
+        label = name if with_data else f"{name}, no dataset"
         if model.input_specs:
             status, job, refusal = run_job(client, {**body, "input_specs": model.input_specs}, timeout)
             if status == "refused" and "input_specs" in refusal:
-                spec_note = f"input_specs refused ({refusal[:120]}); sent again without. "
+                if not any(n.startswith("input_specs") for n in model.notes):
+                    model.notes.append(f"input_specs {json.dumps(model.input_specs)} refused: {refusal}; every job "
+                                       "sent again without (marked 'specs 422')")
+                label += " (specs 422)"
                 status, job, refusal = run_job(client, body, timeout)
         else:
             status, job, refusal = run_job(client, body, timeout)
-        print(f"  {model.name} {name}: {status} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
-        row = Row(model.name, name, status, metrics=(job or {}).get("metrics"), error=spec_note + refusal)
+        print(f"  {model.name} {label}: {status} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        row = Row(model.name, label, status, metrics=(job or {}).get("metrics"), error=refusal)
         if job and job.get("error"):
             row.error += f"{job['error']['code']}: {job['error']['message']}"
         if job and status in ("succeeded", "failed"):
@@ -525,7 +530,7 @@ def table(models: dict[str, Model], rows: list[Row]) -> list[str]:
                     local_cos = f"{local['cosine'][1]:.5f} / {local['cosine'][0]:.5f}"
                 if not service[0]:
                     service[0] = f"{local['size'] / 1e6:.2f}"
-            status = row.status + (f": {row.error}" if row.error else "")
+            status = row.status + (f": {row.error[:110]}{'...' if len(row.error) > 110 else ''}" if row.error else "")
             lines.append(f"| {name} | {row.label} | {status.replace('|', '/')} | {service[0]} | {service[1]} | "
                          f"{service[2]} | {share} | {local_ms} | {local_cos} |")
     return lines
@@ -583,6 +588,10 @@ def main() -> None:
             print(f"- {model.name}: {model.what}; {len(model.feeds)} eval samples" +
                   "".join(f"; {n}" for n in model.notes))
         print("\n".join(table(models, rows)))
+        print("\nEvery failure and refusal, in full:")
+        for row in rows:
+            if row.error and row.status != "skipped":
+                print(f"- {row.model} / {row.label}: {row.status}: {row.error}")
     finally:
         if proc is not None:
             stop_service(proc)
