@@ -83,9 +83,13 @@ def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, 
         metrics["tuning"] = tuning_report
         metrics["recipe"] = tuning_report["trials"][tuning_report["best"]]["recipe"]
     notes = []
+    smaller = metrics["compression_ratio"] > 1
+    if not smaller:
+        notes.append(f"the compressed model is not smaller than the baseline ({compressed['size_bytes']} bytes "
+                     f"against {baseline['size_bytes']}): the recipe found little in this model to compress")
     if metrics["speedup"] < 1:
-        notes.append(f"the compressed model is slower than the baseline on this device "
-                     f"({run.device}, {run.runtime}): it is smaller, not faster")
+        notes.append(f"the compressed model is slower than the baseline on this device ({run.device}, "
+                     f"{run.runtime}): " + ("it is smaller, not faster" if smaller else "neither smaller nor faster"))
     metrics["fidelity_floor"] = floor.judge(metrics, staged.min_fidelity)
     if not metrics["fidelity_floor"]["passed"]:
         metrics["degraded"] = True
