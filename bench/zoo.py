@@ -23,6 +23,7 @@ output cosine of each against the original (all outputs of a sample, flattened).
 
 import argparse
 import gzip
+import importlib.util
 import json
 import logging
 import os
@@ -50,9 +51,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import compression_bench as bench  # noqa: E402
 
-WHEELS = {"rapidocr-onnxruntime==1.4.4": {"ocr-det": "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                                           "ocr-rec": "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-                                           "ocr-cls": "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx"},
+OCR = "rapidocr_onnxruntime/models"
+WHEELS = {"rapidocr-onnxruntime==1.4.4": {"ocr-det": f"{OCR}/ch_PP-OCRv4_det_infer.onnx",
+                                           "ocr-rec": f"{OCR}/ch_PP-OCRv4_rec_infer.onnx",
+                                           "ocr-cls": f"{OCR}/ch_ppocr_mobile_v2.0_cls_infer.onnx"},
           "silero-vad==6.2.3": {"vad": "silero_vad/data/silero_vad.onnx",
                                 "vad-16k-op15": "silero_vad/data/silero_vad_16k_op15.onnx"}}
 ORDER = ["ocr-cls", "ocr-det", "ocr-rec", "vad", "vad-16k-op15", "minilm"]
@@ -160,11 +162,7 @@ def images(kind: str, count: int, seed: int) -> tuple[np.ndarray, np.ndarray | N
 
 
 def _has_pillow() -> bool:
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("PIL") is not None
 
 
 def speech_like(seconds: float, seed: int) -> np.ndarray:
@@ -497,7 +495,8 @@ def measure_locally(model: Model, rows: list[Row], fp32_row: Row, threads: int, 
 
 def table(models: dict[str, Model], rows: list[Row]) -> list[str]:
     lines = ["| model | job / tool | status | size MB before -> after (ratio) | service p50 ms before -> after "
-             "(speedup) [batch] | service cosine mean / min | int8 layers | local p50 ms (x fp32) | local cosine mean / min |",
+             "(speedup) [batch] | service cosine mean / min | int8 layers | local p50 ms (x fp32) "
+             "| local cosine mean / min |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, model in models.items():
         mine = [r for r in rows if r.model == name]
@@ -580,7 +579,8 @@ def main() -> None:
             rows += [fp32_row, *mine, peer]
         stop_service(proc)
         proc = None
-        print(f"\nmodelpress zoo, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+        machine = platform.processor() or platform.machine()
+        print(f"\nmodelpress zoo, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {machine}, "
               f"{os.cpu_count()} cores shared with other work (latencies are indicative); service: "
               f"MODELPRESS_LATENCY_RUNS=20, 1 thread; local: {args.threads} thread(s), {args.rounds} interleaved "
               f"rounds at batch 1, cosine over the eval samples; {time.monotonic() - started:.0f} s in all")
