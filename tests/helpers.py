@@ -101,3 +101,65 @@ def save_tiny_bert(folder: Path, num_labels: int | None = 3, seed: int = 0):
     vocab.write_text("\n".join(VOCAB))
     transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
     return model
+
+
+def save_tiny_t5(folder: Path):
+    """A tiny T5 (random weights) with a word-level tokenizer over VOCAB ([PAD] = 0 is also the decoder start
+    token, as in T5), save_pretrained'd."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                   num_decoder_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                                   pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+    model = transformers.T5ForConditionalGeneration(config)
+    model.eval().save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", pad_token="[PAD]",
+                                         eos_token="[SEP]").save_pretrained(folder)
+    return model
+def save_foreign_cnn(path: Path, opset: int = 11, size: int = 32, constants: bool = True) -> Path:
+    """A small conv net written the way other exporters write them: weights as Constant nodes, the same bias
+    tensor stored twice, an unused weight, opset 11. Stem 3x3 conv (tiny), 3x3 conv, depthwise 3x3, pointwise
+    1x1, global pooling, Gemm; batch dimension symbolic."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+
+    tensors = {"stem_w": weight(16, 3, 3, 3), "stem_b": np.full(16, 0.1, np.float32),
+               "conv_w": weight(32, 16, 3, 3), "conv_b": np.full(32, 0.1, np.float32),
+               "dw_w": weight(32, 1, 3, 3), "dw_b": np.full(32, 0.1, np.float32),  # same bytes as conv_b
+               "pw_w": weight(64, 32, 1, 1), "pw_b": np.zeros(64, np.float32),
+               "fc_w": weight(10, 64), "fc_b": np.zeros(10, np.float32), "unused": weight(8, 8)}
+    nodes = [helper.make_node("Conv", ["x", "stem_w", "stem_b"], ["s"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["s"], ["s1"], name="stem_relu"),
+             helper.make_node("Conv", ["s1", "conv_w", "conv_b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["c1"], name="conv_relu"),
+             helper.make_node("Conv", ["c1", "dw_w", "dw_b"], ["d"], name="depthwise", pads=[1, 1, 1, 1], group=32),
+             helper.make_node("Relu", ["d"], ["d1"], name="depthwise_relu"),
+             helper.make_node("Conv", ["d1", "pw_w", "pw_b"], ["p"], name="pointwise"),
+             helper.make_node("Relu", ["p"], ["p1"], name="pointwise_relu"),
+             helper.make_node("GlobalAveragePool", ["p1"], ["g"], name="pool"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["y"], name="fc", transB=1)]
+    initializers = []
+    if constants:
+        nodes = [helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name))
+                 for name, array in tensors.items()] + nodes
+    else:
+        initializers = [numpy_helper.from_array(array, name) for name, array in tensors.items()]
+    graph = helper.make_graph(nodes, "foreign_cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path

@@ -61,10 +61,17 @@ def _read_arrays(path: Path, fmt: str, order: list[str], limit: int | None) -> d
             with zipfile.ZipFile(path) as archive:
                 return {name: _read_npy_rows(archive, f"{name}.npy", limit) for name in order}
         with safetensors.safe_open(str(path), framework="numpy") as tensors:
-            return {name: tensors.get_slice(name)[:limit] if limit is not None else tensors.get_tensor(name)
-                    for name in order}
+            return {name: _safetensors_rows(tensors, name, limit) for name in order}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, safetensors.SafetensorError) as exc:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"could not read the {fmt} dataset: {exc}") from None
+
+
+def _safetensors_rows(tensors, name: str, limit: int | None) -> np.ndarray:
+    """The first `limit` rows of a tensor (safetensors refuses a slice that runs past the end)."""
+    if limit is None:
+        return tensors.get_tensor(name)
+    rows = tensors.get_slice(name)
+    return rows[:min(limit, rows.get_shape()[0])]
 
 
 def _read_npy_rows(archive: zipfile.ZipFile, member: str, limit: int | None) -> np.ndarray:
@@ -142,11 +149,13 @@ def _shape_text(dims: tuple | list) -> str:
     return f"({inner},)" if len(dims) == 1 else f"({inner})"
 
 
-def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: str) -> list[np.ndarray]:
-    """One array per model input, in model order, cast to the input's dtype.
+def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: str,
+                 batch_axes: dict[str, int] | None = None) -> list[np.ndarray]:
+    """One array per model input, in model order, cast to the input's dtype; samples on axis 0.
 
     Matched by name; a single-input model and a single-array dataset are matched whatever the names, since
-    that pairing cannot be ambiguous.
+    that pairing cannot be ambiguous. A sample is the model input without its batch axis (`batch_axes`, from the
+    job's input specs; 0 by default): a state input [2, batch, 128] is stored as [samples, 2, 128].
     """
     prefix = f"{role} dataset"
     if not data.inputs:
@@ -160,19 +169,23 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
         for spec in model_inputs:
             if spec["name"] not in data.inputs:
                 raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: no array for model input {spec['name']!r} "
-                                                            f"(dataset has: {', '.join(data.inputs)})")
+                                                            f"(dataset has: {', '.join(data.inputs)}); an input "
+                                                            "that is a constant can be given in input_specs as "
+                                                            "a `value` instead")
             pairs.append((spec["name"], spec))
     matched = []
     for name, spec in pairs:
         array = data.inputs[name]
-        expected = spec["shape"][1:]
+        axis = (batch_axes or {}).get(spec["name"], 0)
+        expected = [dim for position, dim in enumerate(spec["shape"]) if position != axis]
         fits = array.ndim == len(spec["shape"]) and all(
             not isinstance(want, int) or want < 0 or want == got for want, got in zip(expected, array.shape[1:]))
         if not fits:
+            where = "" if axis == 0 else f" (its batch axis {axis} left out)"
             raise JobFailure(ErrorCode.INVALID_DATASET,
                              f"{prefix}: array {name!r} has shape {_shape_text(array.shape)} "
                              f"per-sample {_shape_text(array.shape[1:])}, but model input "
-                             f"{spec['name']!r} expects {_shape_text(expected)}")
+                             f"{spec['name']!r} expects {_shape_text(expected)}{where}")
         matched.append(_cast(array, spec, name, prefix))
     return matched
 

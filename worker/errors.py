@@ -3,6 +3,9 @@ app.core.errors), a cancel, or the loss of the job to another worker."""
 
 from app.core.errors import ServiceError
 
+# How torch and ONNX Runtime say that an allocation failed (the data-segment cap, or the machine).
+OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "failed to allocate", "bad allocation", "bad_alloc")
+
 
 class JobFailure(ServiceError):
     """A reason the job cannot succeed that the user should read (bad model, unsupported op, no GPU...)."""

@@ -27,7 +27,7 @@ from typing import Any
 from app.core.config import Settings
 from app.core.errors import ErrorCode
 from app.core.vetting.hf import UNPACK_FACTOR
-from worker.errors import JobCancelled, JobFailure
+from worker.errors import OUT_OF_MEMORY, JobCancelled, JobFailure
 from worker.pipeline.files import StagedJob
 
 CLONE_NEWNET = 0x40000000
@@ -39,8 +39,6 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Where a test may make the child fail on purpose (MODELPRESS_FAULT_INJECTION="<stage>:<fault>").
 FAULTS = ("raise", "segfault", "hang", "exit", "allocate")
-# How torch and ONNX Runtime say that an allocation failed (the data-segment cap, or the machine).
-OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "failed to allocate", "bad allocation", "bad_alloc")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

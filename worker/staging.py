@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core import input_specs
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.core.errors import ErrorCode
@@ -60,7 +61,8 @@ def stage_inputs(factory: sessionmaker[Session], storage: Storage, job: Job, wor
         staged = StagedJob(recipe=recipe, tune=tune, target=Target.model_validate(job.target),
                            model_path=sources["model"][1], model_format=model.format, model_name=model.name,
                            dataset_files=dataset_files, student_files=student_files,
-                           min_fidelity=job.min_fidelity, accept_degraded=bool(job.accept_degraded))
+                           min_fidelity=job.min_fidelity, accept_degraded=bool(job.accept_degraded),
+                           input_specs=input_specs.from_json(job.input_specs))
     for key, path, _ in sources.values():
         storage.get_file(key, path)
     return staged

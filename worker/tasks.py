@@ -18,7 +18,7 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
-from app.core import jobs
+from app.core import input_specs, jobs
 from app.core.config import Settings, get_settings
 from app.core.errors import ErrorCode
 from app.core.queue import TaskName
@@ -36,7 +36,7 @@ _settings = get_settings()
 # The soft limit raises SoftTimeLimitExceeded in the task, which records `timeout`; the hard limit kills it.
 TIME_LIMITS = {"soft_time_limit": _settings.job_soft_time_limit, "time_limit": _settings.job_time_limit}
 OUTPUT_KINDS = {"model"}
-OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "hf"}
+OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "hf", "onnx-seq2seq"}  # onnx-seq2seq: a zip of two graphs
 
 
 @shared_task(name=TaskName.INSPECT_MODEL, **TIME_LIMITS)
@@ -55,12 +55,12 @@ def inspect_model(model_id: str) -> None:
             model.error = f"the worker inspecting this model died {model.inspect_attempts} times; giving up"
             return None
         model.inspect_attempts += 1
-        return model.storage_key, model.format
+        return model.storage_key, model.format, model.input_specs
 
     claimed = with_db_retry(factory, start)
     if claimed is None:
         return
-    key, fmt = claimed
+    key, fmt, specs = claimed
     workdir = staging.scratch_folder(settings, "inspect-")
     info, status, error = None, ModelStatus.INVALID, None
     try:
@@ -71,6 +71,9 @@ def inspect_model(model_id: str) -> None:
                               wall_seconds=settings.job_soft_time_limit)
         if outcome.value is not None and isinstance(outcome.value.get("info"), dict):
             info, status = outcome.value["info"], ModelStatus.READY
+            error = _upload_specs_problem(specs, info)
+            if error:
+                status = ModelStatus.INVALID
         else:
             error = sandbox.scrub_paths(outcome.message, workdir, settings.resolved_home())
     except SoftTimeLimitExceeded:
@@ -84,6 +87,12 @@ def inspect_model(model_id: str) -> None:
         update(Model).where(Model.id == model_id, Model.status == ModelStatus.UPLOADED)
         .values(status=status, info=info, error=error)))
     log.info("model %s inspected: %s %s", model_id, status, error or "")
+
+
+def _upload_specs_problem(specs: dict | None, info: dict) -> str | None:
+    """The input specs given at upload must fit the inputs inspection found (as a job's must at submission)."""
+    problems = input_specs.problems_against_model(input_specs.from_json(specs), info.get("inputs") or [])
+    return f"the upload's input_specs do not fit the model: {'; '.join(problems[:5])}" if problems else None
 
 
 @shared_task(name=TaskName.RUN_JOB, **TIME_LIMITS)
@@ -167,6 +176,7 @@ class TrialsSoFar:
 
     def __init__(self, staged, ctx: JobContext):
         self.objective = staged.tune.objective if staged.tune is not None else "size"
+        self.sign = -1 if staged.tune is not None and staged.tune.metric == "perplexity" else 1  # lower is better
         self.extension = "onnx" if staged.target.runtime == "onnxruntime" else "pt2"
         self.ctx = ctx
         self.trials: list[dict] = []
@@ -185,7 +195,8 @@ class TrialsSoFar:
         if trial["meets_tolerance"] and (self.best is None or not self.best["meets_tolerance"]
                                          or trial[key] < self.best[key]):
             self.best = trial
-        elif self.best is None or (not self.best["meets_tolerance"] and trial["metric"] > self.best["metric"]):
+        elif self.best is None or (not self.best["meets_tolerance"]
+                                   and self.sign * trial["metric"] > self.sign * self.best["metric"]):
             self.best = trial
         self.ctx.progress(0.3, "tune", f"trial {trial['index'] + 1} done: {trial['size_bytes']} bytes, p50 "
                                        f"{trial['latency_ms']:.3g} ms, metric {trial['metric']:.4f}"
@@ -195,11 +206,12 @@ class TrialsSoFar:
         """End the stopped job with the best trial so far as its model artifact, and the trials in its metrics."""
         best = self.best
         path = sandbox.safe_output(workdir, best["path"])
-        name = f"best-trial.{self.extension}"
+        seq2seq = path.suffix == ".zip"  # an encoder-decoder's two graphs (worker.formats.onnx_pair)
+        name = f"best-trial.{'zip' if seq2seq else self.extension}"
         key = storage_keys.job_key(job.tenant_id, job.id, name)
         storage.put_file(key, path)
-        artifact = {"kind": "model", "format": self.extension, "filename": name, "size_bytes": path.stat().st_size,
-                    "sha256": staging.sha256_of(path), "storage_key": key}
+        artifact = {"kind": "model", "format": "onnx-seq2seq" if seq2seq else self.extension, "filename": name,
+                    "size_bytes": path.stat().st_size, "sha256": staging.sha256_of(path), "storage_key": key}
         cancelled = stopped.code == ErrorCode.CANCELLED
         message = ("cancelled by the user" if cancelled else stopped.message) + \
             f"; the best of {len(self.trials)} finished tuning trials (trial {best['index']}) is delivered"

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from app.core.input_specs import InputSpecs
 from app.core.presets import PRESETS, preset_recipe
 from app.core.recipe import (
     DatasetRefs,
@@ -49,6 +50,8 @@ class JobCreate(StrictModel):
     # `fidelity_collapse`; `accept_degraded` lets such a job succeed, marked `degraded`.
     min_fidelity: float | None = Field(default=None, ge=0.0, le=1.0)
     accept_degraded: bool = False
+    # Per input name: how to make or read it (app.core.input_specs); over the model's own, per input.
+    input_specs: InputSpecs | None = None
 
     @model_validator(mode="after")
     def _recipe_fits_target(self) -> "JobCreate":
@@ -64,6 +67,8 @@ class JobCreate(StrictModel):
             check_recipe_for_target(recipe, self.target, self.datasets)
         if self.tune is not None and self.tune.metric == "accuracy" and not self.datasets.eval:
             raise ValueError("datasets.eval: tune.metric 'accuracy' needs an eval dataset with labels")
+        if self.tune is not None and self.tune.metric == "perplexity" and not self.datasets.eval:
+            raise ValueError("datasets.eval: tune.metric 'perplexity' needs a .jsonl text eval dataset")
         return self
 
     def candidates(self) -> list[Recipe]:
@@ -106,6 +111,7 @@ class JobPublic(BaseModel):
     webhook_url: str | None
     min_fidelity: float | None
     accept_degraded: bool
+    input_specs: dict[str, Any] | None
     progress: Progress
     error: JobError | None
     metrics: dict[str, Any] | None
@@ -143,6 +149,7 @@ class ModelPublic(StoredFilePublic):
     error: str | None
     created_at: datetime
     info: dict[str, Any] | None
+    input_specs: dict[str, Any] | None
 
 
 class ModelsPublic(BaseModel):

@@ -14,12 +14,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.limits import check_active_jobs, check_storage_quota
 from app.api.schemas import JobCreate
 from app.api.uploads import UploadedFile
-from app.core import jobs, webhooks
+from app.core import input_specs, jobs, webhooks
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.dispatch import dispatch_inspection, dispatch_job
 from app.core.errors import ErrorCode, ServiceError
 from app.core.ids import new_id
+from app.core.model_limits import check_recipe_for_info
 from app.core.queries import job_datasets, job_students, owned
 from app.core.recipe import check_recipe_for_model
 from app.core.statuses import ModelStatus
@@ -47,12 +48,13 @@ def _store(factory: sessionmaker[Session], storage: Storage, row: Model | Datase
 
 
 def add_model(factory: sessionmaker[Session], storage: Storage, celery: Celery, settings: Settings,
-              tenant_id: str, file: UploadedFile, name: str, fmt: str, extension: str) -> Model:
-    """Record a vetted model upload and send it to a worker for inspection."""
+              tenant_id: str, file: UploadedFile, name: str, fmt: str, extension: str,
+              specs: dict[str, input_specs.InputSpec] | None = None) -> Model:
+    """Record a vetted model upload (with its default input specs) and send it to a worker for inspection."""
     model_id = new_id("mdl")
     model = Model(id=model_id, tenant_id=tenant_id, name=name, format=fmt, size_bytes=file.size,
                   sha256=file.sha256, storage_key=storage_keys.model_key(tenant_id, model_id, extension),
-                  status=ModelStatus.UPLOADED)
+                  status=ModelStatus.UPLOADED, input_specs=input_specs.to_json(specs))
     _store(factory, storage, model, file.path, settings)
     dispatch_inspection(factory, celery, model.id)
     return model
@@ -98,6 +100,7 @@ def _check_references(session: Session, tenant_id: str, body: JobCreate) -> Mode
     try:
         for recipe in body.candidates():
             check_recipe_for_model(recipe, body.target, model.format)
+            check_recipe_for_info(recipe, body.target, model.format, model.info)
     except ValueError as exc:
         raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from None
     for field, student_id, student in job_students(session, tenant_id, body.candidates()):
@@ -111,6 +114,18 @@ def _check_references(session: Session, tenant_id: str, body: JobCreate) -> Mode
         if dataset is None:
             raise ServiceError(ErrorCode.NOT_FOUND, f"datasets.{role}: dataset {dataset_id!r} not found")
     return model
+
+
+def _job_input_specs(model: Model, body: JobCreate) -> dict | None:
+    """The specs the job runs with: the model's, overridden per input by the job's; checked against the model's
+    inputs once inspection described them (otherwise the worker checks them)."""
+    specs = input_specs.merged(model.input_specs, input_specs.to_json(body.input_specs))
+    inputs = (model.info or {}).get("inputs")
+    if specs and isinstance(inputs, list):
+        problems = input_specs.problems_against_model(input_specs.from_json(specs), inputs)
+        if problems:
+            raise ServiceError(ErrorCode.INVALID_REQUEST, "; ".join(problems[:5]))
+    return specs
 
 
 def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery, settings: Settings,
@@ -128,6 +143,7 @@ def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery,
         except webhooks.TargetRefused as exc:
             raise ServiceError(ErrorCode.INVALID_REQUEST, f"webhook_url: {exc}") from None
     model = _check_references(session, tenant_id, body)
+    specs = _job_input_specs(model, body)
     check_active_jobs(session, tenant_id, settings.tenant_max_active_jobs)
     try:
         job = jobs.create_job(
@@ -137,7 +153,7 @@ def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery,
             datasets=body.datasets.model_dump(mode="json"),
             target=body.target.model_dump(mode="json"), queue=body.target.queue,
             webhook_url=str(body.webhook_url) if body.webhook_url else None,
-            min_fidelity=body.min_fidelity, accept_degraded=body.accept_degraded,
+            min_fidelity=body.min_fidelity, accept_degraded=body.accept_degraded, input_specs=specs,
             idempotency_key=idempotency_key, request_hash=request_hash)
         session.commit()
     except IntegrityError:  # a concurrent request with the same key won the race

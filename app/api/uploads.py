@@ -18,6 +18,7 @@ from app.core.errors import ErrorCode, ServiceError
 from app.core.recipe import no_control_characters
 
 MAX_TEXT_FIELD = 1024
+LONGER_TEXT_FIELDS = {"input_specs": 64 * 1024}  # JSON fields: a constant may hold a few thousand numbers
 MULTIPART_OVERHEAD = 64 * 1024
 
 
@@ -118,8 +119,9 @@ class _Collector:
             self._hash.update(chunk)
         else:
             self._text += chunk
-            if len(self._text) > MAX_TEXT_FIELD:
-                raise ServiceError(ErrorCode.INVALID_REQUEST, f"{self._part}: value longer than {MAX_TEXT_FIELD} bytes")
+            limit = LONGER_TEXT_FIELDS.get(self._part, MAX_TEXT_FIELD)
+            if len(self._text) > limit:
+                raise ServiceError(ErrorCode.INVALID_REQUEST, f"{self._part}: value longer than {limit} bytes")
 
     def _part_end(self) -> None:
         if self._fh is not None:
@@ -129,7 +131,8 @@ class _Collector:
             self.result.file.sha256 = self._hash.hexdigest()
         elif self._part is not None:
             value = self._text.decode("utf-8", "replace").strip()
-            _refuse_control_characters(self._part, value)
+            if self._part not in LONGER_TEXT_FIELDS:  # JSON may span lines; its parser judges it
+                _refuse_control_characters(self._part, value)
             self.result.fields[self._part] = value
 
     def close(self) -> None:

@@ -54,6 +54,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_ARCHITECTURE = "unsupported_architecture"
     UNSUPPORTED_FOR_FORMAT = "unsupported_for_format"
     INVALID_RECIPE = "invalid_recipe"
+    INPUT_SPEC_NEEDED = "input_spec_needed"
     MODEL_MISSING = "model_missing"
     DATASET_MISSING = "dataset_missing"
     QUANTIZATION_FAILED = "quantization_failed"
@@ -116,6 +117,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.UNSUPPORTED_ARCHITECTURE: 422,
     ErrorCode.UNSUPPORTED_FOR_FORMAT: 422,
     ErrorCode.INVALID_RECIPE: 422,
+    ErrorCode.INPUT_SPEC_NEEDED: 422,
     ErrorCode.FIDELITY_COLLAPSE: 422,
     ErrorCode.RESOURCE_LIMIT: 422,
     ErrorCode.RATE_LIMITED: 429,

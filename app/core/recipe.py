@@ -42,7 +42,9 @@ class StrictModel(BaseModel):
 
 class QuantizeStep(StrictModel):
     op: Literal["quantize"]
-    method: Literal["dynamic", "static", "weight_only"] = "dynamic"
+    # "auto" (the default for int8): static QDQ for convolutional nets, dynamic for transformers and recurrent
+    # nets, kept only if faster than fp32 and faithful, else the other tried (worker.compression.int8_auto).
+    method: Literal["auto", "dynamic", "static", "weight_only"] = "auto"
     dtype: Literal["int8", "int4", "fp16", "bf16"] = "int8"
     granularity: Literal["per_channel", "per_tensor", "group"] = "per_channel"
     group_size: int | None = Field(default=None, ge=8, le=4096)
@@ -56,6 +58,11 @@ class QuantizeStep(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeStep":
+        if self.method == "auto" and (self.dtype != "int8" or self.smoothing is not None):
+            if "method" in self.model_fields_set:
+                raise ValueError("method 'auto' chooses between the int8 methods: it takes dtype 'int8' and no "
+                                 "smoothing")
+            self.method = "dynamic"  # what an omitted method meant before 'auto'
         if self.smoothing is not None and (self.dtype != "int8" or self.method not in ("dynamic", "static")):
             raise ValueError("smoothing applies to int8 with method 'dynamic' or 'static'")
         if self.algorithm != "rtn" and (self.method != "weight_only" or self.dtype != "int4"):
@@ -251,7 +258,8 @@ def check_recipe_for_model(recipe: Recipe, target: Target, model_format: str) ->
 class TuneSpec(StrictModel):
     """Accuracy-aware tuning: try candidate recipes, keep the best one within the tolerance."""
 
-    metric: Literal["accuracy", "fidelity"] = "fidelity"
+    # perplexity (causal LMs on a .jsonl text eval set): lower is better, max_loss bounds its relative increase
+    metric: Literal["accuracy", "fidelity", "perplexity"] = "fidelity"
     max_loss: float = Field(default=0.01, ge=0.0, le=1.0)
     objective: Literal["size", "latency"] = "size"
     max_trials: int = Field(default=8, ge=1, le=100)

@@ -63,6 +63,8 @@ class Model(StoredFile, Base):
     status: Mapped[str] = mapped_column(String(16), default=ModelStatus.UPLOADED)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Given at upload (app.core.input_specs): the default input specs of jobs on this model.
+    input_specs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Inspection is sent to a worker like a job: committed first, sent after, re-sent if the send failed.
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     inspect_attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -101,6 +103,8 @@ class Job(Base):
     webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     min_fidelity: Mapped[float | None] = mapped_column(nullable=True)
     accept_degraded: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The specs the job runs with: the model's, overridden per input by the job's own (app.core.input_specs).
+    input_specs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     progress_fraction: Mapped[float] = mapped_column(default=0.0)
     progress_step: Mapped[str | None] = mapped_column(String(100), nullable=True)
     progress_message: Mapped[str | None] = mapped_column(Text, nullable=True)

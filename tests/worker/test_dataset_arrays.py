@@ -33,6 +33,7 @@ def test_load_safetensors(tmp_path):
     data = load_arrays(path, "safetensors")
     assert list(data.inputs) == ["x"] and data.inputs["x"].dtype == np.float16
     np.testing.assert_array_equal(data.labels, [0, 1, 1])
+    assert len(load_arrays(path, "safetensors", limit=512).inputs["x"]) == 3  # a limit past the end reads all
 
 
 def test_load_jsonl(tmp_path):
@@ -110,7 +111,8 @@ def test_shape_mismatch_names_both_shapes():
 def test_missing_input_lists_what_the_dataset_has():
     data = DatasetArrays(inputs={"input_ids": np.zeros((2, 4), np.int64), "x": np.zeros((2, 4), np.int64)})
     error = failure(match_inputs, data, MODEL_INPUTS, "eval")
-    assert error.message == "eval dataset: no array for model input 'attention_mask' (dataset has: input_ids, x)"
+    assert error.message == ("eval dataset: no array for model input 'attention_mask' (dataset has: input_ids, x); "
+                             "an input that is a constant can be given in input_specs as a `value` instead")
 
 
 def test_lossy_casts_are_refused():

@@ -166,6 +166,27 @@ def test_inspection_sets_ready_with_description(fmt, tmp_path, worker_env, db, a
     assert row.info["outputs"][0]["shape"] == [2, 4]
 
 
+@pytest.mark.parametrize("specs, status", [({"input": {"shape": [1, 128]}, "sr": {"value": 16000}}, "ready"),
+                                           ({"audio": {"shape": [1, 128]}}, "invalid")])
+def test_inspection_checks_the_uploads_input_specs_and_suggests_some(specs, status, tmp_path, worker_env, db,
+                                                                     add_model):
+    from tests.worker.input_models import save_stateful_model
+    from worker.tasks import inspect_model
+
+    model = add_model(save_stateful_model(tmp_path / "vad.onnx"), "onnx")
+    with db() as session:
+        session.get(Model, model.id).input_specs = specs
+        session.commit()
+    inspect_model(model.id)
+    with db() as session:
+        row = session.get(Model, model.id)
+    assert row.status == status, row.error
+    assert row.info["suggested_input_specs"]["sr"] == {"value": 16000}
+    if status == "invalid":
+        assert row.error == ("the upload's input_specs do not fit the model: input_specs.audio: the model has no "
+                             "input 'audio'; its inputs are input, state, sr")
+
+
 def test_inspection_marks_garbage_invalid(tmp_path, worker_env, db, add_model):
     from worker.tasks import inspect_model
 

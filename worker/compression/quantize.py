@@ -37,6 +37,7 @@ from app.core.errors import ErrorCode
 from worker.compression import gptq
 from worker.compression import smoothing as smoothing_pass
 from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, replace_linears
+from worker.compression.normalize import drop_initializer_shapes
 from worker.errors import JobFailure
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ log = logging.getLogger(__name__)
 # Static quantization touches only weight-bearing ops (quantizing every Add/Mul in QDQ costs fidelity); dynamic
 # quantization uses ONNX Runtime's full list, which includes Gather so embedding tables shrink too.
 STATIC_OPS = ["MatMul", "Gemm", "Conv", "Gather", "Attention", "LSTM", "GRU"]
+# Conv nets: the ops between convolutions are quantized too, so that ONNX Runtime runs Conv chains as QLinearConv
+# (Relu/Clip fused, residual Add as QLinearAdd, pooling on uint8) without a float round trip per layer.
+CONV_STATIC_OPS = ["Conv", "ConvTranspose", "Gemm", "MatMul", "Relu", "Clip", "Add", "MaxPool", "AveragePool",
+                   "GlobalAveragePool", "Concat"]
+# Layers with fewer weights than this stay in float in conv nets (measured gain below the quantize/dequantize cost).
+TINY_LAYER_WEIGHTS = 1024
 CALIBRATION = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
 # Tried by smoothing "auto" (all-MiniLM-L6-v2 dynamic int8 picked 0.7; below 0.6 it only got worse).
@@ -69,18 +76,6 @@ def excluded_nodes(model_path: Path, patterns: list[str]) -> list[str]:
     model = onnx.load(str(model_path), load_external_data=False)
     return [node.name for node in model.graph.node
             if any(rx.search(n) for rx in compiled for n in [node.name, *node.input] if n)]
-
-
-def drop_initializer_shapes(model: onnx.ModelProto) -> int:
-    """Remove the value_info entries of weights (newer torch exporters write them): ONNX Runtime's quantizer
-    transposes Gemm weights, and the stale shapes then fail its shape inference."""
-    weights = {t.name for t in model.graph.initializer}
-    kept = [v for v in model.graph.value_info if v.name not in weights]
-    dropped = len(model.graph.value_info) - len(kept)
-    if dropped:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
-    return dropped
 
 
 @contextmanager
@@ -124,8 +119,19 @@ def _reduce_range() -> dict:
             "uint8 x int8 kernel can saturate" if saturates else "8-bit weights: this CPU has VNNI"}
 
 
+# An absolute path in a runtime's message (ONNX Runtime names the file it loaded).
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/]+/)+[^\s'\":,]*")
+
+
+def without_server_paths(text: str) -> str:
+    """`text` with the paths of this machine's files replaced: those whose top folder exists here (a node named
+    "/layer/Conv" is kept: there is no /layer)."""
+    return _PATH.sub(lambda m: "<model file>" if Path(m.group()).parents[-2].exists() else m.group(), text)
+
+
 def _failure(what: str, exc: Exception) -> JobFailure:
-    return JobFailure(ErrorCode.QUANTIZATION_FAILED, f"{what} failed: {exc.__class__.__name__}: {str(exc)[:300]}")
+    return JobFailure(ErrorCode.QUANTIZATION_FAILED,
+                      f"{what} failed: {exc.__class__.__name__}: {without_server_paths(str(exc))[:300]}")
 
 
 def onnx_dynamic_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str]) -> dict:
@@ -265,42 +271,84 @@ def _drop_dead_nodes(model: onnx.ModelProto) -> None:
             graph.node.remove(node)
 
 
+def float_convolutions(model_path: Path) -> dict[str, list[str]]:
+    """The layers of a convolutional net that static int8 leaves in float: depthwise convolutions (one input
+    channel per group: little arithmetic per weight, so quantizing their input and output can cost more than
+    int8 saves), tiny layers (fewer than TINY_LAYER_WEIGHTS weights, e.g. squeeze-excitation 1x1s) and Adds of a
+    constant (on the OCR recognizer of issue 11, leaving them in float took static int8 from 1.11x fp32 at
+    cosine 0.990 to 1.41x at 0.998)."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    depthwise, tiny = [], []
+    for node in graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        shape = weights.get(node.input[1])
+        if shape is None:
+            continue
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type == "Conv" and group > 1 and len(shape) > 1 and shape[1] == 1:
+            depthwise.append(node.name)
+        elif int(np.prod(shape)) < TINY_LAYER_WEIGHTS:
+            tiny.append(node.name)
+    # An Add of a constant (hard-swish's x + 3, a bias left over by the exporter) gains nothing as QLinearAdd
+    # and costs a requantization; residual Adds (two activations) are what keeps a Conv chain in int8.
+    constant_adds = [n.name for n in graph.node if n.op_type == "Add" and any(i in weights for i in n.input)]
+    return {"depthwise_convolutions": depthwise, "tiny_layers": tiny, "adds_of_constants": constant_adds}
+
+
 def onnx_static_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str],
-                     calibration_method: str, calibration: list[list[np.ndarray]]) -> dict:
+                     calibration_method: str, calibration: list[list[np.ndarray]],
+                     convolutional: bool = False, depthwise_in_float: bool = True) -> dict:
     """Static int8 as QDQ, with the MatMuls' outputs left in float (quantizing them to uint8 before the bias and
     residual cost all-MiniLM-L6-v2 embedding cosine 0.940 against 0.988) and each int8 MatMul fused with its bias
-    into MatMulIntegerToFloat."""
+    into MatMulIntegerToFloat.
+
+    `convolutional` quantizes a conv net the way ONNX Runtime runs it fastest on CPU: the activations around the
+    convolutions (Relu/Clip, residual Add, pooling) are quantized too, so every Conv sits between a
+    DequantizeLinear and a QuantizeLinear and becomes a QLinearConv with its activation fused, int8 from layer to
+    layer; tiny layers stay in float, and depthwise convolutions too unless `depthwise_in_float` is False
+    (float_convolutions: which is faster depends on the net and the CPU, so int8_auto measures both)."""
     with _prepared(source, destination) as prepared:
         excluded = excluded_nodes(prepared, exclude)
-        in_float = [name for name in activation_matmuls(prepared) if name not in excluded]
+        activations = [name for name in activation_matmuls(prepared) if name not in excluded]
+        conv_float = float_convolutions(prepared) if convolutional else {}
+        if not depthwise_in_float:
+            conv_float.pop("depthwise_convolutions", None)
+        in_float = activations + [name for names in conv_float.values() for name in names if name not in excluded]
         graph = onnx.load(str(prepared), load_external_data=False).graph
         weights = {t.name for t in graph.initializer}
         names = [i.name for i in graph.input if i.name not in weights]
         reduce = _reduce_range()
         quantized = destination.with_suffix(".qdq.onnx")
+        op_types = CONV_STATIC_OPS if convolutional else STATIC_OPS
         try:
             quantize_static(str(prepared), str(quantized), _Batches(names, calibration),
                             quant_format=QuantFormat.QDQ, per_channel=granularity == "per_channel",
                             reduce_range=reduce["reduce_range"],
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             nodes_to_exclude=excluded + in_float, calibrate_method=CALIBRATION[calibration_method],
-                            op_types_to_quantize=STATIC_OPS,
+                            op_types_to_quantize=op_types,
                             extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
             model = onnx.load(str(quantized))
             fused = fuse_static_matmuls(model)
-            rewired = float_consumers_read_float(model)
+            rewired = 0 if convolutional else float_consumers_read_float(model)
             onnx.save(model, str(destination))
         except Exception as exc:
             raise _failure("ONNX Runtime static quantization", exc) from None
         finally:
             quantized.unlink(missing_ok=True)
+    kept_in_float = {"activation_matmuls": len(activations),
+                     "matmul_outputs": "float (not re-quantized)",
+                     "other_ops": "everything but " + ", ".join(op_types)}
+    if convolutional:
+        kept_in_float.update(conv_float)
+    else:
+        kept_in_float["float_consumers_reading_exact_inputs"] = rewired
     return {"method": "static", "dtype": "int8", "granularity": granularity, "excluded_nodes": excluded,
             "calibration_method": calibration_method, "calibration_batches": len(calibration), **reduce,
             "calibration_samples": int(sum(b[0].shape[0] for b in calibration)) if calibration else 0,
-            "kept_in_float": {"activation_matmuls": len(in_float), "matmul_outputs": "float (not re-quantized)",
-                              "float_consumers_reading_exact_inputs": rewired,
-                              "other_ops": "everything but " + ", ".join(STATIC_OPS)},
-            "fused_int8_matmuls": fused,
+            "kept_in_float": kept_in_float, "fused_int8_matmuls": fused,
             "format": "QDQ (uint8 activations, int8 weights)", "tool": "onnxruntime.quantization.quantize_static"}
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.formats.onnx_pair import is_pair, open_pair
 from worker.runtime import open_runner
 
 Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -72,8 +73,9 @@ def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]
 
 def measure_file(path: Path, runtime: str, device: str, threads: int, feeds: list[list[np.ndarray]],
                  warmup: int, runs: int, check: Callable[[], None]) -> tuple[dict[str, Any], list[list[np.ndarray]]]:
-    """Latency on the first batch and outputs on every batch, with the runtime the job targets."""
-    run = open_runner(path, runtime, device, threads)
+    """Latency on the first batch and outputs on every batch, with the runtime the job targets (an
+    encoder-decoder's pair of graphs runs as one model: worker.formats.onnx_pair)."""
+    run = open_pair(path, device, threads) if is_pair(path) else open_runner(path, runtime, device, threads)
     outputs = []
     for batch in feeds:
         check()

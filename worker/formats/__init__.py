@@ -6,7 +6,7 @@ from typing import Any
 
 from app.core.errors import ErrorCode
 from worker.errors import JobFailure
-from worker.formats import onnx_format, pt2
+from worker.formats import onnx_format, pt2, suggestions
 from worker.formats.loaded import LoadedModel
 
 SUPPORTED = "pt2, onnx, hf"
@@ -28,9 +28,14 @@ def load(path: Path, fmt: str, workdir: Path, max_unpacked_bytes: int | None = N
 
 
 def inspect(path: Path, fmt: str, workdir: Path, max_unpacked_bytes: int | None = None) -> dict[str, Any]:
-    """What the model page shows: params, inputs, outputs, architecture. Raises JobFailure if invalid."""
+    """What the model page shows: params, inputs, outputs, architecture, and proposed input specs (with what
+    could not be told). Raises JobFailure if invalid."""
     if fmt == "hf":
         from worker.formats import hf
 
-        return hf.inspect_hf(path, workdir, max_unpacked_bytes)
-    return load(path, fmt, workdir, max_unpacked_bytes).info
+        info = hf.inspect_hf(path, workdir, max_unpacked_bytes)
+    else:
+        info = dict(load(path, fmt, workdir, max_unpacked_bytes).info)
+    info["suggested_input_specs"], info["input_spec_notes"] = suggestions.suggest(info["inputs"],
+                                                                                  info.get("dim_ranges"))
+    return info

@@ -5,7 +5,9 @@ custom code (auto_map, trust_remote_code) are refused, the architecture must be 
 weights come from safetensors, and a pytorch_model.bin is used only when `torch.load(weights_only=True)`
 accepts it. The hub is never contacted. The rest of the pipeline sees `HFModel.module`: an adapter taking
 positional tensors (int64 token ids for text models, float32 `pixel_values` for image models such as ViT or
-ConvNeXt) and returning a tuple of tensors, like any other model.
+ConvNeXt) and returning a tuple of tensors, like any other model. An encoder-decoder (T5 family) takes
+input_ids, attention_mask and decoder_input_ids and returns the decoder's logits; its ONNX form is two graphs
+(worker.formats.hf_seq2seq).
 """
 
 import os
@@ -29,6 +31,7 @@ import transformers
 
 from app.core.config import Settings
 from app.core.errors import ErrorCode
+from app.core.model_limits import CAUSAL_LM_TASK, SEQ2SEQ_TASK
 from app.core.vetting.archives import ArchiveError, extract_archive
 from app.core.vetting.hf import MAX_CONFIG_BYTES, UNPACK_FACTOR, remote_code_reason
 from worker.errors import JobFailure
@@ -60,6 +63,7 @@ ONNX_TOLERANCE = 1e-3
 # A config may describe a few more parameters than the weights hold (a pooler the checkpoint lacks), not more.
 SIZE_SLACK = 1.1
 SIZE_SLACK_ELEMENTS = 4_000_000
+SEQ2SEQ_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids")
 
 
 @dataclass
@@ -74,9 +78,20 @@ class HFModel:
     module: torch.nn.Module
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
+    task: str | None = None  # CAUSAL_LM_TASK, SEQ2SEQ_TASK, or None for other models
 
-    def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        return _example_inputs(self.model, self.input_names, batch, seq, seed)
+    def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0,
+                       decoder_seq: int | None = None) -> tuple[torch.Tensor, ...]:
+        return _example_inputs(self.model, self.input_names, batch, seq, seed, decoder_seq)
+
+    def decoder_inputs(self, input_ids: np.ndarray) -> np.ndarray:
+        """An encoder-decoder's decoder inputs for texts: the input shifted right behind the decoder start token
+        (what the model sees when it is trained to reproduce its input; pads stay pads)."""
+        start = self.model.config.decoder_start_token_id
+        start = self.model.config.pad_token_id if start is None else start
+        shifted = np.full_like(input_ids, start or 0)
+        shifted[:, 1:] = input_ids[:, :-1]
+        return shifted
 
 
 class TextModelAdapter(torch.nn.Module):
@@ -110,7 +125,12 @@ def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None)
     tokenizer = _load_tokenizer(model_dir) if tokenizer_dir else None
 
     forward_params = inspect.signature(model.forward).parameters
-    if "input_ids" in forward_params:
+    task = _task(model, config, forward_params)
+    if task == SEQ2SEQ_TASK:
+        input_names = list(SEQ2SEQ_INPUTS)
+        inputs = [{"name": name, "shape": ["batch", "decoder_sequence" if name.startswith("decoder") else "sequence"],
+                   "dtype": "int64"} for name in input_names]
+    elif "input_ids" in forward_params:
         wanted = tokenizer.model_input_names if tokenizer is not None else ["input_ids", "attention_mask"]
         input_names = ["input_ids", *(n for n in OPTIONAL_INPUTS if n in wanted and n in forward_params)]
         inputs = [{"name": name, "shape": ["batch", "sequence"], "dtype": "int64"} for name in input_names]
@@ -123,10 +143,27 @@ def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None)
                          "models are supported for Hugging Face uploads")
     extra = {"use_cache": False} if "use_cache" in forward_params else {}
     output_names, outputs = _describe_outputs(model, input_names, extra)
+    if task == SEQ2SEQ_TASK:  # the outputs follow the decoder's length
+        for described in outputs:
+            described["shape"] = ["decoder_sequence" if dim == "sequence" else dim for dim in described["shape"]]
     return HFModel(model=model, config=config, model_dir=model_dir, tokenizer_dir=tokenizer_dir,
                    tokenizer=tokenizer, input_names=input_names, output_names=output_names,
                    module=TextModelAdapter(model, input_names, output_names, extra).eval(),
-                   inputs=inputs, outputs=outputs)
+                   inputs=inputs, outputs=outputs, task=task)
+
+
+def _task(model: transformers.PreTrainedModel, config: dict[str, Any], forward_params) -> str | None:
+    """What kind of model this is where the pipeline treats it specially: a causal LM (perplexity on texts) or
+    an encoder-decoder (two ONNX graphs). The encoder of an encoder-decoder alone (T5EncoderModel) is a plain
+    text model."""
+    if config.get("is_encoder_decoder") and "decoder_input_ids" in forward_params:
+        if "input_ids" not in forward_params:
+            raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
+                             f"{type(model).__name__} is an encoder-decoder that does not take input_ids; text "
+                             "encoder-decoders (T5 family) are supported")
+        return SEQ2SEQ_TASK
+    causal = transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return CAUSAL_LM_TASK if type(model).__name__ in causal else None
 
 
 def image_shape(model: transformers.PreTrainedModel) -> list[int]:
@@ -153,6 +190,8 @@ def describe(hf: HFModel) -> dict[str, Any]:
         value = getattr(hf.model.config, field, None)
         if value is not None:
             architecture[field] = value
+    if hf.task is not None:
+        architecture["task"] = hf.task
     return {"params": sum(p.numel() for p in parameters),
             "nonzero_params": sum(int(torch.count_nonzero(p)) for p in parameters),
             "inputs": hf.inputs, "outputs": hf.outputs, "architecture": architecture,
@@ -235,14 +274,19 @@ def export_hf_onnx(hf: HFModel, path: Path, batch: int = 2, seq: int = 16,
         raise JobFailure(ErrorCode.EXPORT_FAILED,
                          f"ONNX Runtime cannot run the exported model: {exc.__class__.__name__}: "
                          f"{str(exc)[:300]}") from None
-    for name, want, have in zip(hf.output_names, expected, got, strict=True):
+    check_agreement(hf.output_names, expected, got)
+    return path
+
+
+def check_agreement(names: list[str], expected: list[np.ndarray], got: list[np.ndarray]) -> None:
+    """The ONNX export's outputs must match the torch model's within ONNX_TOLERANCE."""
+    for name, want, have in zip(names, expected, got, strict=True):
         scale = max(1.0, float(np.abs(want).max()))
         diff = float(np.abs(want - have).max()) if want.shape == have.shape else float("inf")
         if not diff <= ONNX_TOLERANCE * scale:
             raise JobFailure(ErrorCode.EXPORT_FAILED,
                              f"the ONNX export disagrees with the model on output {name!r}: max "
                              f"abs difference {diff:.3g} (shapes {want.shape} vs {have.shape})")
-    return path
 
 
 def _used_file(name: str) -> bool:
@@ -292,9 +336,6 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     if not isinstance(model_type, str) or model_type not in transformers.CONFIG_MAPPING:
         raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE, f"model_type {model_type!r} is not an architecture "
                                                              f"transformers {transformers.__version__} ships")
-    if config.get("is_encoder_decoder"):
-        raise JobFailure(ErrorCode.UNSUPPORTED_ARCHITECTURE,
-                         f"encoder-decoder models ({model_type}) are not supported yet")
     if "quantization_config" in config:
         raise JobFailure(ErrorCode.UNSUPPORTED_MODEL,
                          "the checkpoint is already quantized (quantization_config); upload "
@@ -419,14 +460,17 @@ def _load_tokenizer(model_dir: Path) -> Any:
 
 
 def _example_inputs(model: transformers.PreTrainedModel, input_names: list[str], batch: int, seq: int,
-                    seed: int) -> tuple[torch.Tensor, ...]:
-    """Seeded token ids within the vocabulary, a full attention mask, segment 0; for an image model, seeded
-    normal pixel values of its image size (`seq` does not apply)."""
+                    seed: int, decoder_seq: int | None = None) -> tuple[torch.Tensor, ...]:
+    """Seeded token ids within the vocabulary, a full attention mask, segment 0, decoder ids of `decoder_seq`
+    (default `seq`); for an image model, seeded normal pixel values of its image size (`seq` does not apply)."""
     generator = torch.Generator().manual_seed(seed)
     if input_names == ["pixel_values"]:
         return (torch.randn((batch, *image_shape(model)), generator=generator),)
     ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch, seq), generator=generator)
     values = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    if "decoder_input_ids" in input_names:
+        values["decoder_input_ids"] = torch.randint(0, model.get_input_embeddings().num_embeddings,
+                                                    (batch, decoder_seq or seq), generator=generator)
     return tuple(values[name] for name in input_names)
 
 

@@ -10,6 +10,7 @@ import onnx
 from app.core.errors import ErrorCode
 from worker.errors import JobFailure
 from worker.formats.loaded import LoadedModel
+from worker.formats.suggestions import UNNAMED_DIM
 from worker.runtime import ort_session
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
@@ -115,7 +116,7 @@ def count_params(model: onnx.ModelProto) -> tuple[int, int]:
 
 
 def _describe(values) -> list[dict[str, Any]]:
-    return [{"name": v.name, "shape": [d if isinstance(d, int) else (d or "dim") for d in v.shape],
+    return [{"name": v.name, "shape": [d if isinstance(d, int) else (d or UNNAMED_DIM) for d in v.shape],
              "dtype": ORT_TYPES.get(v.type, v.type)} for v in values]
 
 

@@ -46,6 +46,15 @@ def describe_inputs(program: torch.export.ExportedProgram) -> list[dict[str, Any
     return described
 
 
+def dim_ranges(program: torch.export.ExportedProgram) -> dict[str, list[int | None]]:
+    """The export's range of each symbolic dim, by the name the input descriptions use: [min, max or None]."""
+    def bound(value) -> int | None:
+        return int(value) if value.is_integer and abs(value) < 2 ** 62 else None
+
+    return {str(symbol): [bound(limits.lower), bound(limits.upper)]
+            for symbol, limits in program.range_constraints.items()}
+
+
 def describe_outputs(program: torch.export.ExportedProgram) -> list[dict[str, Any]]:
     output_node = next(n for n in program.graph.nodes if n.op == "output")
     values = output_node.args[0] if isinstance(output_node.args[0], (list, tuple)) else [output_node.args[0]]
@@ -69,5 +78,6 @@ def load(path: Path) -> LoadedModel:
             ops[str(node.target)] = ops.get(str(node.target), 0) + 1
     layers = [name for name, m in module.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     info = {"params": params, "nonzero_params": nonzero, "inputs": inputs, "outputs": outputs,
-            "architecture": {"kind": "torch.export", "ops": ops, "layers": layers}}
+            "architecture": {"kind": "torch.export", "ops": ops, "layers": layers},
+            "dim_ranges": dim_ranges(program)}
     return LoadedModel(format="pt2", inputs=inputs, outputs=outputs, module=module, info=info)

@@ -23,8 +23,8 @@ def export_formats(run: JobRun, state: WorkingModel, steps: list[ExportStep], wo
     outputs = []
     for fmt in dict.fromkeys(f for step in steps for f in step.formats):
         run.ctx.check()
-        if fmt == run.extension:
-            continue  # the main deliverable already is in this format
+        if fmt == run.extension or (fmt == "onnx" and run.seq2seq):
+            continue  # the main deliverable already is in this format (an encoder-decoder's: both graphs)
         if fmt == "onnx":
             path = run.onnx_form(state, workdir / "export.onnx")
             run.check_runs(path, "onnxruntime")

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.core.input_specs import InputSpec
 from app.core.recipe import Recipe, Target, TuneSpec
 
 Files = dict[str, tuple[Path, str]]  # role or student model id -> (local path, format)
@@ -22,6 +23,7 @@ class StagedJob:
     student_files: Files = field(default_factory=dict)
     min_fidelity: float | None = None  # the job's fidelity floor (worker.pipeline.floor); None: the default
     accept_degraded: bool = False
+    input_specs: dict[str, InputSpec] = field(default_factory=dict)  # how to make or read each input
 
 
 @dataclass

@@ -16,14 +16,22 @@ import torch
 
 from app.core.config import Settings
 from app.core.errors import ErrorCode
+from app.core.input_specs import problems_against_model
+from app.core.model_limits import (
+    CAUSAL_LM_TASK,
+    ONNX_BYTES_PER_PARAM,
+    ONNX_MAX_BYTES,
+    SEQ2SEQ_TASK,
+    check_recipe_for_info,
+)
 from app.core.recipe import Recipe, Target
 from app.core.vetting.hf import UNPACK_FACTOR
 from worker.compression.modules import count_weights
 from worker.context import JobContext
-from worker.errors import JobFailure
+from worker.errors import OUT_OF_MEMORY, JobFailure
 from worker.evaluation import data as job_data
 from worker.evaluation import measure
-from worker.formats import load
+from worker.formats import load, onnx_pair
 from worker.formats.export import example_args, to_onnx, to_pt2
 from worker.formats.loaded import LoadedModel, hf_model_of
 from worker.formats.onnx_format import count_params
@@ -43,6 +51,8 @@ class WorkingModel:
     def weights(self) -> tuple[int, int]:
         if self.module is not None:
             return count_weights(self.module)
+        if onnx_pair.is_pair(self.onnx_path):
+            return onnx_pair.count_pair_params(self.onnx_path)
         return count_params(onnx.load(str(self.onnx_path), load_external_data=False))
 
 
@@ -69,12 +79,32 @@ class JobRun:
                                                          "it must run on a GPU worker (queue 'gpu')")
         ctx.progress(0.05, "load", f"loading the {staged.model_format} model")
         self.loaded: LoadedModel = load(staged.model_path, staged.model_format, workdir, self.unpack_limit)
+        if staged.recipe is not None:
+            try:  # what the API checks from the model's info, in case it had none then
+                check_recipe_for_info(staged.recipe, self.target, staged.model_format, self.loaded.info)
+            except ValueError as exc:
+                raise JobFailure(ErrorCode.INVALID_RECIPE, str(exc)) from None
         if self.loaded.module is not None and self.device == "cuda":
             self.loaded.module.to("cuda")
-        self.data = job_data.prepare(self.loaded, staged.dataset_files)
+        problems = problems_against_model(staged.input_specs, self.loaded.inputs)
+        if problems:
+            raise JobFailure(ErrorCode.INVALID_REQUEST, "; ".join(problems[:5]))
+        self.data = job_data.prepare(self.loaded, staged.dataset_files, staged.input_specs)
         self.example = example_args(self.loaded.inputs, self.data.eval_batches[0], self.device)
         ctx.progress(0.1, "measure", "running the original model")
-        self.reference = [self.loaded.reference(batch, self.device) for batch in self.data.eval_batches]
+        self.reference = self._reference()
+
+    def _reference(self) -> list[list[np.ndarray]]:
+        """The original model's outputs on the eval batches; a model that raises on them fails the job naming
+        its inputs (worker.evaluation.data.inputs_do_not_run), not with the runtime's message."""
+        try:
+            return [self.loaded.reference(batch, self.device) for batch in self.data.eval_batches]
+        except (JobFailure, MemoryError):
+            raise
+        except Exception as exc:
+            if any(sign in str(exc).lower() for sign in OUT_OF_MEMORY):
+                raise
+            raise job_data.inputs_do_not_run(self.loaded, self.data, self.staged.input_specs) from None
 
     @property
     def unpack_limit(self) -> int:
@@ -82,8 +112,17 @@ class JobRun:
         return UNPACK_FACTOR * self.settings.max_upload_bytes
 
     @property
+    def seq2seq(self) -> bool:
+        """An encoder-decoder: its ONNX form is a zip of two graphs (worker.formats.onnx_pair)."""
+        return self.loaded.hf is not None and self.loaded.hf.task == SEQ2SEQ_TASK
+
+    @property
     def extension(self) -> str:
-        return EXTENSIONS[self.runtime]
+        return "zip" if self.seq2seq and self.runtime == "onnxruntime" else EXTENSIONS[self.runtime]
+
+    @property
+    def artifact_format(self) -> str:
+        return "onnx-seq2seq" if self.extension == "zip" else self.extension
 
     def original(self) -> WorkingModel:
         return WorkingModel(module=self.loaded.module, onnx_path=self.loaded.onnx_path)
@@ -97,6 +136,15 @@ class JobRun:
         graph ONNX Runtime runs fastest (worker.formats.hf.export_hf_onnx), checked against the module."""
         if state.module is None:
             return state.onnx_path
+        params = count_weights(state.module)[0]
+        if params * ONNX_BYTES_PER_PARAM > ONNX_MAX_BYTES:
+            raise JobFailure(ErrorCode.UNSUPPORTED_MODEL,
+                             f"the model has {params:,} parameters: too large for a single ONNX file (protobuf's 2 "
+                             "GiB limit); compress it with target.runtime 'pytorch' and no 'onnx' export")
+        if self.seq2seq:
+            from worker.formats.hf_seq2seq import export_pair
+
+            return export_pair(self.loaded.hf, path.with_suffix(".zip"), module=state.module)
         if self.loaded.hf is not None and hf_model_of(state.module) is not None:
             from worker.formats.hf import export_hf_onnx
 
@@ -128,6 +176,8 @@ class JobRun:
         params, nonzero = state.weights()
         figures = {"size_bytes": path.stat().st_size, "params": params, "nonzero_params": nonzero,
                    "latency_ms": latency, "accuracy": job_data.accuracy(outputs, self.data.eval_labels)}
+        if self.data.eval_texts and self.loaded.hf is not None and self.loaded.hf.task == CAUSAL_LM_TASK:
+            figures["perplexity"] = job_data.perplexity(outputs, self.data.eval_batches, self.loaded.hf.input_names)
         return figures, outputs
 
     def fidelity(self, outputs: list) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def run_pipeline(staged: StagedJob, workdir: Path, settings: Settings, ctx: JobC
     compressed = dict(applied.figures)
     delivered, encoding = exports.encode(applied.path, compressed)
     compressed.update(encoding)
-    main = Output("model", run.extension, delivered,
+    main = Output("model", run.artifact_format, delivered,
                   f"compressed.{run.extension}" + (".gz" if delivered != applied.path else ""))
     extra = exports.export_formats(run, applied.state, applied.exports, applied.path.parent)
     metrics = _report(run, baseline, baseline_fidelity, compressed, applied, tuning_report)
@@ -82,7 +82,8 @@ def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, 
     if tuning_report is not None:
         metrics["tuning"] = tuning_report
         metrics["recipe"] = tuning_report["trials"][tuning_report["best"]]["recipe"]
-    notes = []
+    notes = [step["details"]["warning"] for step in applied.steps
+             if isinstance(step.get("details"), dict) and step["details"].get("warning")]
     smaller = metrics["compression_ratio"] > 1
     if not smaller:
         notes.append(f"the compressed model is not smaller than the baseline ({compressed['size_bytes']} bytes "

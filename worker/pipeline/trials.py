@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from app.core.errors import ErrorCode
+from app.core.model_limits import check_recipe_for_info
 from app.core.recipe import DatasetRefs, Recipe, TuneSpec, check_recipe_for_model, check_recipe_for_target
 from worker.errors import JobFailure
 from worker.pipeline import tuning
@@ -33,6 +34,7 @@ def _candidates(run: JobRun, spec: TuneSpec) -> list[dict]:
             parsed = Recipe.model_validate(recipe)
             check_recipe_for_target(parsed, run.target, datasets)
             check_recipe_for_model(parsed, run.target, staged.model_format)
+            check_recipe_for_info(parsed, run.target, staged.model_format, run.loaded.info)
             candidates.append(recipe)
         except ValueError:
             continue  # a generated candidate this model or target cannot take
@@ -42,10 +44,16 @@ def _candidates(run: JobRun, spec: TuneSpec) -> list[dict]:
 def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelity: float) -> tuple[Applied, dict]:
     """The best trial's outcome and the tuning report (every trial, the Pareto front, the choice and why)."""
     candidates = _candidates(run, spec)
+    lower_is_better = spec.metric == "perplexity"
     if spec.metric == "accuracy":
         if baseline["accuracy"] is None:
             raise JobFailure(ErrorCode.INVALID_DATASET, "tune.metric 'accuracy' needs an eval dataset with labels")
         baseline_metric = baseline["accuracy"]
+    elif spec.metric == "perplexity":
+        if baseline.get("perplexity") is None:
+            raise JobFailure(ErrorCode.INVALID_DATASET, "tune.metric 'perplexity' needs a causal language model "
+                                                        "and a .jsonl text eval dataset")
+        baseline_metric = baseline["perplexity"]
     else:
         baseline_metric = baseline_fidelity
     applied: dict[int, Applied] = {}
@@ -60,17 +68,18 @@ def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelit
         applied[index] = result
         fidelity = run.fidelity(result.outputs)
         result.figures["fidelity"] = fidelity
-        metric = result.figures["accuracy"] if spec.metric == "accuracy" else fidelity["cosine_mean"]
+        metric = fidelity["cosine_mean"] if spec.metric == "fidelity" else result.figures[spec.metric]
         report = getattr(run.ctx, "trial", None)  # the sandbox's context hands each trial's model to the worker
         if report is not None:
             report(index, result.path, {"recipe": recipe, "size_bytes": result.figures["size_bytes"],
                                         "latency_ms": result.figures["latency_ms"]["p50"], "metric": metric,
-                                        "meets_tolerance": tuning.loss(baseline_metric, metric) <= spec.max_loss})
+                                        "meets_tolerance": tuning.loss(baseline_metric, metric, lower_is_better)
+                                        <= spec.max_loss})
         return result.figures["size_bytes"], result.figures["latency_ms"]["p50"], metric
 
     outcome = tuning.tune(candidates, run_trial, baseline_metric=baseline_metric, max_loss=spec.max_loss,
                           objective=spec.objective, max_trials=spec.max_trials, time_budget_s=spec.time_budget_s,
-                          check=run.ctx.check)
+                          check=run.ctx.check, lower_is_better=lower_is_better)
     if outcome["best"] is None:
         raise JobFailure(ErrorCode.TUNING_FAILED, outcome["message"])
     for index in applied:

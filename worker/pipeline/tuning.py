@@ -2,7 +2,8 @@
 within the allowed loss of the baseline.
 
 This module is only the search: the pipeline supplies `run_trial(recipe) -> (size_bytes, latency_ms, metric)`
-(metric: accuracy or fidelity cosine, higher is better), so the search can be tested without running models.
+(metric: accuracy or fidelity cosine, higher is better; or perplexity, lower is better: `lower_is_better`), so
+the search can be tested without running models.
 
 Candidate recipes are plain recipes (what `app.core.recipe.Recipe` accepts) and say nothing about the target:
 the pipeline drops those its target or model format refuses (`check_recipe_for_target`,
@@ -90,46 +91,53 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
     return _unique([recipe.model_dump(mode="json", exclude_unset=True) for recipe in recipes])
 
 
-def loss(baseline_metric: float, metric: float) -> float:
-    """The metric's relative loss against the baseline (what `max_loss` bounds)."""
-    return (baseline_metric - metric) / max(abs(baseline_metric), 1e-12)
+def loss(baseline_metric: float, metric: float, lower_is_better: bool = False) -> float:
+    """The metric's relative loss against the baseline (what `max_loss` bounds): for perplexity (lower is better)
+    the relative increase."""
+    worse_by = metric - baseline_metric if lower_is_better else baseline_metric - metric
+    return worse_by / max(abs(baseline_metric), 1e-12)
 
 
-def _pareto_front(trials: list[Trial], key: str) -> list[int]:
-    """Successful trials no other one beats on both the objective (lower) and the metric (higher)."""
+def _pareto_front(trials: list[Trial], key: str, sign: int) -> list[int]:
+    """Successful trials no other one beats on both the objective (lower) and the metric (`sign` x metric
+    higher)."""
     done = [i for i, t in enumerate(trials) if t.error is None]
+    score = {i: sign * trials[i].metric for i in done}
     front = []
     for i in done:
         a = trials[i]
-        dominated = any(getattr(trials[j], key) <= getattr(a, key) and trials[j].metric >= a.metric
-                        and (getattr(trials[j], key) < getattr(a, key) or trials[j].metric > a.metric)
+        dominated = any(getattr(trials[j], key) <= getattr(a, key) and score[j] >= score[i]
+                        and (getattr(trials[j], key) < getattr(a, key) or score[j] > score[i])
                         for j in done)
         if not dominated:
             front.append(i)
-    return sorted(front, key=lambda i: (getattr(trials[i], key), -trials[i].metric, i))
+    return sorted(front, key=lambda i: (getattr(trials[i], key), -score[i], i))
 
 
-def _best(trials: list[Trial], key: str, baseline_metric: float, max_loss: float) -> tuple[int | None, str]:
+def _best(trials: list[Trial], key: str, baseline_metric: float, max_loss: float,
+          lower_is_better: bool) -> tuple[int | None, str]:
     tolerance = f"{max_loss:.1%}"
+    sign = -1 if lower_is_better else 1
     meeting = [i for i, t in enumerate(trials) if t.meets_tolerance]
     if meeting:
-        best = min(meeting, key=lambda i: (getattr(trials[i], key), -trials[i].metric, i))
+        best = min(meeting, key=lambda i: (getattr(trials[i], key), -sign * trials[i].metric, i))
         what = (f"the smallest file ({trials[best].size_bytes} bytes)" if key == "size_bytes" else
                 f"the lowest latency ({trials[best].latency_ms:g} ms)")
         return best, (f"trial {best} has {what} of the {len(meeting)} that met the {tolerance} tolerance "
-                      f"({loss(baseline_metric, trials[best].metric):.1%} loss)")
+                      f"({loss(baseline_metric, trials[best].metric, lower_is_better):.1%} loss)")
     done = [i for i, t in enumerate(trials) if t.error is None]
     if not done:
         return None, (f"all {len(trials)} trials failed; there is no compressed model to return" if trials else
                       "no trial ran; there is no compressed model to return")
-    best = max(done, key=lambda i: (trials[i].metric, -getattr(trials[i], key), -i))
+    best = max(done, key=lambda i: (sign * trials[i].metric, -getattr(trials[i], key), -i))
     return best, (f"no candidate met the {tolerance} tolerance; returning the most accurate one found "
-                  f"({loss(baseline_metric, trials[best].metric):.1%} loss)")
+                  f"({loss(baseline_metric, trials[best].metric, lower_is_better):.1%} loss)")
 
 
 def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, float]], *, baseline_metric: float,
          max_loss: float, objective: str, max_trials: int, time_budget_s: float | None,
-         check: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic) -> dict:
+         check: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
+         lower_is_better: bool = False) -> dict:
     """Run the candidates in order until they run out, `max_trials` ran, or the time budget is spent (checked
     before each trial: none starts after it). A trial that raises is recorded as failed; cancellation (from
     `check`, or a cancel noticed inside the trial) ends the search by propagating."""
@@ -158,14 +166,14 @@ def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, f
                                 error=f"{exc.__class__.__name__}: {exc}", seconds=clock() - trial_started))
             continue
         trials.append(Trial(recipe=recipe, size_bytes=size_bytes, latency_ms=latency_ms, metric=metric,
-                            meets_tolerance=loss(baseline_metric, metric) <= max_loss,
+                            meets_tolerance=loss(baseline_metric, metric, lower_is_better) <= max_loss,
                             seconds=clock() - trial_started))
 
-    best, message = _best(trials, key, baseline_metric, max_loss)
+    best, message = _best(trials, key, baseline_metric, max_loss, lower_is_better)
     if stopped != "exhausted":
         reason = f"max_trials ({max_trials})" if stopped == "max_trials" else f"time budget ({time_budget_s:g} s)"
         message += f"; stopped after {len(trials)} of {len(candidates)} candidates: {reason} reached"
     return {"trials": [asdict(t) for t in trials], "best": best,
             "met_tolerance": best is not None and trials[best].meets_tolerance,
-            "pareto_front": _pareto_front(trials, key), "objective": objective, "max_loss": max_loss,
-            "baseline_metric": baseline_metric, "stopped": stopped, "message": message}
+            "pareto_front": _pareto_front(trials, key, -1 if lower_is_better else 1), "objective": objective,
+            "max_loss": max_loss, "baseline_metric": baseline_metric, "stopped": stopped, "message": message}

@@ -29,7 +29,7 @@ def job_public(job: Job) -> JobPublic:
     return JobPublic(
         id=job.id, name=job.name, model_id=job.model_id, status=job.status, recipe=job.recipe, tune=job.tune,
         datasets=job.datasets, target=job.target, webhook_url=job.webhook_url, min_fidelity=job.min_fidelity,
-        accept_degraded=job.accept_degraded,
+        accept_degraded=job.accept_degraded, input_specs=job.input_specs,
         progress={"fraction": job.progress_fraction, "step": job.progress_step, "message": job.progress_message},
         error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
         metrics=job.metrics, artifacts=job.artifacts, attempts=job.attempts,

@@ -13,6 +13,7 @@ from app.api.errors import error_responses
 from app.api.limits import receive_upload_within_quota
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.schemas import ModelPublic, ModelsPublic
+from app.core import input_specs
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
 from app.core.statuses import ACTIVE
@@ -32,13 +33,20 @@ def get_owned_model(session, tenant, model_id: str) -> Model:
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
         "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
-                       "format": {"type": "string", "enum": list(detect.SUPPORTED_FORMATS)}}}}}}})
+                       "format": {"type": "string", "enum": list(detect.SUPPORTED_FORMATS)},
+                       "input_specs": {"type": "string", "description": "JSON: the default input specs of jobs "
+                                                                       "on this model"}}}}}}})
 async def upload_model(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
                        settings: SettingsDep, storage: StorageDep, celery: CeleryDep) -> Model:
     """Upload a `.pt2` (torch.export), `.onnx` or Hugging Face archive; a worker inspects it and sets it ready or
-    invalid."""
-    upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings, {"name", "format"})
+    invalid. An `input_specs` field (JSON) becomes the default input specs of its jobs."""
+    upload = await receive_upload_within_quota(request, session_factory, tenant.id, settings,
+                                               {"name", "format", "input_specs"})
     try:
+        try:
+            specs = input_specs.parse_json(upload.fields["input_specs"]) if upload.fields.get("input_specs") else None
+        except ValueError as exc:
+            raise ServiceError(ErrorCode.INVALID_REQUEST, str(exc)) from None
         declared = upload.fields.get("format") or None
         unpacked_limit = hf.UNPACK_FACTOR * settings.max_upload_bytes
         fmt = await run_in_threadpool(detect.detect_format, upload.file.path, upload.file.filename,
@@ -46,7 +54,7 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
         name = (upload.fields.get("name") or upload.file.filename)[:200]
         extension = await run_in_threadpool(detect.stored_extension, upload.file.path, fmt)
         return await run_in_threadpool(services.add_model, session_factory, storage, celery, settings, tenant.id,
-                                       upload.file, name, fmt, extension)
+                                       upload.file, name, fmt, extension, specs)
     finally:
         upload.discard()
 

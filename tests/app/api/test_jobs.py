@@ -298,3 +298,125 @@ def test_a_preset_brings_its_floor_unless_the_job_sets_one():
     assert JobCreate.model_validate(body).min_fidelity == 0.8
     assert JobCreate.model_validate({**body, "min_fidelity": 0.95}).min_fidelity == 0.95
     assert JobCreate.model_validate({"model_id": "mdl_x", "preset": "int8-cpu"}).min_fidelity is None
+
+
+SPECS = {"input": {"shape": [1, 512]}, "state": {"shape": [2, 1, 128], "batch_axis": 1}, "sr": {"value": 16000}}
+VAD_INPUTS = [{"name": "input", "shape": ["N", "samples"], "dtype": "float32"},
+              {"name": "state", "shape": [2, "N", 128], "dtype": "float32"},
+              {"name": "sr", "shape": [], "dtype": "int64"}]
+
+
+def inspected(settings, model_id, inputs):
+    """The model as a worker's inspection leaves it: ready, its inputs described."""
+    from app.core.db import make_engine, make_session_factory
+    from app.core.tables import Model
+
+    engine = make_engine(settings.resolved_database_url())
+    with make_session_factory(engine)() as session:
+        model = session.get(Model, model_id)
+        model.status, model.info = "ready", {"inputs": inputs}
+        session.commit()
+    engine.dispose()
+
+
+def test_input_specs_are_kept_and_shown(client, auth, model_id):
+    job = submit(client, auth, model_id, input_specs=SPECS)
+    assert job.status_code == 201, job.text
+    assert job.json()["input_specs"] == SPECS
+    assert client.get(f"/v1/jobs/{job.json()['id']}", headers=auth).json()["input_specs"] == SPECS
+    assert submit(client, auth, model_id).json()["input_specs"] is None
+
+
+@pytest.mark.parametrize("specs, field", [
+    ({"sr": {"value": 16000, "range": [0, 1]}}, "input_specs.sr: value: a constant excludes range"),
+    ({"state": {"shape": [2, 1], "batch_axis": 2}}, "input_specs.state: batch_axis"),
+    ({"input": {"range": [1, 0]}}, "input_specs.input: range"),
+    ({"input": {"dtype": "complex64"}}, "input_specs.input.dtype"),
+    ({"input": {"shape": [1, -512]}}, "input_specs.input.shape.1"),
+    ({"input": []}, "input_specs.input"),
+    ([1], "input_specs"),
+])
+def test_bad_input_specs_are_422_naming_the_field(client, auth, model_id, specs, field):
+    response = submit(client, auth, model_id, input_specs=specs)
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(field), response.json()
+
+
+def test_specs_naming_no_input_of_an_inspected_model_are_422_listing_its_inputs(client, auth, model_id, settings):
+    inspected(settings, model_id, VAD_INPUTS)
+    response = submit(client, auth, model_id, input_specs={**SPECS, "audio": {"shape": [1, 512]}})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"] == ("input_specs.audio: the model has no input 'audio'; its "
+                                                   "inputs are input, state, sr")
+    wrong_dim = submit(client, auth, model_id, input_specs={"state": {"shape": [3, 1, 128]}})
+    assert wrong_dim.status_code == 422
+    assert wrong_dim.json()["error"]["message"].startswith("input_specs.state.shape: dim 0 is 3")
+    assert submit(client, auth, model_id, input_specs=SPECS).status_code == 201
+
+
+def test_a_job_takes_the_model_specs_as_defaults_and_overrides_them_per_input(client, auth, upload, settings):
+    import json
+
+    model = upload(input_specs=json.dumps(SPECS)).json()
+    assert model["input_specs"] == SPECS
+    job = submit(client, auth, model["id"], input_specs={"sr": {"value": 8000}}).json()
+    assert job["input_specs"] == {**SPECS, "sr": {"value": 8000}}
+    assert submit(client, auth, model["id"]).json()["input_specs"] == SPECS
+
+
+def test_another_tenants_model_is_404_before_its_inputs_are_checked(client, make_key, upload, settings):
+    alice_model = upload().json()["id"]
+    inspected(settings, alice_model, VAD_INPUTS)
+    response = submit(client, make_key(), alice_model, input_specs={"audio": {"shape": [1]}})
+    assert response.status_code == 404 and "state" not in response.text
+
+
+@pytest.fixture
+def model_with_info(upload, pt2_bytes, settings):
+    """A .pt2 upload whose stored inspection says `info` (what a worker would have written)."""
+    from sqlalchemy import update
+
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.core.tables import Model
+
+    def _make(info: dict) -> str:
+        model_id = upload(pt2_bytes, "model.pt2").json()["id"]
+        engine = make_engine(settings.resolved_database_url())
+        with session_scope(make_session_factory(engine)) as session:
+            session.execute(update(Model).where(Model.id == model_id).values(info=info))
+        engine.dispose()
+        return model_id
+
+    return _make
+
+
+def test_model_too_large_for_onnx_is_422_unless_the_target_is_pytorch(client, auth, model_with_info):
+    model_id = model_with_info({"params": 600_000_000, "inputs": [], "outputs": []})  # 2.2 GiB as fp32
+    response = submit(client, auth, model_id)
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message.startswith("target.runtime") and "too large for a single ONNX file" in message
+    export = {"steps": [{"op": "quantize"}, {"op": "export", "formats": ["onnx"]}]}
+    assert submit(client, auth, model_id, export, target={"runtime": "pytorch"}).status_code == 422
+    assert submit(client, auth, model_id, target={"runtime": "pytorch"}).status_code == 201
+    assert submit(client, auth, model_with_info({"params": 500_000_000})).status_code == 201  # 1.9 GiB
+
+
+def test_encoder_decoder_steps_that_do_not_apply_are_422(client, auth, model_with_info):
+    model_id = model_with_info({"params": 1000, "architecture": {"model_type": "t5", "task": "seq2seq-lm"}})
+    assert submit(client, auth, model_id).status_code == 201
+    for recipe, target, field in [
+        (RECIPE, {"runtime": "pytorch"}, "target.runtime"),
+        ({"steps": [{"op": "prune", "method": "structured", "sparsity": 0.5}]}, None, "recipe.steps.0.method"),
+        ({"steps": [{"op": "export", "formats": ["pt2"]}]}, None, "recipe.steps.0.formats"),
+        ({"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4", "algorithm": "hqq"}]}, None,
+         "recipe.steps.0: calibrated or searched"),
+    ]:
+        response = submit(client, auth, model_id, recipe, **({"target": target} if target else {}))
+        assert response.status_code == 422 and response.json()["error"]["message"].startswith(field), response.text
+        assert "encoder-decoder" in response.json()["error"]["message"]
+
+
+def test_tune_on_perplexity_needs_an_eval_dataset(client, auth, model_id):
+    response = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "tune": {"metric": "perplexity"}})
+    assert response.status_code == 422 and response.json()["error"]["message"].startswith("datasets.eval")

@@ -185,3 +185,27 @@ def test_hf_archive_with_remote_code_is_refused(upload, tmp_path):
     response = upload(pack(folder, tmp_path / "bert.zip").read_bytes(), filename="bert.zip")
     assert response.status_code == 415
     assert response.json()["error"]["code"] == "remote_code_refused"
+
+
+def test_input_specs_form_field_is_stored_and_shown(client, auth, upload):
+    import json
+
+    specs = {"input": {"shape": [1, 512]}, "state": {"shape": [2, 1, 128], "batch_axis": 1}, "sr": {"value": 16000}}
+    model = upload(input_specs=json.dumps(specs, indent=2))
+    assert model.status_code == 201, model.text
+    assert model.json()["input_specs"] == specs
+    assert client.get(f"/v1/models/{model.json()['id']}", headers=auth).json()["input_specs"] == specs
+    assert upload().json()["input_specs"] is None
+
+
+@pytest.mark.parametrize("text, start", [
+    ("{not json", "input_specs: not valid JSON"),
+    ('{"sr": {"value": 1, "range": [0, 2]}}', "input_specs.sr: value: a constant excludes range"),
+    ('{"x": {"shape": [1], "size": 3}}', "input_specs.x.size"),
+    ('{"x": {"value": [' + ",".join(["1"] * 5000) + "]}}", "input_specs.x: value: more than 4096"),
+])
+def test_bad_input_specs_form_field_is_422_and_stores_nothing(client, auth, upload, text, start):
+    response = upload(input_specs=text)
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith(start), response.json()
+    assert client.get("/v1/models", headers=auth).json()["data"] == []

@@ -34,3 +34,25 @@ def test_a_data_aware_algorithm_implies_groups() -> None:
 def test_an_algorithm_where_it_does_not_apply_is_refused(fields, message) -> None:
     with pytest.raises(ValidationError, match=message):
         QuantizeStep(op="quantize", **fields)
+
+
+def test_int8_defaults_to_auto_and_other_dtypes_keep_their_method() -> None:
+    assert QuantizeStep(op="quantize").method == "auto"
+    assert QuantizeStep(op="quantize", dtype="int8", method="static").method == "static"
+    assert QuantizeStep(op="quantize", dtype="fp16").method == "dynamic"  # a cast: method unused, as before
+    assert QuantizeStep(op="quantize", smoothing="auto").method == "dynamic"
+    with pytest.raises(ValidationError, match="dtype 'int4' needs method 'weight_only'"):
+        QuantizeStep(op="quantize", dtype="int4")
+
+
+@pytest.mark.parametrize("fields", [{"dtype": "fp16"}, {"smoothing": 0.5}])
+def test_an_explicit_auto_outside_int8_is_refused(fields) -> None:
+    with pytest.raises(ValidationError, match="method 'auto' chooses between the int8 methods"):
+        QuantizeStep(op="quantize", method="auto", **fields)
+
+
+def test_the_int8_cpu_preset_chooses_auto() -> None:
+    from app.core.presets import PRESETS, preset_recipe
+
+    assert preset_recipe("int8-cpu").steps[0].method == "auto"
+    assert PRESETS["int8-cpu"].public("int8-cpu")["recipe"]["steps"][0]["method"] == "auto"

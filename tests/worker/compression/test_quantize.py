@@ -157,3 +157,56 @@ def test_weight_only_onnx_counts_logical_params(tmp_path, dtype):
     out = tmp_path / "q.onnx"
     quantize_onnx(source, out, **q_onnx(method="weight_only", dtype=dtype, granularity="group", group_size=32))
     assert count_params(onnx.load(str(out)))[0] == count_params(onnx.load(str(source)))[0]
+
+
+def test_conv_net_static_int8_runs_as_qlinearconv_with_depthwise_and_tiny_layers_in_float(tmp_path):
+    import onnxruntime as ort
+
+    from tests.helpers import save_foreign_cnn
+    from worker.compression.normalize import normalize
+    from worker.compression.quantize import onnx_static_int8
+
+    rng = np.random.default_rng(0)
+    batches = [[rng.standard_normal((2, 3, 32, 32)).astype(np.float32)] for _ in range(2)]
+    source, _ = normalize(save_foreign_cnn(tmp_path / "cnn.onnx", opset=11), tmp_path / "n.onnx", batches)
+    out = tmp_path / "s.onnx"
+    details = onnx_static_int8(source, out, granularity="per_channel", exclude=[], calibration_method="minmax",
+                               calibration=batches, convolutional=True)
+    assert details["kept_in_float"]["depthwise_convolutions"] == ["depthwise"]
+    assert details["kept_in_float"]["tiny_layers"] == ["stem", "fc"]
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    fused = {n.name for n in optimized if n.op_type == "QLinearConv"}
+    assert len(fused) == 2  # conv and pointwise, Relu fused in
+    assert sum(n.op_type in ("Conv", "FusedConv") for n in optimized) == 2  # stem and depthwise stay in float
+    x = batches[0][0]
+    assert cosine(run(source, x), run(out, x)) > 0.99
+
+
+def test_static_int8_errors_never_show_server_paths(tmp_path):
+    from worker.compression.quantize import without_server_paths
+
+    message = f"INVALID_GRAPH : Load model from {tmp_path}/job/step0.onnx failed: node (/layer.0/Conv_quant)"
+    assert without_server_paths(message) == "INVALID_GRAPH : Load model from <model file> failed: node " \
+                                            "(/layer.0/Conv_quant)"
+
+
+def test_conv_nets_keep_adds_of_constants_in_float_but_quantize_residual_adds(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from worker.compression.quantize import float_convolutions
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((32, 32, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(np.full((1,), 3.0, np.float32), "three")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "three"], ["shifted"], name="plus_three"),
+             helper.make_node("Add", ["shifted", "x"], ["y"], name="residual")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32, 8, 8])], weights)
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    assert float_convolutions(path) == {"depthwise_convolutions": [], "tiny_layers": [],
+                                        "adds_of_constants": ["plus_three"]}

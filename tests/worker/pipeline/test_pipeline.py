@@ -89,6 +89,14 @@ def test_pytorch_target_weight_only_int4_delivers_a_small_pt2(tmp_path, worker_e
     assert cos > 0.98
 
 
+def test_pytorch_target_default_int8_is_dynamic(tmp_path, worker_env, db, add_model, add_job):
+    job_id = add_job(add_model(save_pt2(tmp_path / "m.pt2", 64, 128, 8), "pt2"), runtime="pytorch",
+                     steps=[{"op": "quantize"}])
+    run_job(job_id)
+    details = finished(db, job_id).metrics["steps"][0]["details"]
+    assert (details["method"], details["chosen_method"], details["quantized_layers"]) == ("auto", "dynamic", 3)
+
+
 def test_pruned_model_is_delivered_compressed_and_loads_back_exactly(tmp_path, worker_env, db, add_model, add_job):
     path = save_onnx(tmp_path / "m.onnx", 128, 256, 8)
     # 70% of an untrained MLP's weights gone: far below the fidelity floor, delivered because the job says so
@@ -157,3 +165,58 @@ def test_weight_only_int4_with_only_a_group_size_runs_in_groups(tmp_path, worker
     run_job(job_id)
     details = finished(db, job_id).metrics["steps"][0]["details"]
     assert (details["granularity"], details["group_size"], details["bits"]) == ("group", 32, 4)
+
+
+def test_foreign_cnn_gets_normalized_and_static_int8_by_default(tmp_path, worker_env, db, add_model, add_job):
+    """An opset-11 conv net with Constant weights (as Paddle and older exporters write them): the default quantize
+    step normalizes it and tries static int8 first, which now gives valid graphs; the report says what was
+    normalized, what was tried and measured, and what stayed in float."""
+    from tests.helpers import save_foreign_cnn
+
+    row = add_model(save_foreign_cnn(tmp_path / "cnn.onnx", opset=11), "onnx")
+    job_id = add_job(row, steps=[{"op": "quantize"}])
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    details = metrics["steps"][0]["details"]
+    assert details["method"] == "auto" and details["family"] == "convolutional"
+    normalization = details["normalization"]
+    assert normalization["constants_to_initializers"] == 11 and normalization["opset"] == {"from": 11, "to": 13}
+    assert normalization["duplicate_initializers_merged"] == 1 and normalization["output_change"] <= 1e-6
+    static = [c for c in details["candidates"] if c["name"].startswith("static")]
+    assert static and all("error" not in c and c["cosine"] >= 0.99 for c in static)
+    assert details["chosen_method"] == "static", details["candidates"]
+    assert details["calibrated_on"]["data"] == "the job's evaluation inputs (generated)"
+    assert details["chosen"]["kept_in_float"]["tiny_layers"] == ["stem", "fc"]
+    assert metrics["fidelity"]["cosine_mean"] >= 0.99
+    assert ("warning" in details) == any("no int8 candidate" in note for note in metrics.get("notes", []))
+
+
+def cancelling_cnn(path):
+    """y = conv_a(x) + conv_b(x) with W_b = -W_a + tiny noise: the fp32 output is the small difference, which any
+    int8 rounding of the two convolutions drowns, so no int8 candidate can be faithful."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    near = (-w + 1e-3 * rng.standard_normal(w.shape)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "a"], ["ya"], name="a", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "b"], ["yb"], name="b", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["ya", "yb"], ["y"], name="difference")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 16, 16])],
+                              [numpy_helper.from_array(w, "a"), numpy_helper.from_array(near, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    return path
+
+
+def test_auto_int8_that_cannot_stay_faithful_says_so_in_the_notes(tmp_path, worker_env, db, add_model, add_job):
+    job_id = add_job(add_model(cancelling_cnn(tmp_path / "c.onnx"), "onnx"), steps=[{"op": "quantize"}],
+                     accept_degraded=True)
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    details = metrics["steps"][0]["details"]
+    assert [c["name"] for c in details["candidates"]] == ["static_conv", "static", "dynamic"]
+    assert all(c["cosine"] < 0.99 for c in details["candidates"])
+    assert details["warning"].startswith("no int8 candidate keeps output cosine >= 0.99")
+    assert details["warning"] in metrics["notes"] and metrics["degraded"] is True

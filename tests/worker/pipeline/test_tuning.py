@@ -184,3 +184,17 @@ def test_user_search_recipes_come_as_given():
     user = [{"steps": [{"op": "quantize", "dtype": "fp16"}]}, {"steps": [{"op": "quantize"}]},
             {"steps": [{"op": "quantize", "dtype": "fp16"}]}]
     assert candidate_recipes(user, has_calibration=True, model_kind="pt2", layer_names=["a", "b"]) == user[:2]
+
+
+def test_perplexity_is_lower_is_better_and_max_loss_bounds_its_relative_increase():
+    perplexities = {"int8": (400, 1.0, 20.5), "int4": (200, 1.0, 21.5), "int2": (100, 1.0, 40.0)}
+    result = tune([{"id": key} for key in perplexities], lambda recipe: perplexities[recipe["id"]],
+                  baseline_metric=20.0, max_loss=0.1, objective="size", max_trials=10, time_budget_s=None,
+                  lower_is_better=True)
+    assert [t["meets_tolerance"] for t in result["trials"]] == [True, True, False]  # 21.5 <= 20 x 1.1 < 40
+    assert ids(result, [result["best"]]) == ["int4"] and ids(result, result["pareto_front"]) == ["int2", "int4",
+                                                                                                  "int8"]
+    strict = tune([{"id": key} for key in perplexities], lambda recipe: perplexities[recipe["id"]],
+                  baseline_metric=20.0, max_loss=0.01, objective="size", max_trials=10, time_budget_s=None,
+                  lower_is_better=True)
+    assert not strict["met_tolerance"] and ids(strict, [strict["best"]]) == ["int8"]  # the lowest perplexity

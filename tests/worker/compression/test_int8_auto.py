@@ -1,0 +1,96 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.helpers import save_foreign_cnn, save_onnx
+from worker.compression.int8_auto import Candidate, auto_int8, decide, model_family
+from worker.compression.normalize import normalize
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    """The foreign conv net, normalized, and generated-like eval batches."""
+    folder = tmp_path_factory.mktemp("cnn")
+    rng = np.random.default_rng(0)
+    batches = [[rng.standard_normal((2, 3, 32, 32)).astype(np.float32)] for _ in range(3)]
+    path, _ = normalize(save_foreign_cnn(folder / "cnn.onnx"), folder / "normalized.onnx", batches)
+    return path, batches
+
+
+def auto(source, destination, batches, calibration=None):
+    return auto_int8(source, destination, granularity="per_channel", exclude=[], calibration_method="minmax",
+                     calibration=calibration, eval_batches=batches, eval_inputs="generated", threads=1, warmup=1,
+                     runs=5)
+
+
+def lstm_graph(path):
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in [("W", (1, 32, 8)), ("R", (1, 32, 8))]]
+    node = helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=8)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 1, 8])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)]), str(path))
+    return path
+
+
+def test_family_follows_the_dominant_ops(tmp_path, cnn):
+    assert model_family(cnn[0]) == ("convolutional", {"recurrent": 0, "convolution": 4, "matmul": 1})
+    assert model_family(save_onnx(tmp_path / "mlp.onnx"))[0] == "transformer"
+    assert model_family(lstm_graph(tmp_path / "lstm.onnx"))[0] == "recurrent"
+
+
+def test_a_cnn_is_tried_first_as_static_calibrated_on_the_eval_inputs(tmp_path, cnn):
+    source, batches = cnn
+    details = auto(source, tmp_path / "q.onnx", batches)
+    names = [c["name"] for c in details["candidates"]]
+    assert details["family"] == "convolutional" and names[:2] == ["static_conv", "static_conv_depthwise"]
+    assert all("error" not in c for c in details["candidates"])
+    assert all(c["cosine"] >= 0.99 for c in details["candidates"])
+    assert details["kept"] in names and (tmp_path / "q.onnx").exists()
+    if details["chosen_method"] == "static":
+        assert details["calibrated_on"] == {"data": "the job's evaluation inputs (generated)", "samples": 6}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # the other candidates are removed
+
+
+def test_a_given_calibration_dataset_is_used(tmp_path, cnn):
+    source, batches = cnn
+    calibration = [[np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)]]
+    details = auto(source, tmp_path / "q.onnx", batches, calibration)
+    static = details["chosen"] if details["chosen_method"] == "static" else None
+    assert static is None or static["calibration_samples"] == 4
+    assert static is None or details["calibrated_on"] == {"data": "calibration dataset", "samples": 4}
+
+
+def test_a_matmul_net_is_tried_first_as_dynamic(tmp_path):
+    source = save_onnx(tmp_path / "mlp.onnx", 64, 128, 8)
+    batches = [[np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)]]
+    details = auto(source, tmp_path / "q.onnx", batches)
+    assert details["family"] == "transformer" and details["candidates"][0]["name"] == "dynamic"
+
+
+def test_the_faster_faithful_candidate_is_kept_when_the_first_is_slower():
+    first, second = Candidate("static_conv", speedup=0.7, cosine=0.999), Candidate("dynamic", speedup=1.3,
+                                                                                     cosine=0.995)
+    assert decide([first, second]) == (1, "dynamic: faster than fp32 and faithful", None)
+
+
+def test_faster_but_unfaithful_loses_to_faithful_and_says_so():
+    fast, faithful = Candidate("static", speedup=2.0, cosine=0.9), Candidate("dynamic", speedup=0.8, cosine=0.999)
+    index, _, warning = decide([fast, faithful])
+    assert index == 1 and "no int8 candidate is faster than fp32" in warning and "0.80x" in warning
+
+
+def test_when_nothing_is_faithful_the_most_faithful_is_kept_with_a_warning():
+    index, reason, warning = decide([Candidate("static", speedup=2.0, cosine=0.5),
+                                     Candidate("dynamic", speedup=0.5, cosine=0.9),
+                                     Candidate("static_conv", error="quantization failed")])
+    assert index == 1 and "most faithful" in reason and "cosine >= 0.99" in warning
+
+
+def test_among_good_candidates_the_fastest_wins():
+    assert decide([Candidate("static_conv", speedup=1.3, cosine=0.999),
+                   Candidate("static_conv_depthwise", speedup=1.6, cosine=0.998)])[0] == 1
+    with pytest.raises(ValueError):
+        decide([Candidate("static", error="failed")])
