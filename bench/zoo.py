@@ -388,7 +388,8 @@ def compress_all(client: httpx.Client, model: Model, presets: list[dict], work: 
         if job and job.get("error"):
             row.error += f"{job['error']['code']}: {job['error']['message']}"
         if job and status in ("succeeded", "failed"):
-            row.path = download_model(client, job, work / f"{model.name}-{name}.onnx")
+            slug = "".join(c if c.isalnum() or c == "-" else "_" for c in label)
+            row.path = download_model(client, job, work / f"{model.name}-{slug}.onnx")
         rows.append(row)
     return rows
 
