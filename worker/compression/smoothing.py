@@ -94,16 +94,9 @@ def smooth(source: Path, destination: Path, channel_max: dict[str, np.ndarray], 
 
 def output_cosine(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
                   masks: list[np.ndarray | None]) -> float:
-    """Mean per-sample cosine of the first output, padded positions zeroed: how a candidate is judged on the
+    """Mean per-sample cosine of the first output, padded positions left out: how a candidate is judged on the
     calibration data."""
-
-    def real(output: np.ndarray, mask: np.ndarray | None) -> list[np.ndarray]:
-        if mask is not None and mask.ndim == 2 and output.ndim == 3 and output.shape[:2] == mask.shape:
-            return [output * mask[..., None].astype(output.dtype)]
-        return [output]
-
-    return measure.fidelity([real(want[0], mask) for want, mask in zip(reference, masks)],
-                            [real(got[0], mask) for got, mask in zip(outputs, masks)])["cosine_mean"]
+    return measure.fidelity([want[:1] for want in reference], [got[:1] for got in outputs], masks)["cosine_mean"]
 
 
 def run_all(path: Path, batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:

@@ -42,7 +42,23 @@ def _per_sample(batches: list[list[np.ndarray]]) -> np.ndarray:
     return np.concatenate(per_batch, axis=0)
 
 
-def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]]) -> dict[str, Any]:
+def _real_positions(batches: list[list[np.ndarray]], masks: list[np.ndarray | None]) -> list[list[np.ndarray]]:
+    """Per-token outputs ([batch, sequence, ...]) with the padded positions (mask 0) zeroed: what a model computes
+    at padding is never used, and int8 may move it far without changing a real token's output."""
+    def real(output: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+        if mask is None or mask.ndim != 2 or output.ndim < 3 or output.shape[:2] != mask.shape:
+            return output
+        return output * mask.reshape(mask.shape + (1,) * (output.ndim - 2)).astype(output.dtype)
+
+    return [[real(o, mask) for o in batch] for batch, mask in zip(batches, masks, strict=True)]
+
+
+def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
+             masks: list[np.ndarray | None] | None = None) -> dict[str, Any]:
+    """Output cosine per sample (all outputs flattened), relative L2 and top-1 agreement; with `masks` (one
+    attention mask per batch), padded positions of per-token outputs are left out."""
+    if masks is not None:
+        reference, candidate = _real_positions(reference, masks), _real_positions(candidate, masks)
     ref, cand = _per_sample(reference), _per_sample(candidate)
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cosine = np.where(norms > 0, (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)

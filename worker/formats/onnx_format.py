@@ -73,12 +73,32 @@ def _packed_weights(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
     return packed
 
 
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _weights(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Initializers of the graph and of its subgraphs, and the floating-point values of Constant nodes: some
+    exporters (PaddlePaddle's, Silero's) store every weight as a Constant node or inside an If branch."""
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                if node.op_type == "Constant" and attribute.name == "value" and attribute.t.data_type in FLOAT_TYPES:
+                    yield attribute.t
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+
+
 def count_params(model: onnx.ModelProto) -> tuple[int, int]:
     """(params, nonzero params) over the weights, counting packed low-bit weights by their logical size;
-    quantization scales and zero points are bookkeeping."""
+    quantization scales and zero points are bookkeeping. Where a weight is stored (initializer, Constant node,
+    subgraph) does not change the count."""
     packed = _packed_weights(model)
     total = nonzero = 0
-    for tensor in model.graph.initializer:
+    for tensor in _weights(model):
         if tensor.name.endswith(("_scale", "_zero_point")):
             continue
         array = onnx.numpy_helper.to_array(tensor)

@@ -86,9 +86,13 @@ def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, 
         metrics["recipe"] = tuning_report["trials"][tuning_report["best"]]["recipe"]
     notes = [step["details"]["warning"] for step in applied.steps
              if isinstance(step.get("details"), dict) and step["details"].get("warning")]
+    smaller = metrics["compression_ratio"] > 1
+    if not smaller:
+        notes.append(f"the compressed model is not smaller than the baseline ({compressed['size_bytes']} bytes "
+                     f"against {baseline['size_bytes']}): the recipe found little in this model to compress")
     if metrics["speedup"] < 1:
-        notes.append(f"the compressed model is slower than the baseline on this device "
-                     f"({run.device}, {run.runtime}): it is smaller, not faster")
+        notes.append(f"the compressed model is slower than the baseline on this device ({run.device}, "
+                     f"{run.runtime}): " + ("it is smaller, not faster" if smaller else "neither smaller nor faster"))
     metrics["fidelity_floor"] = floor.judge(metrics, staged.min_fidelity)
     if not metrics["fidelity_floor"]["passed"]:
         metrics["degraded"] = True
