@@ -45,6 +45,11 @@ PLANS = {"convolutional": ("static_conv", "static_conv_depthwise", "static", "dy
 # against itself: on this shared 2-core machine such pairs measure 0.9-1.1x, and 0.73x in a busy spell. It counts
 # as "not slower" above this, or when ONNX Runtime's optimized graph of it has the fp32 graph's ops (`folded`).
 AT_PAR = 0.9
+# Static int8 calibrated without data fits its activation ranges to generated inputs; real inputs can fall far
+# outside them (bench/zoo.py: the OCR recognizer measured cosine 0.998 on generated inputs, 0.52 on real text lines).
+GENERATED_CALIBRATION_WARNING = ("static int8 was calibrated on generated inputs (no calibration dataset): real "
+                                 "inputs may fall outside the activation ranges it fixed, and its fidelity on them "
+                                 "is unknown; give a calibration dataset of real inputs")
 # Latency is measured in this many rounds, fp32 and candidate alternating.
 ROUNDS = 5
 
@@ -231,6 +236,8 @@ def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: lis
               "calibrated_on": calibrated_on if details["method"] == "static" else None,
               "candidates": [c.report() for c in candidates], "kept": kept.name, "reason": reason,
               "faithful_cosine": FAITHFUL_COSINE, "chosen": details}
+    if details["method"] == "static" and not calibration:
+        warning = " ".join(filter(None, [warning, GENERATED_CALIBRATION_WARNING]))
     if warning:
         report["warning"] = warning
     return report

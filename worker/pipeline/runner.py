@@ -93,6 +93,10 @@ def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, 
     if metrics["speedup"] < 1:
         notes.append(f"the compressed model is slower than the baseline on this device ({run.device}, "
                      f"{run.runtime}): " + ("it is smaller, not faster" if smaller else "neither smaller nor faster"))
+    if run.data.description.get("inputs") == "generated":
+        notes.append("fidelity was measured on generated inputs (no eval dataset): a compressed model can agree with "
+                     "the original on random inputs and still fail on real ones; give an eval dataset of real "
+                     "inputs to know what was lost")
     metrics["fidelity_floor"] = floor.judge(metrics, staged.min_fidelity)
     if not metrics["fidelity_floor"]["passed"]:
         metrics["degraded"] = True

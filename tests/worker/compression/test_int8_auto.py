@@ -51,6 +51,7 @@ def test_a_cnn_is_tried_first_as_static_calibrated_on_the_eval_inputs(tmp_path, 
     assert details["kept"] in names and (tmp_path / "q.onnx").exists()
     if details["chosen_method"] == "static":
         assert details["calibrated_on"] == {"data": "the job's evaluation inputs (generated)", "samples": 6}
+        assert "calibrated on generated inputs" in details["warning"]  # no silent collapse on real inputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]  # the other candidates are removed
 
 
@@ -61,6 +62,7 @@ def test_a_given_calibration_dataset_is_used(tmp_path, cnn):
     static = details["chosen"] if details["chosen_method"] == "static" else None
     assert static is None or static["calibration_samples"] == 4
     assert static is None or details["calibrated_on"] == {"data": "calibration dataset", "samples": 4}
+    assert "calibrated on generated inputs" not in details.get("warning", "")
 
 
 def test_a_matmul_net_is_tried_first_as_dynamic(tmp_path):
