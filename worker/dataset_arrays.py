@@ -180,6 +180,11 @@ def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: 
         expected = [dim for position, dim in enumerate(spec["shape"]) if position != axis]
         fits = array.ndim == len(spec["shape"]) and all(
             not isinstance(want, int) or want < 0 or want == got for want, got in zip(expected, array.shape[1:]))
+        if not spec["shape"]:
+            raise JobFailure(ErrorCode.INVALID_DATASET,
+                             f"{prefix}: model input {spec['name']!r} is a scalar, with no batch axis to hold one "
+                             f"value per sample: give it in input_specs as a constant `value` (and leave array "
+                             f"{name!r} out of the dataset)")
         if not fits:
             where = "" if axis == 0 else f" (its batch axis {axis} left out)"
             raise JobFailure(ErrorCode.INVALID_DATASET,

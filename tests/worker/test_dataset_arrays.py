@@ -108,6 +108,15 @@ def test_shape_mismatch_names_both_shapes():
     assert error.message.endswith("but model input 'input' expects (seq, 12)")
 
 
+def test_a_scalar_input_is_pointed_to_input_specs():
+    """bench/zoo.py: a voice-activity model's scalar sample rate `sr` got "per-sample (), but ... expects ()"."""
+    data = DatasetArrays(inputs={"input": np.zeros((4, 512), np.float32), "sr": np.full((4,), 16000, np.int64)})
+    error = failure(match_inputs, data, [{"name": "input", "shape": ["batch", "samples"], "dtype": "float32"},
+                                         {"name": "sr", "shape": [], "dtype": "int64"}], "eval")
+    assert error.code == "invalid_dataset"
+    assert "model input 'sr' is a scalar" in error.message and "input_specs as a constant `value`" in error.message
+
+
 def test_missing_input_lists_what_the_dataset_has():
     data = DatasetArrays(inputs={"input_ids": np.zeros((2, 4), np.int64), "x": np.zeros((2, 4), np.int64)})
     error = failure(match_inputs, data, MODEL_INPUTS, "eval")
