@@ -27,7 +27,7 @@ from typing import Any
 from app.core.config import Settings
 from app.core.errors import ErrorCode
 from app.core.vetting.hf import UNPACK_FACTOR
-from worker.errors import OUT_OF_MEMORY, JobCancelled, JobFailure
+from worker.errors import OUT_OF_MEMORY, JobCancelled, JobFailure, without_server_paths
 from worker.pipeline.files import StagedJob
 
 CLONE_NEWNET = 0x40000000
@@ -96,7 +96,7 @@ def inject_fault(settings: Settings, stage: str) -> None:
         return
     fault = wanted.split(":", 1)[1]
     if fault == "raise":
-        raise RuntimeError(f"fault injected at {stage}")
+        raise RuntimeError(f"fault injected at {stage} in {Path(__file__)}")  # a path, as runtimes' messages have
     if fault == "segfault":
         ctypes.string_at(0)
     if fault == "hang":
@@ -251,4 +251,4 @@ def _run(conn: Connection, request: Request) -> None:
                         "message": f"the job ran out of its memory limit of {request.memory_bytes} bytes"})
         else:
             send(conn, {"type": "failure", "code": ErrorCode.INTERNAL_ERROR,
-                        "message": f"{exc.__class__.__name__}: {text[:500]}"})
+                        "message": f"{exc.__class__.__name__}: {without_server_paths(text)[:500]}"})

@@ -38,7 +38,7 @@ from worker.compression import gptq
 from worker.compression import smoothing as smoothing_pass
 from worker.compression.modules import DynamicInt8Linear, WeightOnlyLinear, replace_linears
 from worker.compression.normalize import drop_initializer_shapes
-from worker.errors import JobFailure
+from worker.errors import JobFailure, without_server_paths
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,6 @@ def _reduce_range() -> dict:
     saturates = u8s8_saturates()
     return {"reduce_range": saturates, "reduce_range_reason": "7-bit weights: this CPU has no VNNI, and its "
             "uint8 x int8 kernel can saturate" if saturates else "8-bit weights: this CPU has VNNI"}
-
-
-# An absolute path in a runtime's message (ONNX Runtime names the file it loaded).
-_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/]+/)+[^\s'\":,]*")
-
-
-def without_server_paths(text: str) -> str:
-    """`text` with the paths of this machine's files replaced: those whose top folder exists here (a node named
-    "/layer/Conv" is kept: there is no /layer)."""
-    return _PATH.sub(lambda m: "<model file>" if Path(m.group()).parents[-2].exists() else m.group(), text)
 
 
 def _failure(what: str, exc: Exception) -> JobFailure:

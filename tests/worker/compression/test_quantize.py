@@ -188,10 +188,10 @@ def test_conv_net_static_int8_runs_as_qlinearconv_with_depthwise_and_tiny_layers
 
 
 def test_static_int8_errors_never_show_server_paths(tmp_path):
-    from worker.compression.quantize import without_server_paths
+    from worker.errors import without_server_paths
 
     message = f"INVALID_GRAPH : Load model from {tmp_path}/job/step0.onnx failed: node (/layer.0/Conv_quant)"
-    assert without_server_paths(message) == "INVALID_GRAPH : Load model from <model file> failed: node " \
+    assert without_server_paths(message) == "INVALID_GRAPH : Load model from <path> failed: node " \
                                             "(/layer.0/Conv_quant)"
 
 
