@@ -474,7 +474,10 @@ def onnx_weight_only(source: Path, destination: Path, *, dtype: str, granularity
     excluded = excluded_nodes(matmuls, exclude)
     details = {"method": "weight_only", "dtype": dtype, "bits": bits, "algorithm": algorithm,
                "granularity": granularity, "group_size": None if granularity == "per_channel" else block,
-               "gemm_rewritten_as_matmul": rewritten, "excluded_nodes": excluded, "embeddings": "int8 (Gather)"}
+               "gemm_rewritten_as_matmul": rewritten, "excluded_nodes": excluded}
+    weights = {t.name for t in model.graph.initializer}
+    if any(n.op_type == "Gather" and n.input[0] in weights for n in model.graph.node):
+        details["embeddings"] = "int8 (Gather)"
     try:
         if algorithm == "gptq":
             if not calibration:
@@ -503,6 +506,12 @@ def onnx_weight_only(source: Path, destination: Path, *, dtype: str, granularity
         raise _failure("ONNX Runtime weight-only quantization", exc) from None
     finally:
         matmuls.unlink(missing_ok=True)
+    details["quantized_matmuls"] = sum(n.op_type == "MatMulNBits"
+                                       for n in onnx.load(str(destination), load_external_data=False).graph.node)
+    if not details["quantized_matmuls"]:
+        details["warning"] = ("weight-only quantization found no MatMul or Gemm weights to quantize in this model "
+                              "(convolution weights are not weight-only quantized): nothing was compressed; int8 "
+                              "(method 'auto' or 'static') quantizes convolutional nets")
     return details
 
 

@@ -37,4 +37,5 @@ def test_a_result_no_smaller_than_the_original_says_so(tmp_path, worker_env, db,
     notes = " ".join(metrics["notes"])
     assert "not smaller than the baseline" in notes
     assert "it is smaller, not faster" not in notes
+    assert "found no MatMul or Gemm weights" in notes and "embeddings" not in job.metrics["steps"][0]["details"]
     assert "measured on generated inputs" in notes  # no eval dataset: the report says how little it knows
