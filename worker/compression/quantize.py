@@ -589,6 +589,10 @@ def smoothed_int8(source: Path, destination: Path, int8, smoothing: float | str,
                             "kept_in_float": "a Mul per smoothed MatMul input (1/s per channel)"}
     if reference is not None:
         details["smoothing"]["calibration_cosine_by_alpha"] = scores
+    if not count:
+        details["warning"] = ("smoothing found no MatMul input to smooth (it helps transformers; this model's "
+                              "weights are elsewhere, e.g. in convolutions): it quantized as plain "
+                              f"{details['method']} int8; the default int8 (method 'auto') suits this model better")
     return details
 
 

@@ -3,6 +3,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.helpers import save_conv_only_onnx
 from worker.compression import smoothing
 from worker.compression.quantize import quantize_onnx
 
@@ -103,3 +104,15 @@ def test_candidates_are_compared_on_real_tokens_only():
     mask = np.array([[1, 1, 1, 0, 0]] * 2, dtype=bool)
     assert smoothing.output_cosine([[want]], [[got]], [mask]) > 0.999999
     assert smoothing.output_cosine([[want]], [[got]], [None]) < 0.9
+
+
+def test_smoothing_a_model_without_matmul_inputs_says_it_did_nothing(tmp_path):
+    """bench/zoo.py: int8-faithful on convolutional OCR nets smoothed nothing and said nothing."""
+    source = save_conv_only_onnx(tmp_path / "convs.onnx")
+    calibration = [[np.random.default_rng(seed).standard_normal((2, 3, 16, 16)).astype(np.float32)]
+                   for seed in range(2)]
+    details = quantize_onnx(source, tmp_path / "q.onnx", method="dynamic", dtype="int8", granularity="per_channel",
+                            group_size=None, exclude=[], calibration_method="minmax", calibration=calibration,
+                            smoothing=0.5)
+    assert details["smoothing"]["smoothed_inputs"] == 0
+    assert "smoothing found no MatMul input to smooth" in details["warning"]
