@@ -4,7 +4,8 @@
 Simple rules, stated in the notes: the batch dim becomes 1 (and its axis, where a symbol shared with the first
 input sits elsewhere, the input's `batch_axis`); the symbolic height and width of an image-like input 224; a
 scalar integer named like a sample rate a constant 16000; each within the range a .pt2 export declares for the
-dim. Value ranges and other lengths cannot be read from a declaration: the notes say so. Suggestions are proposals: jobs use them only when given as `input_specs`.
+dim. Value ranges and other lengths cannot be read from a declaration: the notes say so. Suggestions are
+proposals: jobs use them only when given as `input_specs`.
 """
 
 import re

@@ -4,8 +4,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from tests.helpers import save_foreign_cnn
-from worker.compression.normalize import (default_opset, merge_duplicate_initializers, normalize,
-                                          relative_change)
+from worker.compression.normalize import default_opset, merge_duplicate_initializers, normalize, relative_change
 
 
 @pytest.fixture(scope="module")

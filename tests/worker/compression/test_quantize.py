@@ -94,7 +94,8 @@ def test_static_int8_fuses_weight_matmuls_and_keeps_activation_products_in_float
 
 
 def test_static_int8_leaves_the_residual_exact(tmp_path):
-    """r feeds an int8 MatMul (3-D, as in a transformer: 2-D ones become Gemm) and the residual Add: the Add reads r itself, not r quantized to uint8 and back."""
+    """r feeds an int8 MatMul (3-D, as in a transformer: 2-D ones become Gemm) and the residual Add: the Add reads
+    r itself, not r quantized to uint8 and back."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
