@@ -180,13 +180,19 @@ class JobRun:
             figures["perplexity"] = job_data.perplexity(outputs, self.data.eval_batches, self.loaded.hf.input_names)
         return figures, outputs
 
-    def fidelity(self, outputs: list) -> dict[str, Any]:
-        """How closely outputs follow the original model's on the same inputs, padded token positions left out."""
+    @property
+    def eval_masks(self) -> list[np.ndarray] | None:
+        """The attention mask of each eval batch for text models (padded token positions are not judged), else
+        None."""
         names = [spec["name"] for spec in self.loaded.inputs]
         if "attention_mask" not in names:
-            return measure.fidelity(self.reference, outputs)
+            return None
         position = names.index("attention_mask")
-        return measure.fidelity(self.reference, outputs, [batch[position] for batch in self.data.eval_batches])
+        return [batch[position] for batch in self.data.eval_batches]
+
+    def fidelity(self, outputs: list) -> dict[str, Any]:
+        """How closely outputs follow the original model's on the same inputs, padded token positions left out."""
+        return measure.fidelity(self.reference, outputs, self.eval_masks)
 
     def check_runs(self, path: Path, runtime: str) -> None:
         """Load a delivered file back and run one batch: nothing is delivered that does not run."""
