@@ -76,6 +76,7 @@ class Candidate:
     fp32_latency_ms: float | None = None
     size_bytes: int | None = None
     folded: bool | None = None  # weights_int8: ONNX Runtime's optimized graph has the fp32 graph's ops
+    smaller: bool | None = None  # its file is smaller than the fp32 model's
     error: str | None = None
 
     @property
@@ -99,6 +100,8 @@ def decide(candidates: list[Candidate]) -> tuple[int, str, str | None]:
     measured = [i for i, c in enumerate(candidates) if c.error is None]
     if not measured:
         raise ValueError("no candidate could be measured")
+    # a file no smaller than fp32's is no compression: such candidates count only when every one is
+    measured = [i for i in measured if candidates[i].smaller is not False] or measured
     good = [i for i in measured if candidates[i].good]
     if good:
         best = max(good, key=lambda i: candidates[i].speedup)
@@ -222,6 +225,7 @@ def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: lis
         candidate.latency_ms, candidate.fp32_latency_ms = round(candidate_ms, 4), round(fp32_ms, 4)
         candidate.speedup = round(fp32_ms / candidate_ms, 4)
         candidate.size_bytes = path.stat().st_size
+        candidate.smaller = candidate.size_bytes < source.stat().st_size
         results[name] = (path, details)
         if candidate.good and not (name == "static_conv" and has_depthwise):
             break
@@ -231,8 +235,15 @@ def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: lis
     index, reason, warning = decide(candidates)
     kept = candidates[index]
     for name, (path, _) in results.items():
-        if name != kept.name:
+        if name != kept.name or not kept.smaller:
             path.unlink(missing_ok=True)
+    if not kept.smaller:  # bench/zoo.py: Silero VAD, its weights inside If branches, came out 1.43x larger
+        shutil.copyfile(source, destination)
+        return {"method": "auto", "chosen_method": None, "family": family, "family_op_counts": counts,
+                "candidates": [c.report() for c in candidates], "kept": "fp32",
+                "reason": "no int8 candidate is smaller than the fp32 model",
+                "warning": "int8 found nothing it could make smaller in this model (every candidate's file was at "
+                           "least as large as the original's): the model is delivered in fp32"}
     path, details = results[kept.name]
     shutil.move(path, destination)
     report = {"method": "auto", "chosen_method": details["method"], "family": family, "family_op_counts": counts,

@@ -125,3 +125,29 @@ def test_int8_weight_storage_measured_in_auto_runs_the_fp32_graph(tmp_path, cnn,
     assert candidate["folded"] is True and candidate["cosine"] >= 0.999
     assert details["kept"] == "weights_int8" and "warning" not in details
     assert candidate["size_bytes"] < 0.4 * source.stat().st_size
+
+
+def test_a_candidate_no_smaller_than_fp32_counts_only_when_every_one_is():
+    bigger = Candidate("dynamic", speedup=1.5, cosine=0.999, smaller=False)
+    assert decide([bigger, Candidate("static", speedup=1.2, cosine=0.999, smaller=True)])[0] == 1
+    assert decide([bigger, Candidate("static", speedup=1.2, cosine=0.999, smaller=False)])[0] == 0
+
+
+def test_when_no_int8_file_is_smaller_the_model_is_delivered_in_fp32(tmp_path, cnn, monkeypatch):
+    """bench/zoo.py: Silero VAD (weights inside If branches) came out of every int8 candidate 1.43x larger."""
+    import worker.compression.int8_auto as int8_auto
+
+    source, batches = cnn
+
+    def grown(name, src, dst, **_):
+        model = onnx.load(str(src))
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(100_000, np.float32), "padding"))
+        onnx.save(model, str(dst))
+        return {"method": "static"}
+
+    monkeypatch.setattr(int8_auto, "_quantize", grown)
+    monkeypatch.setitem(int8_auto.PLANS, "convolutional", ("static_conv",))
+    details = auto(source, tmp_path / "q.onnx", batches)
+    assert details["kept"] == "fp32" and "delivered in fp32" in details["warning"]
+    assert (tmp_path / "q.onnx").read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.onnx"]
