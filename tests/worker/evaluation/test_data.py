@@ -102,3 +102,18 @@ def test_inputs_all_made_from_specs_that_do_not_run_point_at_the_specs():
     assert failure.message.startswith("the model does not run on the inputs made from its input_specs (input: "
                                       "standard normal, shape [3, 128] float32; state: standard normal, shape "
                                       "[2, 3, 8] float32; sr: the constant 16000, shape [] int64); check the shapes")
+
+
+def test_without_an_eval_dataset_the_calibration_data_is_measured(tmp_path):
+    """Real inputs judge better than generated ones (all-MiniLM-L6-v2's smoothed int8: 0.89 on random token ids,
+    0.998 on real sentences)."""
+    from tests.app.core.vetting.test_dataset_files import write_npz
+
+    loaded = LoadedModel(format="onnx", info={}, inputs=[{"name": "x", "shape": ["N", 4], "dtype": "float32"}],
+                         outputs=[{"name": "y", "shape": ["N", 2], "dtype": "float32"}])
+    path = write_npz(tmp_path / "cal.npz", x=np.arange(40, dtype=np.float32).reshape(10, 4),
+                     labels=np.zeros(10, np.int64))
+    data = prepare(loaded, {"calibration": (path, "npz")})
+    assert data.description["inputs"] == "calibration dataset" and "calibration saw it" in data.description["note"]
+    assert sum(len(b[0]) for b in data.eval_batches) == 10 and data.eval_labels is None
+    assert data.calibration is not None
