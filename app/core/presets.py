@@ -68,7 +68,7 @@ PRESETS: dict[str, Preset] = {
         "states and mean-pooled embedding cosine, early stopping on a tenth of the texts held out), then int8. "
         "Needs a train dataset of unlabelled texts (a .jsonl of sentences like the ones the model will see).",
         ("train",),
-        Recipe(steps=[DistillStep(op="distill", student=Student(shrink=Shrink(width=0.5)), alpha=1.0, lr=1e-4,
+        Recipe(steps=[DistillStep(op="distill", student=Student(shrink=Shrink(width=0.5)), alpha=1.0, lr=3e-4,
                                   epochs=8, early_stopping=2),
                       QuantizeStep(op="quantize", method="auto", dtype="int8")])),
     "int4-weights": Preset(

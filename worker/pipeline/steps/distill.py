@@ -19,7 +19,7 @@ from worker.pipeline.steps.training import training_options
 # A Hugging Face model distilled on unlabelled text (an encoder's hidden states, say) gets these for the fields
 # the step leaves out: the teacher's outputs are the only target (alpha 1), a learning rate that moves a student
 # initialised from the teacher without undoing it, and enough epochs for early stopping to end the training.
-ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 1e-4, "epochs": 8, "early_stopping": 2}
+ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2}
 HOLDOUT_FRACTION = 0.1  # of the train samples, held out for early stopping
 
 
