@@ -62,6 +62,18 @@ PRESETS: dict[str, Preset] = {
         "Distil into a student with half the width (MLP/CNN models), then dynamic int8.", ("train",),
         Recipe(steps=[DistillStep(op="distill", student=Student(shrink=Shrink(width=0.5)), epochs=5,
                                   temperature=2.0, alpha=0.7), _int8()])),
+    "fast-encoder": Preset(
+        "A faster student of a Hugging Face encoder, trained on your unlabelled text: two thirds of the layers "
+        "(evenly spaced) and half of every layer's feed-forward neurons (those most active on your texts), "
+        "distilled from the original (hidden states and mean-pooled embedding cosine, early stopping on a tenth "
+        "of the texts held out), then int8: all-MiniLM-L6-v2 1.74x faster than its plain int8 at embedding "
+        "cosine 0.976 after 6 epochs on 1,350 sentences. Needs a train dataset of unlabelled texts (a .jsonl "
+        "of sentences like the ones the model will see; a thousand or more).",
+        ("train",),
+        Recipe(steps=[DistillStep(op="distill", student=Student(shrink=Shrink(depth=0.67, width=0.5)), alpha=1.0,
+                                  lr=3e-4,
+                                  epochs=8, early_stopping=2),
+                      QuantizeStep(op="quantize", method="auto", dtype="int8")])),
     "int4-weights": Preset(
         "Weight-only int4 in groups of 32 (MatMulNBits for ONNX Runtime; packed int4 for PyTorch): about 7x "
         "smaller weights; on CPU not always faster.", (),

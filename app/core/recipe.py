@@ -163,6 +163,8 @@ class DistillStep(Training):
     temperature: float = Field(default=2.0, gt=0.0, le=100.0)
     alpha: float = Field(default=0.5, ge=0.0, le=1.0)
     hidden_weight: float = Field(default=0.0, ge=0.0, le=100.0)
+    # Hold out a tenth of the train samples and stop after this many epochs without a lower loss on them.
+    early_stopping: int | None = Field(default=None, ge=1, le=100)
 
 
 class FinetuneStep(Training):

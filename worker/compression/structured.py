@@ -158,7 +158,7 @@ def _choose(scores: dict[str, torch.Tensor], sparsity: float, scope: str) -> dic
     return {n: s.topk(_keep_count(len(s), sparsity)).indices.sort().values for n, s in scores.items()}
 
 
-def _ffn_pairs(model: nn.Module) -> list[tuple[list[nn.Linear], nn.Linear]]:
+def ffn_pairs(model: nn.Module) -> list[tuple[list[nn.Linear], nn.Linear]]:
     """(layers producing the hidden neurons, layer consuming them) for each transformer block."""
     pairs = []
     for _, module in model.named_modules():
@@ -173,18 +173,21 @@ def _ffn_pairs(model: nn.Module) -> list[tuple[list[nn.Linear], nn.Linear]]:
     return pairs
 
 
-def prune_transformer_ffn(model: nn.Module, *, sparsity: float, scope: str, exclude: list[str]) -> dict:
+def prune_transformer_ffn(model: nn.Module, *, sparsity: float, scope: str, exclude: list[str],
+                          neuron_scores: list[torch.Tensor] | None = None) -> dict:
     """Remove the same number of feed-forward neurons in every block (config.intermediate_size follows).
 
+    Neurons are ranked by `neuron_scores` (one per block, in ffn_pairs order) when given, else by weight norms.
     `scope` and `exclude` are not used: every block must keep the same width for the config to stay valid."""
-    pairs = _ffn_pairs(model)
+    pairs = ffn_pairs(model)
     if not pairs:
         raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "structured pruning of this transformer is not supported: no "
                                                       "BERT-style or LLaMA-style feed-forward blocks found")
     width = pairs[0][1].in_features
     keep_count = _keep_count(width, sparsity)
-    for producers, consumer in pairs:
-        score = sum(_channel_scores(p.weight) for p in producers) + consumer.weight.detach().float().norm(dim=0)
+    for index, (producers, consumer) in enumerate(pairs):
+        score = neuron_scores[index] if neuron_scores is not None else \
+            sum(_channel_scores(p.weight) for p in producers) + consumer.weight.detach().float().norm(dim=0)
         keep = score.topk(keep_count).indices.sort().values
         with torch.no_grad():
             for p in producers:

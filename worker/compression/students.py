@@ -6,30 +6,39 @@ distillation (worker.compression.train) has less to win back and trains faster t
 
 import copy
 
+import numpy as np
+import torch
 from torch import nn
 
 from app.core.errors import ErrorCode
-from worker.compression.structured import prune_graph_channels
+from worker.compression.structured import ffn_pairs, prune_graph_channels, prune_transformer_ffn
 from worker.errors import JobFailure
 
+IMPORTANCE_SAMPLES = 256  # train samples whose activations rank the feed-forward neurons
+IMPORTANCE_BATCH = 32
 
-def shrink_student(teacher: nn.Module, depth: float, width: float, hf=None) -> tuple[nn.Module, dict]:
+
+def shrink_student(teacher: nn.Module, depth: float, width: float, hf=None, samples: list[np.ndarray] | None = None,
+                   mask_input: int | None = None) -> tuple[nn.Module, dict]:
     """A smaller model to distill into, initialised from the teacher (never from scratch: it trains faster).
 
     Hugging Face transformers (`hf`, a worker.formats.hf.HFModel): fewer layers, taken evenly spaced from
-    the teacher as DistilBERT did (every other layer at depth 0.5). torch.export graphs: narrower hidden
-    layers, keeping the channels with the largest weight norms (structured pruning). The teacher is not
-    changed. Returns (student module with the teacher's inputs and outputs, details).
+    the teacher as DistilBERT did (every other layer at depth 0.5), and at width < 1 fewer feed-forward
+    neurons in every layer, keeping those whose activations on `samples` (the train inputs; `mask_input`
+    marks real tokens) times outgoing weight norm are largest. Attention heads are kept: transformers 5 derives
+    the head size from hidden_size / num_attention_heads and has no prune_heads, so a model with fewer heads
+    would not load back from its config. torch.export graphs: narrower hidden layers, keeping the channels
+    with the largest weight norms (structured pruning). The teacher is not changed. Returns (student module
+    with the teacher's inputs and outputs, details).
     """
     if not (0 < depth <= 1 and 0 < width <= 1):
         raise JobFailure(ErrorCode.INVALID_RECIPE, f"depth and width are fractions of the teacher in (0, 1], got depth "
                                                    f"{depth}, width {width}")
     if hf is not None:
-        if width != 1:
-            raise JobFailure(ErrorCode.INVALID_RECIPE,
-                             "narrower transformers are not supported: use width 1.0 and depth "
-                             "< 1 (fewer layers) for Hugging Face models")
-        return _fewer_layers(hf, depth)
+        student, details = _fewer_layers(hf, depth)
+        if width < 1:
+            details["feed_forward"] = _narrower_ffn(student, width, samples, mask_input)
+        return student, details
     if not hasattr(teacher, "graph"):
         raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, "a student can be derived from Hugging Face transformers and "
                                                       "torch.export models only")
@@ -53,8 +62,51 @@ def _widths(module: nn.Module) -> dict[str, int]:
             if isinstance(layer, (nn.Linear, nn.Conv2d))}
 
 
+def _narrower_ffn(student: nn.Module, width: float, samples: list[np.ndarray] | None,
+                  mask_input: int | None) -> dict:
+    """Keep `width` of every block's feed-forward neurons (config.intermediate_size follows), ranked Wanda-style:
+    mean |activation| over real tokens times the norm of the neuron's outgoing weights; by weight norms alone
+    when there are no samples."""
+    model = student.model
+    scores = None if samples is None else _neuron_scores(student, model, samples, mask_input)
+    details = prune_transformer_ffn(model, sparsity=1 - width, scope="layer", exclude=[], neuron_scores=scores)
+    details["ranked_by"] = "activations on the train samples" if scores is not None else "weight norms"
+    return details
+
+
+def _neuron_scores(student: nn.Module, model: nn.Module, samples: list[np.ndarray],
+                   mask_input: int | None) -> list[torch.Tensor]:
+    consumers = [consumer for _, consumer in ffn_pairs(model)]
+    sums = [torch.zeros(c.in_features) for c in consumers]
+    batch: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def recorder(index: int):
+        def record(layer: nn.Module, args: tuple) -> None:
+            activations = args[0].detach().float().abs()
+            if batch["mask"] is not None:
+                activations = activations * batch["mask"].unsqueeze(-1)
+            sums[index] += activations.reshape(-1, activations.shape[-1]).sum(dim=0).cpu()
+        return record
+
+    hooks = [c.register_forward_pre_hook(recorder(i)) for i, c in enumerate(consumers)]
+    device = next(model.parameters()).device
+    count = min(IMPORTANCE_SAMPLES, len(samples[0]))
+    try:
+        with torch.no_grad():
+            for start in range(0, count, IMPORTANCE_BATCH):
+                inputs = [torch.from_numpy(np.ascontiguousarray(a[start:min(start + IMPORTANCE_BATCH, count)]))
+                          .to(device) for a in samples]
+                batch["mask"] = None if mask_input is None else (inputs[mask_input] != 0).float()
+                student(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [s * c.weight.detach().float().norm(dim=0).cpu() for s, c in zip(sums, consumers)]
+
+
 def _fewer_layers(hf, depth: float) -> tuple[nn.Module, dict]:
-    """A transformers model of the same class with fewer layers; every weight copied from the teacher."""
+    """A transformers model of the same class with `depth` of the layers (all at depth 1); every weight copied
+    from the teacher."""
     from worker.formats.hf import TextModelAdapter
 
     teacher = hf.model

@@ -38,6 +38,7 @@ class TrainConfig:
     hidden_weight: float = 0.0    # > 0: also match extra outputs (MSE) where teacher and student shapes agree
     attention_mask_input: int | None = None  # encoders: the input whose nonzeros mark real tokens (mean pooling)
     fake_quant_bits: int | None = None  # quantization-aware training of Linear weights
+    patience: int | None = None   # stop after this many epochs without a better score (early stopping)
     weight_decay: float = 0.0
     seed: int = 0
 
@@ -52,7 +53,7 @@ class TrainData:
 class TrainResult:
     history: list[dict]           # per epoch: epoch, train_loss, val_loss, val_accuracy, seconds
     best_epoch: int               # 1-based epoch whose weights were kept (0: every epoch diverged)
-    stopped: str | None           # None, or "time_budget" (cancellation re-raises JobCancelled)
+    stopped: str | None           # None, "time_budget" or "early_stopping" (cancellation re-raises JobCancelled)
 
 
 @dataclass
@@ -176,6 +177,8 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.temperature <= 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise JobFailure(ErrorCode.INVALID_RECIPE,
                          "temperature and lr must be positive, epochs and batch_size at least 1")
+    if cfg.patience is not None and cfg.patience < 1:
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"patience must be at least 1 epoch, got {cfg.patience}")
     if cfg.fake_quant_bits is not None and not 2 <= cfg.fake_quant_bits <= 8:
         raise JobFailure(ErrorCode.INVALID_RECIPE,
                          f"fake_quant_bits must be between 2 and 8, got {cfg.fake_quant_bits}")
@@ -232,6 +235,9 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
                 on_epoch(epoch, record)
                 if out_of_time:
                     stopped = "time_budget"
+                    break
+                if cfg.patience is not None and epoch - best_epoch >= cfg.patience:
+                    stopped = "early_stopping"
                     break
         except JobCancelled:
             student.load_state_dict(best_state)

@@ -3,17 +3,33 @@ model) and hand them to the search in worker.pipeline.tuning."""
 
 import copy
 import shutil
+import time
+from functools import cache
 from typing import Any
 
 import torch
 
 from app.core.errors import ErrorCode
 from app.core.model_limits import check_recipe_for_info
-from app.core.recipe import DatasetRefs, Recipe, TuneSpec, check_recipe_for_model, check_recipe_for_target
+from app.core.recipe import (
+    TRAINING_OPS,
+    DatasetRefs,
+    DistillStep,
+    Recipe,
+    TuneSpec,
+    check_recipe_for_model,
+    check_recipe_for_target,
+)
 from worker.errors import JobFailure
+from worker.evaluation import data as job_data
 from worker.pipeline import tuning
 from worker.pipeline.apply import Applied, apply_recipe
 from worker.pipeline.job_run import JobRun, WorkingModel
+from worker.pipeline.steps.distill import with_encoder_defaults
+
+# A training step's cost per sample and epoch, in forward passes of the model: the teacher's forward and the
+# student's forward and backward (about two forwards).
+PASSES_PER_SAMPLE = 4
 
 
 def _candidates(run: JobRun, spec: TuneSpec) -> list[dict]:
@@ -26,7 +42,8 @@ def _candidates(run: JobRun, spec: TuneSpec) -> list[dict]:
     generated = tuning.candidate_recipes([r.model_dump(mode="json") for r in user] or None,
                                          has_calibration=run.data.calibration is not None,
                                          model_kind="onnx" if staged.model_format == "onnx" else "torch",
-                                         layer_names=layer_names)
+                                         layer_names=layer_names, has_train=run.data.train is not None,
+                                         objective=spec.objective)
     datasets = DatasetRefs(**{role: "given" for role in staged.dataset_files})
     candidates = []
     for recipe in generated:
@@ -39,6 +56,30 @@ def _candidates(run: JobRun, spec: TuneSpec) -> list[dict]:
         except ValueError:
             continue  # a generated candidate this model or target cannot take
     return candidates
+
+
+def _training_estimate(run: JobRun):
+    """recipe -> the seconds its training steps are expected to take at most (early stopping may end them sooner):
+    epochs x train samples x PASSES_PER_SAMPLE forward passes, timed once on a batch of the train data."""
+
+    @cache
+    def seconds_per_sample() -> float:
+        size, static = job_data.batch_size(run.loaded.inputs)
+        count = min(size if static else 16, len(run.data.train.inputs[0]))
+        inputs = [torch.from_numpy(a[:count]).to(run.device) for a in run.data.train.inputs]
+        with torch.no_grad():
+            started = time.perf_counter()
+            run.loaded.module(*inputs)
+            return (time.perf_counter() - started) / count
+
+    def estimate(recipe: dict) -> float:
+        steps = [s for s in Recipe.model_validate(recipe).steps if s.op in TRAINING_OPS]
+        if not steps or run.data.train is None or run.loaded.module is None:
+            return 0.0
+        epochs = sum((with_encoder_defaults(run, s)[0] if isinstance(s, DistillStep) else s).epochs for s in steps)
+        return epochs * len(run.data.train.inputs[0]) * PASSES_PER_SAMPLE * seconds_per_sample()
+
+    return estimate
 
 
 def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelity: float) -> tuple[Applied, dict]:
@@ -79,7 +120,8 @@ def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelit
 
     outcome = tuning.tune(candidates, run_trial, baseline_metric=baseline_metric, max_loss=spec.max_loss,
                           objective=spec.objective, max_trials=spec.max_trials, time_budget_s=spec.time_budget_s,
-                          check=run.ctx.check, lower_is_better=lower_is_better)
+                          check=run.ctx.check, lower_is_better=lower_is_better,
+                          estimate=_training_estimate(run))
     if outcome["best"] is None:
         raise JobFailure(ErrorCode.TUNING_FAILED, outcome["message"])
     for index in applied:

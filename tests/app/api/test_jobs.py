@@ -219,6 +219,9 @@ def test_presets_are_listed_and_usable(client, auth, model_id):
     both = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "preset": "int8-cpu",
                                                         "recipe": RECIPE})
     assert both.status_code == 422
+    assert presets["fast-encoder"]["needs"] == ["train"]
+    untrained = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "preset": "fast-encoder"})
+    assert untrained.status_code == 422 and untrained.json()["error"]["message"].startswith("datasets.train")
 
 
 def test_tune_job_is_accepted_and_validated(client, auth, model_id):

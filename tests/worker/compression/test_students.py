@@ -54,8 +54,47 @@ def test_shrink_transformer_takes_every_other_layer_and_distills(tmp_path):
                      TrainConfig(epochs=3, lr=1e-3, batch_size=16, alpha=1.0))
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     assert not student.training and not hf.module.training  # back in eval mode (dropout off)
-    with pytest.raises(JobFailure, match="narrower transformers"):
-        shrink_student(hf.module, 0.5, 0.5, hf=hf)
+
+
+def test_narrower_transformer_keeps_the_most_active_neurons_and_stays_a_loadable_exportable_model(tmp_path):
+    """Width 0.5 halves every block's feed-forward neurons, ranked by activation on the samples times outgoing
+    weight norm: a neuron with the largest weights that never fires on them is the one dropped. The student is
+    a plain transformers model: save_pretrained output loads back to the same outputs and exports to ONNX."""
+    import onnxruntime as ort
+    from transformers import BertConfig, BertModel
+
+    from worker.formats.hf import export_hf_onnx
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(**BERT, hidden_act="relu")).eval()
+    block = teacher.encoder.layer[0]
+    with torch.no_grad():  # neuron 0: the largest weights, but a bias that keeps its relu at zero
+        block.intermediate.dense.weight[0].mul_(20)
+        block.intermediate.dense.bias[0] = -1e4
+        block.output.dense.weight[:, 0].mul_(20)
+    hf = hf_model(teacher, ["last_hidden_state"], tmp_path)
+    samples = tokens(48, 0)
+    student, details = shrink_student(hf.module, 1.0, 0.5, hf=hf, samples=samples, mask_input=1)
+    assert details["feed_forward"]["neurons_per_block"] == {"before": 32, "after": 16}
+    assert details["feed_forward"]["ranked_by"] == "activations on the train samples"
+    kept = student.model.encoder.layer[0].intermediate.dense.weight
+    assert kept.shape == (16, 16) and not any(torch.equal(row, block.intermediate.dense.weight[0]) for row in kept)
+    assert student.model.config.intermediate_size == 16 and teacher.config.intermediate_size == 32
+
+    student.model.save_pretrained(tmp_path / "student")
+    reloaded = BertModel.from_pretrained(tmp_path / "student").eval()
+    inputs = [torch.from_numpy(a) for a in tokens(4, 1)]
+    with torch.no_grad():
+        expected = student(*inputs)[0]
+        assert torch.allclose(reloaded(input_ids=inputs[0], attention_mask=inputs[1]).last_hidden_state, expected,
+                              atol=1e-5)
+    onnx_path = tmp_path / "student.onnx"
+    hf.inputs = [{"name": name, "shape": ["batch", "sequence"]} for name in hf.input_names]
+    hf.outputs = [{"name": "last_hidden_state", "shape": ["batch", "sequence", 16]}]
+    export_hf_onnx(hf, onnx_path, module=student)  # checks ONNX Runtime against torch on other shapes itself
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    [hidden] = session.run(None, {"input_ids": tokens(4, 1)[0], "attention_mask": tokens(4, 1)[1]})
+    assert np.allclose(hidden, expected.numpy(), atol=1e-4)
 
 
 def test_encoder_hidden_states_are_matched_by_mse(tmp_path):

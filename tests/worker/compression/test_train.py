@@ -82,6 +82,15 @@ def test_best_epoch_weights_are_kept(task, teacher):
     assert accuracy(model, x_val, y_val) == accuracies[0]
 
 
+def test_early_stopping_ends_after_patience_epochs_without_a_better_score(task, teacher):
+    """Shuffled labels make every epoch after the first worse: with patience 2, epoch 3 is the last of 10."""
+    model = copy.deepcopy(teacher)
+    labels = np.random.default_rng(0).permutation(task["train"].labels[:400])
+    result = finetune(model, TrainData([task["train"].inputs[0][:400]], labels), task["val"],
+                      TrainConfig(epochs=10, lr=0.01, patience=2))
+    assert (result.stopped, result.best_epoch, len(result.history)) == ("early_stopping", 1, 3)
+
+
 def test_diverged_epochs_are_never_kept(task):
     """Weights blown up to NaN in epoch 2 (as a far too high learning rate would): epoch 1 is returned."""
     model = mlp(10, 16, 6)

@@ -9,6 +9,13 @@ from tests.worker.pipeline.test_pipeline import fetch, finished, run_job
 
 
 @pytest.fixture
+def encoder_archive(tmp_path):
+    folder = tmp_path / "tiny-encoder"
+    save_tiny_bert(folder, num_labels=None)
+    return pack(folder, tmp_path / "tiny-encoder.zip")
+
+
+@pytest.fixture
 def bert_archive(tmp_path):
     folder = tmp_path / "tiny-bert"
     save_tiny_bert(folder, num_labels=3)
@@ -132,3 +139,43 @@ def test_pruning_recovered_by_distillation_into_the_current_model(tmp_path, work
     with safe_open(str(sparse_path), framework="pt") as sparse:
         back = sparse_safetensors.decompress({key: sparse.get_tensor(key) for key in sparse.keys()})
     assert set(back) == set(plain) and all(torch.equal(back[key], plain[key]) for key in plain)
+
+
+def test_fast_encoder_preset_distills_a_narrower_student_on_unlabelled_texts(tmp_path, worker_env, db, add_model,
+                                                                            add_job, add_text_dataset,
+                                                                            encoder_archive):
+    from app.core.presets import preset_recipe
+
+    row = add_model(encoder_archive, "hf")
+    train_id = add_text_dataset(row, tmp_path / "train.jsonl", count=60, labelled=False)
+    steps = preset_recipe("fast-encoder").model_dump(mode="json")["steps"]
+    job_id = add_job(row, steps=steps, datasets={"train": train_id}, accept_degraded=True)
+    run_job(job_id)
+    metrics = finished(db, job_id).metrics
+    distill_step, quantize_step = metrics["steps"]
+    details = distill_step["details"]
+    assert details["feed_forward"]["neurons_per_block"] == {"before": 64, "after": 32}
+    assert details["feed_forward"]["ranked_by"] == "activations on the train samples"
+    assert details["student_params"] < details["teacher_params"]
+    stopping = details["early_stopping"]
+    assert (stopping["train_samples"], stopping["held_out_samples"], stopping["patience"]) == (54, 6, 2)
+    assert stopping["stopped_epoch"] == len(details["epochs"]) <= 8
+    assert details["stopped"] in (None, "early_stopping") and details["best_epoch"] >= 1
+    assert all(epoch["val_loss"] is not None for epoch in details["epochs"])  # the held-out texts
+    assert quantize_step["op"] == "quantize" and metrics["compression_ratio"] > 1
+
+
+def test_tune_for_latency_with_train_texts_lists_a_student_it_has_no_time_for(tmp_path, worker_env, db, add_model,
+                                                                             add_job, add_text_dataset,
+                                                                             db_job_tune, encoder_archive):
+    row = add_model(encoder_archive, "hf")
+    train_id = add_text_dataset(row, tmp_path / "train.jsonl", count=400, labelled=False)
+    job_id = add_job(row, datasets={"train": train_id})
+    db_job_tune(job_id, {"metric": "fidelity", "max_loss": 0.01, "objective": "latency", "max_trials": 8,
+                         "time_budget_s": 0.5, "search": None})
+    run_job(job_id)
+    tuning = finished(db, job_id).metrics["tuning"]
+    assert [step["op"] for step in tuning["trials"][0]["recipe"]["steps"]] == ["quantize"]
+    skipped_ops = [[step["op"] for step in entry["recipe"]["steps"]] for entry in tuning["skipped"]]
+    assert ["distill", "quantize"] in skipped_ops
+    assert "skipped for the time budget" in tuning["message"]

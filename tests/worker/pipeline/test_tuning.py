@@ -198,3 +198,34 @@ def test_perplexity_is_lower_is_better_and_max_loss_bounds_its_relative_increase
                   baseline_metric=20.0, max_loss=0.01, objective="size", max_trials=10, time_budget_s=None,
                   lower_is_better=True)
     assert not strict["met_tolerance"] and ids(strict, [strict["best"]]) == ["int8"]  # the lowest perplexity
+
+
+def test_a_trial_that_would_not_fit_the_budget_left_is_skipped_and_the_search_goes_on():
+    """b trains for an expected 30 s (plus a's 10 s) with 15 s left: skipped, listed, and c still runs."""
+    clock = FakeClock()
+
+    def slow_trial(recipe):
+        clock.now += 10
+        return run_trial(recipe)
+
+    result = tune(CANDIDATES[:3], slow_trial, baseline_metric=BASELINE, max_loss=0.01, objective="latency",
+                  max_trials=10, time_budget_s=25, clock=clock,
+                  estimate=lambda recipe: 30.0 if recipe["id"] == "b" else 0.0)
+    assert ids(result, range(len(result["trials"]))) == ["a", "c"]
+    assert result["skipped"] == [{"recipe": {"id": "b"}, "reason": "expected to take 40 s, 15 s of the time "
+                                                                   "budget left"}]
+    assert "1 candidates skipped for the time budget" in result["message"]
+
+
+def test_latency_with_train_data_tries_a_student_and_recovered_pruning_right_after_int8():
+    recipes = candidate_recipes(None, has_calibration=True, model_kind="hf", layer_names=["a", "head"],
+                                has_train=True, objective="latency")
+    ops = [[step["op"] for step in recipe["steps"]] for recipe in recipes]
+    assert ops[:3] == [["quantize"], ["distill", "quantize"], ["prune", "distill", "quantize"]]
+    assert recipes[1]["steps"][0]["student"] == {"shrink": {"depth": 0.67, "width": 0.5}}
+    assert recipes[2]["steps"][1]["student"] == {"current": True}
+    assert recipes[2]["steps"][0]["method"] == "activation_aware"
+    for objective, has_train in (("size", True), ("latency", False)):
+        assert not any(step["op"] == "distill" for recipe in candidate_recipes(
+            None, has_calibration=True, model_kind="hf", layer_names=["a", "head"], has_train=has_train,
+            objective=objective) for step in recipe["steps"])

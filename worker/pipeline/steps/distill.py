@@ -4,6 +4,8 @@ earlier steps left it (pruning masks kept) learns to match the original upload a
 
 import copy
 
+import numpy as np
+
 from app.core.errors import ErrorCode
 from app.core.recipe import DistillStep
 from worker.compression import prune, students, train
@@ -14,14 +16,21 @@ from worker.formats.loaded import hf_model_of
 from worker.pipeline.job_run import JobRun, StepPlace, WorkingModel
 from worker.pipeline.steps.training import training_options
 
+# A Hugging Face model distilled on unlabelled text (an encoder's hidden states, say) gets these for the fields
+# the step leaves out: the teacher's outputs are the only target (alpha 1), a learning rate that moves a student
+# initialised from the teacher without undoing it, and enough epochs for early stopping to end the training.
+ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2}
+HOLDOUT_FRACTION = 0.1  # of the train samples, held out for early stopping
 
-def _student(run: JobRun, teacher, step: DistillStep):
+
+def _student(run: JobRun, teacher, step: DistillStep, train_data: train.TrainData):
     if step.student.shrink is not None:
         hf = None
         if hf_model_of(teacher) is not None:
             hf = copy.copy(run.loaded.hf)
             hf.model, hf.module = hf_model_of(teacher), teacher
-        return students.shrink_student(teacher, step.student.shrink.depth, step.student.shrink.width, hf=hf)
+        return students.shrink_student(teacher, step.student.shrink.depth, step.student.shrink.width, hf=hf,
+                                       samples=train_data.inputs, mask_input=_attention_mask_input(run))
     student_id = step.student.model_id
     path, fmt = run.staged.student_files[student_id]
     other = load(path, fmt, run.workdir / f"student-{student_id}", run.unpack_limit)
@@ -45,25 +54,59 @@ def _attention_mask_input(run: JobRun) -> int | None:
     return names.index("attention_mask") if run.loaded.hf is not None and "attention_mask" in names else None
 
 
+def with_encoder_defaults(run: JobRun, step: DistillStep) -> tuple[DistillStep, dict]:
+    """The step with ENCODER_DEFAULTS for the fields it leaves out, for Hugging Face models trained on unlabelled
+    data; (the step as given, {}) otherwise."""
+    if run.loaded.hf is None or run.data.train is None or run.data.train.labels is not None:
+        return step, {}
+    defaults = {name: value for name, value in ENCODER_DEFAULTS.items() if name not in step.model_fields_set}
+    return step.model_copy(update=defaults), defaults
+
+
+def _held_out(data: train.TrainData, seed: int = 0) -> tuple[train.TrainData, train.TrainData]:
+    """(train, held-out) split of the train samples: HOLDOUT_FRACTION of them (at least one), drawn at random."""
+    samples = len(data.inputs[0])
+    if samples < 2:
+        raise JobFailure(ErrorCode.INVALID_DATASET, "early_stopping holds out a tenth of the train samples: the train "
+                                                    f"dataset needs at least 2 samples, it has {samples}")
+    order = np.random.default_rng(seed).permutation(samples)
+    count = max(1, round(samples * HOLDOUT_FRACTION))
+
+    def pick(index: np.ndarray) -> train.TrainData:
+        return train.TrainData([a[index] for a in data.inputs], None if data.labels is None else data.labels[index])
+
+    return pick(np.sort(order[count:])), pick(np.sort(order[:count]))
+
+
 def apply(run: JobRun, state: WorkingModel, step: DistillStep, place: StepPlace) -> dict:
     if state.module is None:
         raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "distill needs the teacher in PyTorch form")
+    step, defaults = with_encoder_defaults(run, step)
+    options = training_options(run, step, place)
+    train_data, val_data = run.data.train, run.data.val
+    if step.early_stopping is not None:
+        train_data, val_data = _held_out(train_data)
     if step.student.current:
         teacher, student, masks = _original(run), state.module, state.masks
         details = {"student": "current", "masks_kept": len(masks)}
     else:
         teacher, masks = state.module, {}
-        student, details = _student(run, teacher, step)
+        student, details = _student(run, teacher, step, train_data)
     if run.device == "cuda":
         student.to("cuda")
     config = train.TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size,
                                temperature=step.temperature, alpha=step.alpha, hidden_weight=step.hidden_weight,
-                               attention_mask_input=_attention_mask_input(run))
-    result = train.distill(teacher, student, run.data.train, run.data.val, config, masks=masks or None,
-                           **training_options(run, step, place))
+                               attention_mask_input=_attention_mask_input(run), patience=step.early_stopping)
+    result = train.distill(teacher, student, train_data, val_data, config, masks=masks or None, **options)
     state.module, state.masks = student, masks
     if step.student.current:
         details["per_layer"] = prune.layer_sparsity(student)  # the pruned weights are still zero
+    if defaults:
+        details["encoder_defaults"] = defaults
+    if step.early_stopping is not None:
+        details["early_stopping"] = {"patience": step.early_stopping, "train_samples": len(train_data.inputs[0]),
+                                     "held_out_samples": len(val_data.inputs[0]),
+                                     "stopped_epoch": len(result.history)}
     teacher_params, student_params = count_weights(teacher)[0], count_weights(student)[0]
     return {**details, "teacher_params": teacher_params, "student_params": student_params,
             "epochs": result.history, "best_epoch": result.best_epoch, "stopped": result.stopped}
