@@ -191,7 +191,9 @@ def test_foreign_cnn_gets_normalized_and_static_int8_by_default(tmp_path, worker
         assert details["calibrated_on"]["data"] == "the job's evaluation inputs (generated)"
         assert details["chosen"]["kept_in_float"]["tiny_layers"] == ["stem", "fc"]
     assert metrics["fidelity"]["cosine_mean"] >= 0.99
-    assert ("warning" in details) == any("no int8 candidate" in note for note in metrics.get("notes", []))
+    assert "warning" not in details or details["warning"] in metrics["notes"]
+    if details["chosen_method"] == "static":  # calibrated on generated inputs: said loudly
+        assert "calibrated on generated inputs" in details["warning"]
 
 
 def cancelling_cnn(path):
@@ -220,6 +222,6 @@ def test_auto_int8_that_cannot_stay_faithful_says_so_in_the_notes(tmp_path, work
     metrics = finished(db, job_id).metrics
     details = metrics["steps"][0]["details"]
     assert [c["name"] for c in details["candidates"]] == ["static_conv", "static", "dynamic", "weights_int8"]
-    assert all(c["cosine"] < 0.99 for c in details["candidates"])
-    assert details["warning"].startswith("no int8 candidate keeps output cosine >= 0.99")
+    assert all(c["cosine"] < 0.95 for c in details["candidates"])  # the line on generated inputs
+    assert details["warning"].startswith("no int8 candidate keeps output cosine >= 0.95")
     assert details["warning"] in metrics["notes"] and metrics["degraded"] is True
