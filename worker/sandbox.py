@@ -27,7 +27,7 @@ from typing import Any
 
 from app.core.config import Settings
 from app.core.errors import ErrorCode
-from worker.errors import JobCancelled, JobFailure, without_server_paths
+from worker.errors import JobCancelled, JobFailure
 from worker.sandbox_child import MAX_MESSAGE_BYTES, Request, main
 
 log = logging.getLogger(__name__)
@@ -116,12 +116,11 @@ class Outcome:
 
 
 def scrub_paths(text: str, *folders: Path) -> str:
-    """Messages never show where the server keeps things: paths under these folders become their file names, and
-    any other path of this machine (the code's own, a library's) becomes <path>."""
+    """Messages never show where the server keeps things: paths under these folders become their file names."""
     for folder in folders:
         for form in {str(folder), str(folder.resolve())}:
             text = re.sub(re.escape(form) + r"/?([^\s'\"]*)", lambda m: Path(m.group(1)).name or "<scratch>", text)
-    return without_server_paths(text)
+    return text
 
 
 def run(request: Request, *, progress: Callable[[float, str | None, str | None], None] | None = None,

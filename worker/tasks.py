@@ -27,7 +27,7 @@ from app.core.storage import keys as storage_keys
 from app.core.tables import Job, Model
 from worker import resources, sandbox, staging
 from worker.context import JobContext, with_db_retry
-from worker.errors import JobCancelled, JobFailure, JobLost
+from worker.errors import JobCancelled, JobFailure, JobLost, without_server_paths
 from worker.pipeline.files import Output
 from worker.sandbox_child import inject_fault
 
@@ -81,7 +81,8 @@ def inspect_model(model_id: str) -> None:
         error = "inspection took longer than the time limit"
     except Exception as exc:  # staging failed, or a bug: the model must not stay `uploaded` for hours
         log.exception("inspection of %s failed", model_id)
-        error = f"inspection failed: {sandbox.scrub_paths(f'{exc.__class__.__name__}: {exc}', workdir)[:500]}"
+        error = ("inspection failed: "
+                 f"{without_server_paths(sandbox.scrub_paths(f'{exc.__class__.__name__}: {exc}', workdir))[:500]}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     with_db_retry(factory, lambda s: s.execute(
@@ -125,8 +126,9 @@ def run_job(job_id: str) -> None:
                 return
             except Exception as exc:  # a bug or an unexpected library error: record it, never lose the job
                 log.exception("job %s failed unexpectedly", job_id)
-                message = sandbox.scrub_paths(f"{exc.__class__.__name__}: {str(exc)[:500]}", workdir,
-                                              settings.resolved_home())
+                # a library's own text: any path of this machine goes, not only the job's folders
+                message = without_server_paths(sandbox.scrub_paths(f"{exc.__class__.__name__}: {str(exc)[:500]}",
+                                                                   workdir, settings.resolved_home()))
                 outcome = {"status": JobStatus.FAILED, "error_code": ErrorCode.INTERNAL_ERROR,
                            "error_message": message}
         with_db_retry(factory, lambda s: jobs.finish(s, job_id, worker_id, **outcome))
