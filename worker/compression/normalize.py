@@ -60,18 +60,23 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return len(moved)
 
 
+def _keep(entries, wanted) -> int:
+    """Keep the entries of a repeated protobuf field for which `wanted` holds; returns how many were dropped."""
+    kept = [entry for entry in entries if wanted(entry)]
+    dropped = len(entries) - len(kept)
+    if dropped:
+        del entries[:]
+        entries.extend(kept)
+    return dropped
+
+
 def weights_out_of_inputs(model: onnx.ModelProto) -> int:
     """Initializers listed among the graph inputs (older exporters) are weights, not inputs: ONNX Runtime would let
     a caller override them, and the quantizers treat them as activations. Allowed from IR version 4 on."""
     if model.ir_version < 4:
         return 0
     weights = {t.name for t in model.graph.initializer}
-    kept = [i for i in model.graph.input if i.name not in weights]
-    removed = len(model.graph.input) - len(kept)
-    if removed:
-        del model.graph.input[:]
-        model.graph.input.extend(kept)
-    return removed
+    return _keep(model.graph.input, lambda i: i.name not in weights)
 
 
 def _rename_inputs(model: onnx.ModelProto, renamed: dict[str, str]) -> None:
@@ -98,33 +103,21 @@ def merge_duplicate_initializers(model: onnx.ModelProto) -> int:
             first[key] = tensor.name
     if renamed:
         _rename_inputs(model, renamed)
-        kept = [t for t in graph.initializer if t.name not in renamed]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        _keep(graph.initializer, lambda t: t.name not in renamed)
     return len(renamed)
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> int:
     graph = model.graph
     used = {name for node in _all_nodes(graph) for name in node.input} | {o.name for o in graph.output}
-    kept = [t for t in graph.initializer if t.name in used]
-    dropped = len(graph.initializer) - len(kept)
-    if dropped:
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    return dropped
+    return _keep(graph.initializer, lambda t: t.name in used)
 
 
 def drop_initializer_shapes(model: onnx.ModelProto) -> int:
     """Remove the value_info entries of weights (newer torch exporters write them): ONNX Runtime's quantizer
     transposes Gemm weights, and the stale shapes then fail its shape inference."""
     weights = {t.name for t in model.graph.initializer}
-    kept = [v for v in model.graph.value_info if v.name not in weights]
-    dropped = len(model.graph.value_info) - len(kept)
-    if dropped:
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
-    return dropped
+    return _keep(model.graph.value_info, lambda v: v.name not in weights)
 
 
 def name_unnamed_nodes(model: onnx.ModelProto) -> int:
