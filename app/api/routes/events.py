@@ -130,7 +130,8 @@ async def job_events(job_id: str, request: Request, tenant: CurrentTenant, setti
     return await _stream(request, tenant.id, read_job(factory, tenant.id, job_id), cursor or 0, settings)
 
 
-@router.get("/events", status_code=200, response_class=EventStreamResponse, responses={**_STREAM, **error_responses(400)})
+@router.get("/events", status_code=200, response_class=EventStreamResponse,
+            responses={**_STREAM, **error_responses(400)})
 async def tenant_events(request: Request, tenant: CurrentTenant, settings: SettingsDep,
                         last_event_id: LastEventId = None):
     """Every job event of the tenant, live (or from after `Last-Event-ID`; `0` replays all): `status` and
