@@ -203,7 +203,8 @@ class TrialsSoFar:
             self.best = trial
         self.ctx.progress(0.3, "tune", f"trial {trial['index'] + 1} done: {trial['size_bytes']} bytes, p50 "
                                        f"{trial['latency_ms']:.3g} ms, metric {trial['metric']:.4f}"
-                                       + (" (within the tolerance)" if trial["meets_tolerance"] else ""))
+                                       + (" (within the tolerance)" if trial["meets_tolerance"] else ""),
+                          trial=trial["index"])
 
     def deliver(self, job: Job, workdir: Path, storage, stopped: sandbox.Outcome) -> dict:
         """End the stopped job with the best trial so far as its model artifact, and the trials in its metrics."""
