@@ -11,7 +11,7 @@ from app.api.guard import BodyGuard
 from app.api.housekeeping import Housekeeper
 from app.api.limits import make_rate_limiter, make_stream_slots
 from app.api.observability import Metrics, MetricsMiddleware
-from app.api.routes import artifacts, datasets, events, jobs, keys, models, presets, service, webhooks
+from app.api.routes import artifacts, datasets, events, jobs, keys, models, presets, service, ui, webhooks
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_session_factory
 from app.core.queue import make_celery
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     app.state.event_feed = EventFeed(session_factory, settings.event_poll_interval, settings.event_gap_wait)
     install_error_handlers(app)
     app.include_router(service.router)
+    app.include_router(ui.router)
     # Every /v1 route authenticates (401), is rate limited (429), validates its input (422) and needs the
     # database (503); route-specific errors are declared on the routes.
     for router in (models.router, datasets.router, jobs.router, events.router, artifacts.router, presets.router,
