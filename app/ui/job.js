@@ -73,7 +73,9 @@ export async function renderJob(main, {signal, params: [jobId]}) {
   const cancelButton = h("button", {type: "button", class: "danger"}, "Cancel job");
   const deleteButton = h("button", {type: "button", class: "danger"}, "Delete job");
   const summary = h("dl", {class: "summary"});
-  const timeline = h("ol", {class: "timeline", "aria-label": "Step timeline"});
+  const timeline = h("ol", {class: "timeline", "aria-label": "Event timeline"});
+  const stepList = h("ol", {class: "timeline steps", "aria-label": "Step timeline"});
+  let reachedStep = -1; // the furthest recipe step a progress event has named
   const report = h("section", {"aria-labelledby": "report-title"});
   const provenance = h("section", {"aria-labelledby": "provenance-title"});
   const artifacts = h("section", {"aria-labelledby": "artifacts-title"});
@@ -82,7 +84,8 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     actionMessage, liveState,
     h("div", {class: "progress-row"}, h("label", {htmlFor: "job-progress"}, "Progress"), progressBar, progressText),
     progressMessage, errorBox, summary,
-    h("section", {"aria-labelledby": "timeline-title"}, h("h2", {id: "timeline-title"}, "Timeline"), timeline),
+    h("section", {"aria-labelledby": "timeline-title", class: "timelines"}, h("h2", {id: "timeline-title"}, "Timeline"),
+      h("div", {}, h("h3", {}, "Recipe steps"), stepList), h("div", {}, h("h3", {}, "Events"), timeline)),
     report, provenance, artifacts);
 
   // The timeline: one entry per stage (load, measure, each recipe step, tune trials, package, upload).
@@ -100,7 +103,7 @@ export async function renderJob(main, {signal, params: [jobId]}) {
 
   function drawEntry(item) {
     item.node.replaceChildren(h("span", {class: "stage"}, item.label),
-      item.message ? h("span", {class: "stage-message"}, item.message) : null);
+      item.message ? [" ", h("span", {class: "stage-message"}, item.message)] : null);
   }
 
   function onStatus(data) {
@@ -120,9 +123,11 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     const trial = Number.isInteger(data.trial) ? `trial ${data.trial}` : null;
     const key = trial ?? `${data.stage}:${data.step_index}`;
     const item = entry(key, trial ? `tune: ${trial}` : `${step}${data.stage ?? "working"}`);
+    if (Number.isInteger(data.step_index)) reachedStep = Math.max(reachedStep, data.step_index);
     item.message = `${data.message ?? ""}${Number.isInteger(data.epoch) ? ` (epoch ${data.epoch})` : ""}`;
     drawEntry(item);
     setProgress(data.fraction, data.message);
+    drawSteps();
   }
 
   function setProgress(fraction, message) {
@@ -130,6 +135,29 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     progressBar.value = value;
     progressText.textContent = `${Math.round(value * 100)}%`;
     progressMessage.textContent = message || "";
+  }
+
+  /** The recipe's steps: done, current or to come; with their time and measurements once the job has them. */
+  function drawSteps() {
+    const planned = Array.isArray(job.recipe?.steps) ? job.recipe.steps : [];
+    const measured = Array.isArray(job.metrics?.steps) ? job.metrics.steps : [];
+    const count = Math.max(planned.length, measured.length);
+    const items = [];
+    for (let i = 0; i < count; i += 1) {
+      const step = measured[i] || planned[i] || {};
+      let state = i < reachedStep ? "done" : i === reachedStep && job.status === "running" ? "current" : "pending";
+      if (job.status === "succeeded" || measured[i]) state = "done";
+      const facts = [];
+      if (typeof measured[i]?.seconds === "number") facts.push(`${formatNumber(measured[i].seconds, 3)} s`);
+      if (typeof measured[i]?.size_bytes === "number") facts.push(formatBytes(measured[i].size_bytes));
+      if (typeof measured[i]?.fidelity?.cosine_mean === "number") {
+        facts.push(`cosine ${formatNumber(measured[i].fidelity.cosine_mean, 5)}`);
+      }
+      items.push(h("li", {class: state}, h("span", {class: "stage"}, `${i + 1}. ${String(step.op ?? "?")}`), " ",
+        h("span", {class: "stage-message"}, [state === "pending" ? "to come" : state, ...facts].join(", "))));
+    }
+    if (!items.length) items.push(h("li", {}, job.tune ? "tuning: the trials are below when it ends" : "no steps"));
+    stepList.replaceChildren(...items);
   }
 
   function drawSummary() {
@@ -199,6 +227,7 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     errorBox.hidden = !job.error;
     if (job.error) errorBox.replaceChildren(h("strong", {}, job.error.code), ": ", job.error.message);
     drawSummary();
+    drawSteps();
     drawReport();
     drawArtifacts();
   }
