@@ -84,8 +84,8 @@ export async function listAll(path, {signal, max = 1000} = {}) {
   let cursor = null;
   do {
     const separator = path.includes("?") ? "&" : "?";
-    const page = await api("GET", `${path}${separator}limit=200${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`,
-      undefined, {signal});
+    const next = cursor ? `&cursor=${encodeURIComponent(cursor)}` : "";
+    const page = await api("GET", `${path}${separator}limit=200${next}`, undefined, {signal});
     items.push(...page.data);
     cursor = page.next_cursor;
   } while (cursor && items.length < max);

@@ -6,7 +6,7 @@ import {formatBytes, formatNumber, h, s} from "./dom.js";
 
 const WIDTH = 480;
 const HEIGHT = 250;
-const MARGIN = {left: 58, right: 14, top: 16, bottom: 52};
+const MARGIN = {left: 70, right: 14, top: 18, bottom: 40};
 
 function cosineOf(figures) {
   return figures && typeof figures.cosine_mean === "number" ? figures.cosine_mean : null;
@@ -49,8 +49,9 @@ function niceTicks(low, high, count = 4) {
   return ticks;
 }
 
-/** An <svg> with a title and axes; `y(value)` and `x(value)` map data to the plot area. */
-function frame(title, description, {yLow, yHigh, yFormat, yLabel, xLow = 0, xHigh = 1}) {
+/** An <svg> with a title and axes; `y(value)` and `x(value)` map data to the plot area. The values carry their
+ * unit and the caption names the measure, so the y axis needs no rotated label (which a phone would crowd). */
+function frame(title, description, {yLow, yHigh, yFormat, xLow = 0, xHigh = 1}) {
   const plotW = WIDTH - MARGIN.left - MARGIN.right;
   const plotH = HEIGHT - MARGIN.top - MARGIN.bottom;
   const y = (value) => MARGIN.top + plotH * (1 - (value - yLow) / (yHigh - yLow || 1));
@@ -64,9 +65,7 @@ function frame(title, description, {yLow, yHigh, yFormat, yLabel, xLow = 0, xHig
   }
   svg.append(s("line", {x1: MARGIN.left, x2: MARGIN.left, y1: MARGIN.top, y2: MARGIN.top + plotH, class: "axis"}),
     s("line", {x1: MARGIN.left, x2: WIDTH - MARGIN.right, y1: MARGIN.top + plotH, y2: MARGIN.top + plotH,
-      class: "axis"}),
-    s("text", {x: 12, y: MARGIN.top + plotH / 2, class: "axis-label", "text-anchor": "middle",
-      transform: `rotate(-90 12 ${MARGIN.top + plotH / 2})`}, yLabel));
+      class: "axis"}));
   return {svg, x, y, plotW, plotH};
 }
 
@@ -88,11 +87,11 @@ function categoryLabels(frameParts, labels) {
 }
 
 /** Bars, one per point; the value written above each. */
-function barChart(title, yLabel, points, value, format) {
+function barChart(title, points, value, format) {
   const values = points.map(value);
   const top = Math.max(...values.filter((v) => v !== null), 0) * 1.15 || 1;
   const parts = frame(title, points.map((p, i) => `${p.label}: ${values[i] === null ? "not measured"
-    : format(values[i])}`).join("; "), {yLow: 0, yHigh: top, yFormat: format, yLabel});
+    : format(values[i])}`).join("; "), {yLow: 0, yHigh: top, yFormat: format});
   const band = categoryLabels(parts, points.map((p) => p.label));
   points.forEach((point, i) => {
     if (values[i] === null) return;
@@ -117,9 +116,9 @@ function qualityChart(points) {
   const pad = Math.max((high - low) * 0.15, 0.002);
   const title = "Fidelity and accuracy: higher is better";
   const description = series.map(([key, label]) => `${label}: ${points.map((p) => `${p.label} ${
-    p[key] === null ? "-" : formatNumber(p[key])}`).join(", ")}`).join("; ");
+    p[key] === null ? "-" : formatNumber(p[key], 6)}`).join(", ")}`).join("; ");
   const parts = frame(title, description, {yLow: Math.max(0, low - pad), yHigh: Math.min(high + pad, 1.0001),
-    yFormat: (v) => formatNumber(v, 4), yLabel: "score"});
+    yFormat: (v) => formatNumber(v, 4)});
   const band = categoryLabels(parts, points.map((p) => p.label));
   for (const [key, , cls] of series) {
     const located = points.map((p, i) => [MARGIN.left + band * (i + 0.5), p[key]]).filter(([, v]) => v !== null);
@@ -127,50 +126,49 @@ function qualityChart(points) {
       class: `series ${cls}`}));
     for (const [cx, v] of located) {
       parts.svg.append(s("circle", {cx, cy: parts.y(v), r: 4, class: `dot ${cls}`}),
-        s("text", {x: cx, y: parts.y(v) - 8, class: "value", "text-anchor": "middle"}, formatNumber(v, 4)));
+        s("text", {x: cx, y: parts.y(v) - 8, class: "value", "text-anchor": "middle"}, formatNumber(v, 6)));
     }
   }
   return figure(title, parts.svg, series.map(([, label, cls]) => [cls, label]));
 }
 
 /** The worst metric a trial may have and still meet the tolerance (lower is better for perplexity). */
-export function toleranceLine(tuning) {
+export function toleranceLine(tuning, metric) {
   const base = number(tuning.baseline_metric);
   const maxLoss = number(tuning.max_loss);
   if (base === null || maxLoss === null) return null;
   const allowed = maxLoss * Math.max(Math.abs(base), 1e-12);
-  return tuning.metric === "perplexity" ? base + allowed : base - allowed;
+  return metric === "perplexity" ? base + allowed : base - allowed;
 }
 
 /** Each finished trial by the objective (size or latency) against its metric. */
-function trialsChart(tuning) {
+function trialsChart(tuning, metricName) {
   const axis = tuning.objective === "latency" ? "latency_ms" : "size_bytes";
   const trials = (Array.isArray(tuning.trials) ? tuning.trials : [])
     .map((trial, index) => ({...trial, index}))
     .filter((t) => !t.error && number(t.metric) !== null && number(t[axis]) !== null);
   if (!trials.length) return null;
-  const metric = String(tuning.metric || "metric");
-  const tolerance = toleranceLine(tuning);
+  const metric = String(tuning.metric || metricName || "metric");
+  const direction = metric === "perplexity" ? "lower is better" : "higher is better";
+  const tolerance = toleranceLine(tuning, metric);
   const base = number(tuning.baseline_metric);
   const ys = [...trials.map((t) => t.metric), ...[tolerance, base].filter((v) => v !== null)];
   const yPad = Math.max((Math.max(...ys) - Math.min(...ys)) * 0.15, 0.002);
   const xs = trials.map((t) => t[axis]);
   const xPad = Math.max((Math.max(...xs) - Math.min(...xs)) * 0.1, Math.max(...xs) * 0.05, 1e-9);
   const xFormat = axis === "size_bytes" ? formatBytes : (v) => `${formatNumber(v, 3)} ms`;
-  const title = `Tuning trials: ${axis === "size_bytes" ? "size" : "latency"} against ${metric}`;
+  const title = `Tuning trials: ${metric} (${direction}) against ${axis === "size_bytes" ? "size" : "latency p50"}`;
   const description = trials.map((t) => `trial ${t.index}: ${xFormat(t[axis])}, ${metric} ${formatNumber(t.metric)}${
     t.meets_tolerance ? " (within tolerance)" : " (outside it)"}`).join("; ");
   const xLow = Math.max(0, Math.min(...xs) - xPad);
   const xHigh = Math.max(...xs) + xPad;
   const parts = frame(title, description, {yLow: Math.min(...ys) - yPad, yHigh: Math.max(...ys) + yPad,
-    yFormat: (v) => formatNumber(v, 4), yLabel: metric, xLow, xHigh});
-  for (const tick of niceTicks(xLow, xHigh, 3)) {
+    yFormat: (v) => formatNumber(v, 4), xLow, xHigh});
+  for (const tick of niceTicks(xLow, xHigh, 4)) {
     if (tick < xLow || tick > xHigh) continue;
     parts.svg.append(s("text", {x: parts.x(tick), y: MARGIN.top + parts.plotH + 16, class: "tick",
       "text-anchor": "middle"}, xFormat(tick)));
   }
-  parts.svg.append(s("text", {x: MARGIN.left + parts.plotW / 2, y: HEIGHT - 8, class: "axis-label",
-    "text-anchor": "middle"}, axis === "size_bytes" ? "file size" : "latency p50"));
   const horizontal = (value, cls) => s("line", {x1: MARGIN.left, x2: WIDTH - MARGIN.right, y1: parts.y(value),
     y2: parts.y(value), class: cls});
   if (tolerance !== null) parts.svg.append(horizontal(tolerance, "tolerance-line"));
@@ -195,17 +193,16 @@ function trialsChart(tuning) {
     ["baseline-line", "original model"], ["chosen-ring", `chosen (trial ${tuning.best ?? "-"})`]]);
 }
 
-/** The report's charts, in a container; none for a job without metrics. */
-export function reportCharts(metrics) {
+/** The report's charts, in a container. `metricName`: a tune job's metric, as its request named it. */
+export function reportCharts(metrics, metricName) {
   const points = reportPoints(metrics);
   const charts = [
-    barChart("Size: original, after each measured step, delivered", "file size", points, (p) => p.size,
-      formatBytes),
-    barChart("Latency p50 per batch", "milliseconds", points, (p) => p.latency, (v) => `${formatNumber(v, 3)} ms`),
+    barChart("Size: original, after each measured step, delivered", points, (p) => p.size, formatBytes),
+    barChart("Latency p50 per batch", points, (p) => p.latency, (v) => `${formatNumber(v, 3)} ms`),
   ];
   if (points.some((p) => p.fidelity !== null || p.accuracy !== null)) charts.push(qualityChart(points));
   if (metrics.tuning) {
-    const trials = trialsChart(metrics.tuning);
+    const trials = trialsChart(metrics.tuning, metricName);
     if (trials) charts.push(trials);
   }
   return h("div", {class: "charts"}, charts);

@@ -1,5 +1,5 @@
 // Building the page from data without ever parsing it as HTML: every string becomes a text node, so a model
-// named "<img onerror=...>" is shown as those characters. Nothing here uses innerHTML.
+// named "<img onerror=...>" is shown as those characters. Nothing here parses markup.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 

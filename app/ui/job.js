@@ -103,7 +103,7 @@ export async function renderJob(main, {signal, params: [jobId]}) {
 
   function drawEntry(item) {
     item.node.replaceChildren(h("span", {class: "stage"}, item.label),
-      item.message ? [" ", h("span", {class: "stage-message"}, item.message)] : null);
+      ...(item.message ? [" ", h("span", {class: "stage-message"}, item.message)] : []));
   }
 
   function onStatus(data) {
@@ -173,7 +173,8 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     clear(report);
     clear(provenance);
     if (!metrics) return;
-    report.append(h("h2", {id: "report-title"}, "Report"), resultsTable(metrics), reportCharts(metrics));
+    report.append(h("h2", {id: "report-title"}, "Report"), resultsTable(metrics),
+      reportCharts(metrics, job.tune?.metric));
     if (metrics.tuning?.message) report.append(h("p", {class: "tuning-message"}, metrics.tuning.message));
     if (Array.isArray(metrics.notes) && metrics.notes.length) {
       report.append(h("ul", {class: "notes"}, metrics.notes.map((note) => h("li", {},

@@ -60,8 +60,9 @@ export async function renderNewJob(main, {signal}) {
   const recipeField = field("Recipe (JSON)", recipeText, "An object with \"steps\"; see docs/api.md for each op.");
   recipeField.hidden = true;
 
-  const datasetFields = Object.fromEntries(DATASET_ROLES.map((role) => [role, field(`${role[0].toUpperCase()}${role.slice(1)} dataset`,
-    h("select", {}, option("", "(none)"), datasets.map((d) => option(d.id, `${d.name} (${d.format})`))))]));
+  const datasetFields = Object.fromEntries(DATASET_ROLES.map((role) => [role,
+    field(`${role[0].toUpperCase()}${role.slice(1)} dataset`,
+      h("select", {}, option("", "(none)"), datasets.map((d) => option(d.id, `${d.name} (${d.format})`))))]));
   const deviceSelect = h("select", {}, option("cpu", "CPU", true), option("cuda", "CUDA GPU"));
   const runtimeSelect = h("select", {}, option("onnxruntime", "ONNX Runtime", true), option("pytorch", "PyTorch"));
   const extraText = h("textarea", {rows: 4, spellcheck: false, class: "code",
@@ -119,7 +120,9 @@ export async function renderNewJob(main, {signal}) {
   function parseJson(wrapper, text, what) {
     try {
       const value = JSON.parse(text);
-      if (value === null || typeof value !== "object" || Array.isArray(value)) throw new Error(`${what} is not an object`);
+      if (value === null || typeof value !== "object" || Array.isArray(value)) {
+        throw new Error(`${what} is not an object`);
+      }
       return value;
     } catch (error) {
       showFieldError(wrapper, `Not a JSON object: ${error.message}`);

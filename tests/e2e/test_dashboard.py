@@ -134,8 +134,8 @@ class Watch:
             self.failed_requests.append(f"{response.status} {response.request.method} {response.url}")
 
     def on_request_failed(self, request) -> None:
-        # Leaving a page closes its event stream on purpose; nothing else may fail.
-        if request.failure == "net::ERR_ABORTED" and urlsplit(request.url).path.endswith("/events"):
+        # Leaving a page cancels what it was still reading (its event stream, a list) on purpose.
+        if request.failure == "net::ERR_ABORTED" and request.method == "GET":
             return
         self.failed_requests.append(f"{request.failure} {request.method} {request.url}")
 
@@ -215,6 +215,21 @@ def finished_job(service, tmp_path_factory) -> dict:
                                         "webhook_url": f"http://127.0.0.1:{free_port()}/hook"}).json()
     return wait_until(lambda: (j := client.get(f"/v1/jobs/{job['id']}").json())["status"] in
                       ("succeeded", "failed", "cancelled") and j, 240, "the job to finish", service.processes)
+
+
+@pytest.fixture(scope="module")
+def tuned_job(service, finished_job) -> dict:
+    """A tune job over two candidates on the same model: trials to draw."""
+    client = service.client("acme")
+    search = [{"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8"}]},
+              {"steps": [{"op": "quantize", "method": "weight_only", "dtype": "int4", "group_size": 16}]}]
+    job = client.post("/v1/jobs", json={"model_id": finished_job["model_id"], "name": "mlp tuned", "tune": {
+        "metric": "fidelity", "max_loss": 0.02, "objective": "size", "max_trials": 2, "search": search}})
+    assert job.status_code == 201, job.text
+    done = wait_until(lambda: (j := client.get(f"/v1/jobs/{job.json()['id']}").json())["status"] in
+                      ("succeeded", "failed", "cancelled") and j, 240, "the tune job to finish", service.processes)
+    assert done["status"] == "succeeded", done
+    return done
 
 
 def test_upload_run_a_preset_watch_it_live_and_download_the_model(dashboard, service, tmp_path):
@@ -368,6 +383,22 @@ def test_tenant_data_is_shown_as_text_and_keys_are_shown_once(dashboard, service
     assert page.evaluate("sessionStorage.length") == 0
 
 
+def test_a_tune_jobs_trials_are_drawn_with_the_pareto_front_and_the_tolerance(dashboard, tuned_job):
+    page = dashboard.page
+    dashboard.sign_in()
+    dashboard.open(f"#/jobs/{tuned_job['id']}")
+    tuning = tuned_job["metrics"]["tuning"]
+    chart = page.locator("figure.chart-figure", has_text="Tuning trials")
+    expect(chart).to_be_visible()
+    measured = [t for t in tuning["trials"] if t.get("metric") is not None and not t.get("error")]
+    expect(chart.locator("circle.dot")).to_have_count(len(measured))
+    expect(chart.locator("line.tolerance-line")).to_have_count(1)
+    expect(chart.locator("polyline.pareto-line")).to_have_count(1 if tuning["pareto_front"] else 0)
+    expect(chart.locator("circle.chosen-ring")).to_have_count(1)
+    expect(chart.locator("ul.legend")).to_contain_text(f"chosen (trial {tuning['best']})")
+    page.screenshot(path=str(SCREENSHOTS / "dashboard-tuned-job-1280.png"), full_page=True)
+
+
 def test_another_tenant_sees_none_of_the_first_tenants_data(dashboard, service, finished_job):
     page = dashboard.page
     dashboard.sign_in("globex")
@@ -392,6 +423,11 @@ UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, bu
   .map((el) => el.outerHTML.slice(0, 120))"""
 
 
+WIDEST = """() => [...document.querySelectorAll('main *')]
+  .filter((el) => el.getBoundingClientRect().right > document.documentElement.clientWidth)
+  .map((el) => el.tagName + '.' + el.className).slice(-5).join(', ')"""
+
+
 @pytest.mark.parametrize("width", WIDTHS)
 def test_every_page_fits_is_labelled_and_is_saved_as_a_screenshot(dashboard, finished_job, width):
     page = dashboard.page
@@ -407,7 +443,7 @@ def test_every_page_fits_is_labelled_and_is_saved_as_a_screenshot(dashboard, fin
             expect(page.locator(".live-state")).to_have_text("Finished.")
         assert page.evaluate(UNLABELLED) == [], name
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-        assert overflow <= 0, f"{name} scrolls sideways by {overflow} px at {width}"
+        assert overflow <= 0, f"{name} scrolls sideways by {overflow} px at {width}: " + page.evaluate(WIDEST)
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / f"dashboard-{name}-{WIDTHS[width][0]}.png"), full_page=name == "job")
     # Keyboard: from the skip link, Tab walks the navigation; Enter on a link opens its page, focused.
