@@ -83,7 +83,7 @@ def service(tmp_path_factory, redis_url) -> Iterator[Service]:
     processes = Processes(folder)
     try:
         run("migrate")
-        keys = {tenant: run("keys", "create", "--tenant", tenant) for tenant in ("acme", "globex")}
+        keys = {tenant: run("keys", "create", "--tenant", tenant) for tenant in ("acme", "globex", "initech")}
         port = free_port()
         processes.start("api", [*MODELPRESS, "api", "--port", str(port)], env)
         processes.start("worker", [*MODELPRESS, "worker", "--queues", "cpu"], env)
@@ -207,9 +207,9 @@ def upload_model(client: httpx.Client, path: Path, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def finished_job(service, tmp_path_factory) -> dict:
-    """A tenant's model (its name is markup) and a finished int8 job with a webhook to nowhere: data to show."""
+    """A tenant's model and a finished int8 job with a webhook to nowhere: data to show."""
     client = service.client("acme")
-    model = upload_model(client, tiny_onnx(tmp_path_factory.mktemp("m") / "mlp.onnx", seed=1), HOSTILE_NAME)
+    model = upload_model(client, tiny_onnx(tmp_path_factory.mktemp("m") / "mlp.onnx", seed=1), "mlp.onnx")
     assert model["status"] == "ready", model
     job = client.post("/v1/jobs", json={"model_id": model["id"], "name": "mlp int8", "preset": "int8-cpu",
                                         "webhook_url": f"http://127.0.0.1:{free_port()}/hook"}).json()
@@ -349,13 +349,26 @@ def test_a_dry_run_shows_the_plan_and_creates_nothing(dashboard, service, finish
     assert len(client.get("/v1/jobs").json()["data"]) == before
 
 
-def test_tenant_data_is_shown_as_text_and_keys_are_shown_once(dashboard, service, finished_job):
+def test_names_a_tenant_chose_are_shown_as_text(dashboard, service, tmp_path):
+    client = service.client("initech")
+    with open(tiny_onnx(tmp_path / "m.onnx"), "rb") as fh:
+        model = client.post("/v1/models", files={"file": ("m.onnx", fh)}, data={"name": HOSTILE_NAME}).json()
+    job = client.post("/v1/jobs", json={"model_id": model["id"], "name": HOSTILE_NAME, "target": {"device": "cuda"},
+                                        "recipe": {"steps": [{"op": "quantize", "method": "dynamic"}]}}).json()
+    page = dashboard.page
+    dashboard.sign_in("initech")
+    for fragment in ("#/models", "#/jobs", f"#/jobs/{job['id']}"):
+        dashboard.open(fragment)
+        expect(page.locator("main :is(td, h1)", has_text=HOSTILE_NAME).first).to_be_visible()
+        assert page.locator("main img").count() == 0 and page.evaluate("window.__owned") is None, fragment
+    expect(page.locator("main h1")).to_have_text(f"Job {HOSTILE_NAME}")
+    expect(page.locator(".job-status .badge")).to_have_text("queued")
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+
+
+def test_a_new_key_is_shown_once_then_revoked_and_deliveries_are_listed(dashboard, service, finished_job):
     page = dashboard.page
     dashboard.sign_in()
-    dashboard.open("#/models")
-    expect(page.locator("tr", has_text=HOSTILE_NAME)).to_have_count(1)
-    assert page.locator("main img").count() == 0 and page.evaluate("window.__owned") is None
-
     dashboard.open("#/keys")
     page.get_by_label("Name of the new key (optional)").fill("ci <b>key</b>")
     page.get_by_role("button", name="Create key").click()
