@@ -436,6 +436,33 @@ UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, bu
   .map((el) => el.outerHTML.slice(0, 120))"""
 
 
+LOW_CONTRAST = """() => {
+  const parse = (text) => {
+    const m = /rgba?\(([^)]+)\)/.exec(text);
+    const p = m ? m[1].split(/[ ,\/]+/).filter(Boolean).map(Number) : [0, 0, 0, 0];
+    return {r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1};
+  };
+  const luminance = ({r, g, b}) => [r, g, b].map((c) => c / 255)
+    .map((c) => (c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4))
+    .reduce((sum, c, i) => sum + c * [0.2126, 0.7152, 0.0722][i], 0);
+  const background = (el) => {
+    for (let node = el; node; node = node.parentElement) {
+      const colour = parse(getComputedStyle(node).backgroundColor);
+      if (colour.a > 0) return colour;
+    }
+    return {r: 255, g: 255, b: 255, a: 1};
+  };
+  const low = [];
+  for (const el of document.body.querySelectorAll('*')) {
+    if (el.closest('svg, option') || el.offsetParent === null) continue;
+    if (![...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+    const [light, dark] = [luminance(parse(getComputedStyle(el).color)), luminance(background(el))]
+      .sort((x, y) => y - x);
+    const ratio = (light + 0.05) / (dark + 0.05);
+    if (ratio < 4.5 && !el.closest(':disabled')) low.push(`${el.tagName}.${el.className}: ${ratio.toFixed(2)}`);
+  }
+  return low;
+}"""
 WIDEST = """() => [...document.querySelectorAll('main *')]
   .filter((el) => el.getBoundingClientRect().right > document.documentElement.clientWidth)
   .map((el) => el.tagName + '.' + el.className).slice(-5).join(', ')"""
@@ -455,6 +482,7 @@ def test_every_page_fits_is_labelled_and_is_saved_as_a_screenshot(dashboard, fin
             expect(page.locator("svg.chart")).to_have_count(3)
             expect(page.locator(".live-state")).to_have_text("Finished.")
         assert page.evaluate(UNLABELLED) == [], name
+        assert page.evaluate(LOW_CONTRAST) == [], name  # WCAG AA for text: 4.5:1
         overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
         assert overflow <= 0, f"{name} scrolls sideways by {overflow} px at {width}: " + page.evaluate(WIDEST)
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
