@@ -78,6 +78,16 @@ export async function api(method, path, body, {signal} = {}) {
   return response.status === 204 ? null : response.json();
 }
 
+/** Whether `key` signs in: null when it does, else the ApiError (the API's message). Stores nothing. */
+export async function checkKey(key) {
+  try {
+    const response = await fetch("/v1/presets", {headers: {Authorization: `Bearer ${key}`}, cache: "no-store"});
+    return response.ok ? null : await errorFrom(response);
+  } catch {
+    return new ApiError(0, "network", "the service cannot be reached; check the connection and try again");
+  }
+}
+
 /** Every page of a list endpoint (`data`, `next_cursor`), up to `max` items. */
 export async function listAll(path, {signal, max = 1000} = {}) {
   const items = [];

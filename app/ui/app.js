@@ -1,7 +1,7 @@
 // The dashboard's shell: sign in and out, the pages by URL fragment (#/models, #/jobs/<id>, ...), and the
 // clean-up of a page's streams and timers when another one opens.
 
-import {ApiError, api, forgetKey, getKey, setKey, whenUnauthorized} from "./api.js";
+import {ApiError, checkKey, forgetKey, getKey, setKey, whenUnauthorized} from "./api.js";
 import {clear, field, h, showFieldError} from "./dom.js";
 import {renderJob} from "./job.js";
 import {renderJobs} from "./jobs.js";
@@ -32,7 +32,7 @@ function renderSignIn(notice) {
     spellcheck: false});
   const keyField = field("API key", input, "Kept in this tab only (sessionStorage); sent as a Bearer token.");
   const button = h("button", {type: "submit"}, "Sign in");
-  const form = h("form", {class: "card narrow", "aria-labelledby": "sign-in-title"},
+  const form = h("form", {class: "card narrow", "aria-labelledby": "sign-in-title", noValidate: true},
     h("h1", {id: "sign-in-title", tabIndex: -1}, "Sign in"),
     notice ? h("p", {class: "notice", role: "status"}, notice) : null,
     keyField, button);
@@ -44,17 +44,16 @@ function renderSignIn(notice) {
       return;
     }
     button.disabled = true;
-    setKey(key);
-    try {
-      await api("GET", "/v1/presets");
-      showFieldError(keyField, null);
-      if (!location.hash.startsWith("#/")) location.hash = "#/jobs";
-      route();
-    } catch (error) {
-      forgetKey();
-      showFieldError(keyField, error instanceof ApiError ? error.message : String(error));
-      button.disabled = false;
+    const refused = await checkKey(key);
+    button.disabled = false;
+    if (refused) {
+      showFieldError(keyField, refused.message);
+      input.focus();
+      return;
     }
+    setKey(key);
+    if (!location.hash.startsWith("#/")) history.replaceState(null, "", "#/jobs");
+    route();
   });
   clear(main).append(form);
   input.focus();

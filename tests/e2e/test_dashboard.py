@@ -394,6 +394,13 @@ def test_a_new_key_is_shown_once_then_revoked_and_deliveries_are_listed(dashboar
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_label("API key")).to_be_visible()
     assert page.evaluate("sessionStorage.length") == 0
+    # The revoked key cannot sign in: the API's message under the field, nothing stored.
+    dashboard.watch.expect_answer(401, "/v1/presets")
+    page.get_by_label("API key").fill(new_key)
+    page.get_by_role("button", name="Sign in").click()
+    refusal = httpx.get(f"{service.base}/v1/presets", headers={"Authorization": f"Bearer {new_key}"}).json()
+    expect(page.locator(".field-error")).to_have_text(refusal["error"]["message"])
+    assert page.evaluate("sessionStorage.length") == 0
 
 
 def test_a_tune_jobs_trials_are_drawn_with_the_pareto_front_and_the_tolerance(dashboard, tuned_job):
