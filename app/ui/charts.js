@@ -102,8 +102,9 @@ function barChart(title, points, value, format) {
       class: `bar bar-${point.kind}`}),
     s("text", {x: cx, y: yTop - 4, class: "value", "text-anchor": "middle"}, format(values[i])));
   });
-  return figure(title, parts.svg, [["bar-original", "original"], ["bar-step", "after a step"],
-    ["bar-delivered", "delivered"]]);
+  const kinds = new Set(points.map((p) => p.kind));
+  return figure(title, parts.svg, [["original", "original"], ["step", "after a step"], ["delivered", "delivered"]]
+    .filter(([kind]) => kinds.has(kind)).map(([kind, text]) => [`bar-${kind}`, text]));
 }
 
 /** Fidelity (output cosine to the original) and accuracy, when measured, at each point. */
