@@ -119,7 +119,6 @@ def _follow(client: Client, io: Io, job: Job, timeout: float | None, out_dir: Pa
         error = f"{job.error.code}: {job.error.message}" if job.error else "no error recorded"
         io.err.print(f"error: job {job.id} {job.status}: {error}", markup=False)
         return EXIT_FAILED
-    io.err.print(f"job {job.id}: succeeded", markup=False)
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from modelpress.resources import FINISHED
 from modelpress.resources import Progress as JobProgress
 
 
@@ -93,21 +94,23 @@ class JobFollower:
             seconds = time.monotonic() - self._stage_started
             self._bar.console.print(f"[green]✓[/] {self._current.stage:<10} {self._current.message or ''} "
                                     f"[dim]({seconds:.1f} s)[/]")
+        self._current = None
 
     def __call__(self, update: JobProgress) -> None:
+        if update.stage or update.message:
+            if self._bar is not None:
+                if self._current is None or update.stage != self._current.stage:
+                    self._finish_stage()
+                    self._stage_started = time.monotonic()
+                self._bar.update(self._task, completed=update.fraction or 0.0, description=_describe(update))
+            elif self._current is None or _describe(update) != _describe(self._current):
+                self._print(f"[{(update.fraction or 0) * 100:3.0f}%] {_describe(update)}")
+            self._current = update
         if update.status and update.status != self._status:
             self._status = update.status
-            self._print(f"job {self.job_id}: {update.status}")
-        if not (update.stage or update.message):
-            return
-        if self._bar is not None:
-            if self._current is None or update.stage != self._current.stage:
+            if update.status in FINISHED:
                 self._finish_stage()
-                self._stage_started = time.monotonic()
-            self._bar.update(self._task, completed=update.fraction or 0.0, description=_describe(update))
-        elif self._current is None or _describe(update) != _describe(self._current):
-            self._print(f"[{(update.fraction or 0) * 100:3.0f}%] {_describe(update)}")
-        self._current = update
+            self._print(f"job {self.job_id}: {update.status}")
 
     def _print(self, text: str) -> None:
         (self._bar.console if self._bar is not None else self.console).print(text, markup=False)
