@@ -36,8 +36,6 @@ TransferProgress = bool | Callable[[int, int | None], None]
 
 _PAGE = 200
 _CHUNK = 1024 * 1024
-# Statuses that mean "the events route is not there" (an older service, or a proxy that does not pass it).
-_NO_EVENTS_ROUTE = (404, 405, 501)
 
 
 class _EventsUnavailable(Exception):
@@ -274,13 +272,16 @@ class Client:
             try:
                 with self.http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
                                       timeout=httpx.Timeout(self.timeout, read=read_timeout)) as response:
-                    if response.status_code in _NO_EVENTS_ROUTE:
-                        raise _EventsUnavailable
+                    if response.status_code == 401:
+                        response.read()
+                        raise ApiError.from_response(response)
                     if response.is_error:
+                        # 429 `too_many_streams` and 503 are waited out as asked; past that, and for any other
+                        # refusal (no route, a job that is not there), the job is polled: that says what is wrong.
                         response.read()
                         delay = self._retry_delay(response, refusals)
                         if delay is None:
-                            raise ApiError.from_response(response)
+                            raise _EventsUnavailable
                         refusals += 1
                         time.sleep(delay)
                         continue

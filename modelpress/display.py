@@ -97,6 +97,10 @@ class JobFollower:
         self._current = None
 
     def __call__(self, update: JobProgress) -> None:
+        status = update.status if update.status != self._status else None
+        self._status = update.status or self._status
+        if status and status not in FINISHED:
+            self._print(f"job {self.job_id}: {status}")
         if update.stage or update.message:
             if self._bar is not None:
                 if self._current is None or update.stage != self._current.stage:
@@ -106,11 +110,9 @@ class JobFollower:
             elif self._current is None or _describe(update) != _describe(self._current):
                 self._print(f"[{(update.fraction or 0) * 100:3.0f}%] {_describe(update)}")
             self._current = update
-        if update.status and update.status != self._status:
-            self._status = update.status
-            if update.status in FINISHED:
-                self._finish_stage()
-            self._print(f"job {self.job_id}: {update.status}")
+        if status in FINISHED:
+            self._finish_stage()
+            self._print(f"job {self.job_id}: {status}")
 
     def _print(self, text: str) -> None:
         (self._bar.console if self._bar is not None else self.console).print(text, markup=False)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from modelpress import Client, Progress
+from modelpress import ApiError, Client, Progress
 from modelpress.sse import ServerEvent, parse_events
 from tests.modelpress.conftest import send_json
 
@@ -81,7 +81,7 @@ def test_a_dropped_stream_is_resumed_after_the_last_event(scripted) -> None:
     assert requests[0].headers["accept"] == "text/event-stream"
 
 
-@pytest.mark.parametrize("events_answer", ["404", "json", "reset"])
+@pytest.mark.parametrize("events_answer", ["404", "json", "reset", "busy"])
 def test_without_a_stream_the_job_is_polled_with_its_etag(scripted, events_answer) -> None:
     def respond(handler, seen):
         if handler.path == EVENTS:
@@ -89,6 +89,9 @@ def test_without_a_stream_the_job_is_polled_with_its_etag(scripted, events_answe
                 send_json(handler, 404, {"error": {"code": "not_found", "message": "Not Found"}})
             elif events_answer == "json":
                 send_json(handler, 200, job_summary("running"))
+            elif events_answer == "busy":  # every stream slot taken, for longer than the client waits
+                send_json(handler, 429, {"error": {"code": "too_many_streams", "message": "busy"}},
+                          {"Retry-After": "0"})
             else:
                 handler.close_connection = True
                 handler.connection.shutdown(2)
@@ -106,7 +109,7 @@ def test_without_a_stream_the_job_is_polled_with_its_etag(scripted, events_answe
 
     server = scripted(respond)
     updates: list[Progress] = []
-    with Client(server.url, "key") as client:
+    with Client(server.url, "key", max_retries=2) as client:
         job = client.wait(JOB, on_progress=updates.append, timeout=30, poll_interval=0.05)
     assert job.status == "succeeded"
     assert [(u.status, u.stage) for u in updates] == [("running", "measure"), ("succeeded", "upload")]
@@ -114,6 +117,15 @@ def test_without_a_stream_the_job_is_polled_with_its_etag(scripted, events_answe
     assert len(polls) == 3
     assert "if-none-match" not in polls[0].headers
     assert polls[1].headers["if-none-match"] == 'W/"one"' and polls[2].headers["if-none-match"] == 'W/"one"'
+    assert len(server.requests_to(EVENTS)) == (3 if events_answer == "busy" else 1)
+
+
+def test_a_refused_key_on_the_stream_is_raised_not_polled(scripted) -> None:
+    server = scripted(lambda handler, seen: send_json(
+        handler, 401, {"error": {"code": "unauthorized", "message": "invalid API key"}}))
+    with Client(server.url, "mp_wrong") as client, pytest.raises(ApiError) as refused:
+        client.wait(JOB, timeout=30)
+    assert (refused.value.status, refused.value.code) == (401, "unauthorized") and len(server.seen) == 1
 
 
 def test_wait_gives_up_after_its_timeout(scripted) -> None:
