@@ -33,7 +33,7 @@ def record(session: Session, worker_id: str, queues: Iterable[str]) -> None:
 
 def last_served(session: Session) -> dict[str, datetime]:
     """Queue -> when a worker last said it serves it (queues no worker ever served are absent)."""
-    return dict(session.execute(select(QueueHeartbeat.queue, QueueHeartbeat.seen_at)).tuples())
+    return {queue: seen_at for queue, seen_at in session.execute(select(QueueHeartbeat.queue, QueueHeartbeat.seen_at))}
 
 
 def unserved(served: dict[str, datetime], since: datetime) -> list[str]:
