@@ -13,7 +13,12 @@ def submit(client, auth, model_id, recipe=RECIPE, **extra):
                        json={"model_id": model_id, "recipe": recipe, **extra})
 
 
-def test_submit_job_is_queued_and_sent(client, auth, model_id, settings):
+def test_submit_job_is_queued_and_sent(client, auth, model_id, settings, no_workers):
+    from app.core import presence
+    from app.core.db import session_scope
+
+    with session_scope(no_workers) as session:
+        presence.record(session, "cpu-1@host", ["cpu"])  # a worker serves cpu: nothing to say in the message
     response = submit(client, auth, model_id, name="int8 please")
     assert response.status_code == 201, response.text
     job = response.json()
