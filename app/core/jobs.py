@@ -198,9 +198,10 @@ def note_waiting(session: Session, unserved_queues: list[str]) -> int:
 
 def fail_unserved(session: Session, queue: str, queued_before: datetime, timeout_s: float) -> list[str]:
     """Fail the jobs queued (or re-queued) on `queue` before `queued_before`, whose queue no worker has served
-    for `timeout_s`: nothing will ever run them. Returns their ids."""
+    for `timeout_s`: nothing will ever run them. Up to 500 a call (the next round takes the rest); returns their
+    ids."""
     waiting = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED, Job.queue == queue,
-                                                Job.updated_at < queued_before)).all()
+                                                Job.updated_at < queued_before).order_by(Job.id).limit(500)).all()
     message = (f"no worker serves queue '{queue}': the job waited {timeout_s:.0f} s (MODELPRESS_QUEUE_TIMEOUT) "
                f"and none came; start one (modelpress worker --queues {queue}) and submit the job again")
     failed = []
