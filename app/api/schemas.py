@@ -121,6 +121,8 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # When the job's outputs were deleted (DELETE /v1/jobs/{id} or the retention period); `artifacts` is then empty.
+    deleted_at: datetime | None = None
 
 
 class JobsPublic(BaseModel):
