@@ -1,6 +1,5 @@
 # The service's images, one target each (docker-compose.yml builds them):
-#   api         the API and `modelpress migrate` / `keys`: `pip install .` (no ML stack once torch lives in the
-#               `worker` extra; while it is a base dependency, the CPU build of torch)
+#   api         the API and `modelpress migrate` / `keys`: `pip install .` (no ML stack: that is the `worker` extra)
 #   worker-cpu  a CPU worker: `pip install '.[worker]'` with torch's CPU wheels
 #   worker-gpu  a GPU worker on a CUDA image: CUDA torch from PyPI, onnxruntime-gpu in place of onnxruntime (both
 #               provide the `onnxruntime` module)
@@ -16,12 +15,6 @@ WORKDIR /srv/modelpress
 RUN mkdir -p /var/lib/modelpress
 
 FROM python-base AS api
-ARG TORCH_VERSION
-ARG TORCH_CPU_INDEX
-COPY pyproject.toml ./
-# torch only while it is still a base dependency, and then its CPU build: pip would otherwise take the CUDA one.
-RUN if python -c "import sys, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; sys.exit(not any(d.startswith('torch') for d in deps))"; \
-    then pip install --index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION"; fi
 COPY . .
 RUN pip install .
 EXPOSE 8000
