@@ -99,13 +99,14 @@ TRIAL_FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".zip": "onnx-seq2seq"}  # a zi
 
 
 def publish_provisional(storage: Storage, job: Job, staged: StagedJob, path: Path, index: int) -> dict[str, Any]:
-    """Store a tune job's best trial so far under a key of its own (a better trial's file never overwrites one a
-    client may be downloading); returns its artifact row, for app.core.jobs.record_provisional."""
+    """Store a tune job's best trial so far under a key of its own, per trial and attempt (a better trial's file
+    never overwrites one a client may be downloading, nor does a worker that lost the job overwrite the file of the
+    one that took it over); returns its artifact row, for app.core.jobs.record_provisional."""
     fmt = TRIAL_FORMATS.get(path.suffix)
     if fmt is None:
         raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported a trial model of an unknown format")
     name = f"best-so-far-trial{index}{path.suffix}"
-    key = storage_keys.job_key(job.tenant_id, job.id, name)
+    key = storage_keys.job_key(job.tenant_id, job.id, f"attempt{job.attempts}-{name}")
     storage.put_file(key, path)
     return {"kind": "model", "format": fmt, "filename": f"{download_stem(staged.model_name)}-{name}",
             "size_bytes": path.stat().st_size, "sha256": sha256_of(path), "storage_key": key}
