@@ -188,8 +188,8 @@ def inputs_do_not_run(loaded, data: JobData, specs: dict[str, InputSpec]) -> Job
     if data.description.get("inputs") != "generated":
         return JobFailure(ErrorCode.INVALID_DATASET,
                           f"the model does not run on the {data.description['inputs']}'s batches ({shapes}); check "
-                          "that the arrays hold what the model takes, and give input_specs: batch_axis for an input whose "
-                          "batch is not its first axis, a constant value for an input that is a setting")
+                          "that the arrays hold what the model takes, and give input_specs: batch_axis for an input "
+                          "whose batch is not its first axis, a constant value for an input that is a setting")
     made_up = [item for item in plan(loaded.inputs, specs)
                if item.spec is None or (item.spec.shape is None and not item.spec.is_constant)]
     if not made_up:
