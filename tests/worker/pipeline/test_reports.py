@@ -16,6 +16,7 @@ from worker.pipeline.runner import run_pipeline
 FP16 = {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "fp16"}]}
 INT8 = {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8"}]}
 PRUNED = {"steps": [{"op": "prune", "method": "magnitude", "sparsity": 0.95}]}
+UNFIT = {"steps": [{"op": "prune", "method": "magnitude", "sparsity": 0.5, "pattern": "2:4"}]}
 
 
 class Recorder:
@@ -39,8 +40,8 @@ class Recorder:
         self.announced.append((index, Path(path), Path(path).stat().st_size))
 
 
-def _run(tmp_path, recipe=None, tune=None, datasets=None, name="m.onnx"):
-    model = save_onnx(tmp_path / "m.onnx", 32, 128, 8)
+def _run(tmp_path, recipe=None, tune=None, datasets=None, name="m.onnx", widths=(32, 128, 8)):
+    model = save_onnx(tmp_path / "m.onnx", *widths)
     staged = StagedJob(recipe=Recipe.model_validate(recipe) if recipe else None,
                        tune=TuneSpec.model_validate(tune) if tune else None, target=Target(), model_path=model,
                        model_format="onnx", model_name=name, dataset_files=datasets or {}, job_id="job_t",
@@ -53,13 +54,15 @@ def _run(tmp_path, recipe=None, tune=None, datasets=None, name="m.onnx"):
 
 
 def test_a_tune_job_announces_each_better_trial_as_the_best_so_far(tmp_path):
+    """A failed first trial (2:4 pruning of a width not divisible by 4) once made every later trial fail too (each
+    reused the failed one's folder)."""
     result, ctx, _ = _run(tmp_path, tune={"metric": "fidelity", "max_loss": 0.02, "objective": "size",
-                                          "max_trials": 3, "search": [FP16, INT8, PRUNED]})
+                                          "max_trials": 4, "search": [UNFIT, FP16, INT8, PRUNED]}, widths=(30, 130, 8))
     tuning = result.metrics["tuning"]
-    assert [t["meets_tolerance"] for t in tuning["trials"]] == [True, True, False]
-    assert ctx.trials == [0, 1, 2]
-    assert [index for index, _, _ in ctx.announced] == [0, 1]  # int8 beat fp16; the collapsed pruning beat nothing
-    assert tuning["best"] == 1 and tuning["metric"] == "fidelity"
+    assert [t["meets_tolerance"] for t in tuning["trials"]] == [False, True, True, False]
+    assert "divisible by 4" in tuning["trials"][0]["error"] and ctx.trials == [1, 2, 3]
+    assert [index for index, _, _ in ctx.announced] == [1, 2]  # int8 beat fp16; the collapsed pruning beat nothing
+    assert tuning["best"] == 2 and tuning["metric"] == "fidelity"
     (_, fp16_file, fp16_size), (_, int8_file, int8_size) = ctx.announced
     assert int8_size < fp16_size and fp16_file.suffix == int8_file.suffix == ".onnx"
     assert result.metrics["compressed"]["size_bytes"] == int8_size
