@@ -92,11 +92,13 @@ class ArtifactPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
-    kind: str
+    kind: str = Field(description="model, report (format json or html) or card (format md)")
     format: str
     filename: str
     size_bytes: int
     sha256: str
+    provisional: bool = Field(default=False, description="a running tune job's best trial so far, replaced by a "
+                                                          "better one and by the final artifacts")
 
 
 class JobPublic(BaseModel):

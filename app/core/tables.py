@@ -145,6 +145,9 @@ class JobEvent(Base):
 
 
 class Artifact(Base):
+    """A file a job delivers. A provisional one is a running tune job's best trial so far (app.core.jobs): at most
+    one per job, replaced by a better trial, and gone (or made final) when the job ends."""
+
     __tablename__ = "artifacts"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -156,6 +159,7 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
+    provisional: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
