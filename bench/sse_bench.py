@@ -139,19 +139,20 @@ async def measure(base: str, key: str, pid: int, factory, job_id: str, count: in
         rss = resident_mib(pid)
 
         commits: dict[int, float] = {}
-        cpu, wall = process_cpu_seconds(pid), time.perf_counter()
+        cpu, own, wall = process_cpu_seconds(pid), own_cpu_seconds(), time.perf_counter()
         writer = threading.Thread(target=write_events, args=(factory, job_id, args.rate, args.seconds, commits))
         writer.start()
         while writer.is_alive():
             await asyncio.sleep(0.1)
         await asyncio.sleep(max(3.0, 2 * args.heartbeat))  # stragglers
-        busy_cpu = (process_cpu_seconds(pid) - cpu) / (time.perf_counter() - wall)
+        busy_wall = time.perf_counter() - wall
+        busy_cpu, busy_client = (process_cpu_seconds(pid) - cpu) / busy_wall, (own_cpu_seconds() - own) / busy_wall
         delays = [arrived[n] - committed for arrived in streams.arrivals for n, committed in commits.items()
                   if n in arrived]
         complete = sum(all(n in arrived for n in commits) for arrived in streams.arrivals)
         return {"streams": count, "open_s": open_seconds, "rss_mib": rss, "idle_cpu": idle_cpu,
                 "client_cpu": idle_client, "pings_min": min(pings), "pings_expected": idle_wall / args.heartbeat,
-                "events": len(commits), "complete": complete, "busy_cpu": busy_cpu,
+                "events": len(commits), "complete": complete, "busy_cpu": busy_cpu, "busy_client": busy_client,
                 "p50_ms": 1000 * percentile(delays, 50), "p95_ms": 1000 * percentile(delays, 95),
                 "max_ms": 1000 * max(delays)}
     finally:
@@ -202,7 +203,7 @@ def main() -> None:
               f"{args.poll} s; idle and events phases {args.seconds} s each, {args.rate} events/s; "
               f"API RSS with no stream: {resident_mib(api.pid):.0f} MiB")
         header = ("| streams | open (s) | API RSS (MiB) | API CPU idle | client CPU idle | pings min/expected | "
-                  "all events | API CPU events | delay p50 (ms) | p95 (ms) | max (ms) |")
+                  "all events | API CPU events | client CPU events | delay p50 (ms) | p95 (ms) | max (ms) |")
         print(header)
         print("|" + " --- |" * (header.count("|") - 1))
         for count in [int(n) for n in args.streams.split(",")]:
@@ -210,6 +211,7 @@ def main() -> None:
             print(f"| {row['streams']} | {row['open_s']:.2f} | {row['rss_mib']:.0f} | {100 * row['idle_cpu']:.0f}% | "
                   f"{100 * row['client_cpu']:.0f}% | {row['pings_min']}/{row['pings_expected']:.0f} | "
                   f"{row['complete']}/{row['streams']} x {row['events']} | {100 * row['busy_cpu']:.0f}% | "
+                  f"{100 * row['busy_client']:.0f}% | "
                   f"{row['p50_ms']:.0f} | {row['p95_ms']:.0f} | {row['max_ms']:.0f} |", flush=True)
     finally:
         if api is not None:
