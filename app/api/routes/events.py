@@ -73,7 +73,7 @@ class JobSource:
                           cursor=events[-1].id if len(events) == PAGE else max(after, upto))
             if not batch.full and JobStatus(job.status).is_terminal():
                 last = job_last_event_id(session, self.job_id)
-                if last <= upto:  # the final status event has been sent (or was before Last-Event-ID)
+                if last <= max(after, upto):  # the final status event was sent (or came before Last-Event-ID)
                     batch.messages.append(sse(last + 1, END, summary(job)))
                     batch.finished = True
             return batch
