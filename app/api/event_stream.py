@@ -47,7 +47,7 @@ MAX_LAST_EVENT_ID = 2**63 - 1
 
 def sse(event_id: int, kind: str, data: dict[str, Any]) -> bytes:
     """One event: its id, its kind and one line of compact JSON."""
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    payload = json.dumps(data, separators=(",", ":"))  # as GET /v1/jobs/{id} writes the job
     return f"id: {event_id}\nevent: {kind}\ndata: {payload}\n\n".encode()
 
 
