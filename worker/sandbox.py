@@ -124,15 +124,16 @@ def scrub_paths(text: str, *folders: Path) -> str:
     return text
 
 
-def run(request: Request, *, progress: Callable[[float, str | None, str | None], None] | None = None,
+def run(request: Request, *, progress: Callable[..., None] | None = None,
         check: Callable[[], None] | None = None, on_trial: Callable[[dict[str, Any]], None] | None = None,
         on_best: Callable[[dict[str, Any]], None] | None = None, wall_seconds: float) -> Outcome:
     """Run `request` in a fresh sandboxed child and wait for it.
 
-    `progress` receives the child's progress reports (a JobCancelled it raises is relayed to the child as a
-    cancel, a JobLost kills the child and propagates); `check` is called every poll for the same purpose;
-    `on_trial` receives each finished tuning trial as the child reported it, and `on_best` each "this trial's
-    file is the best so far" (both to be checked by the caller).
+    `progress` receives the child's progress reports as (fraction, step, message, step_index=, epoch=, trial=),
+    the counters as the child sent them (app.core.job_events checks them); a JobCancelled it raises is relayed
+    to the child as a cancel, a JobLost kills the child and propagates; `check` is called every poll for the
+    same purpose; `on_trial` receives each finished tuning trial as the child reported it, and `on_best` each
+    "this trial's file is the best so far" (both to be checked by the caller).
     The child is killed past `wall_seconds`, past its memory cap, or when anything here raises (the
     worker's own time limit included), so no child outlives the call.
     """
@@ -166,7 +167,8 @@ def run(request: Request, *, progress: Callable[[float, str | None, str | None],
                     try:
                         if kind == "progress" and progress is not None:
                             progress(float(message["fraction"]), _text(message.get("step"), 100),
-                                     _text(message.get("message"), 1000))
+                                     _text(message.get("message"), 1000), step_index=message.get("step_index"),
+                                     epoch=message.get("epoch"), trial=message.get("trial"))
                         elif kind == "trial" and on_trial is not None:
                             on_trial(message)
                         elif kind == "best" and on_best is not None:

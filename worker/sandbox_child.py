@@ -84,9 +84,11 @@ class ChildContext:
         if self.cancel_requested:
             raise JobCancelled("cancelled")
 
-    def progress(self, fraction: float, step: str | None, message: str | None) -> None:
+    def progress(self, fraction: float, step: str | None, message: str | None, *, step_index: int | None = None,
+                 epoch: int | None = None, trial: int | None = None) -> None:
         self.check()
-        send(self.conn, {"type": "progress", "fraction": fraction, "step": step, "message": message})
+        send(self.conn, {"type": "progress", "fraction": fraction, "step": step, "message": message,
+                         "step_index": step_index, "epoch": epoch, "trial": trial})
 
 
 def send(conn: Connection, message: dict[str, Any]) -> None:

@@ -217,7 +217,8 @@ class TrialsSoFar:
         self.trials.append(trial)
         self.ctx.progress(0.3, "tune", f"trial {trial['index'] + 1} done: {trial['size_bytes']} bytes, p50 "
                                        f"{trial['latency_ms']:.3g} ms, metric {trial['metric']:.4f}"
-                                       + (" (within the tolerance)" if trial["meets_tolerance"] else ""))
+                                       + (" (within the tolerance)" if trial["meets_tolerance"] else ""),
+                          trial=trial["index"])
 
     def best_so_far(self, message: dict) -> None:
         """The sandbox says a finished trial is the best so far: store its file and make it the job's provisional

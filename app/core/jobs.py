@@ -12,6 +12,9 @@ state also puts the job's webhook event (if it has a webhook_url) in the outbox,
 
 A running tune job may hold one provisional artifact, its best trial so far (`record_provisional`); `finish`
 replaces it with the final artifacts, and a job the reaper ends keeps it as a final one.
+
+Each change, and each progress report worth it, is a row of the job's history (app.core.job_events), inserted
+after the transaction's guarded UPDATE of the job: that row lock makes one job's events commit in id order.
 """
 
 from datetime import datetime, timedelta
@@ -24,12 +27,14 @@ from app.core import webhooks
 from app.core.db import utcnow
 from app.core.errors import ErrorCode
 from app.core.ids import new_id
+from app.core.job_events import EventKind, status_snapshot
 from app.core.statuses import TERMINAL, JobStatus
 from app.core.tables import Artifact, Job, JobEvent
 
 
 def _record(session: Session, job_id: str, from_status: str | None, to_status: str, message: str | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to_status, message=message))
+    session.add(JobEvent(job_id=job_id, kind=EventKind.STATUS, from_status=from_status, to_status=to_status,
+                         message=message, data=status_snapshot(session, job_id)))
 
 
 def create_job(session: Session, **fields: Any) -> Job:
@@ -81,8 +86,9 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> tuple[bool, bool
 
 
 def set_progress(session: Session, job_id: str, worker_id: str, fraction: float, step: str | None,
-                 message: str | None) -> tuple[bool, bool]:
-    """Record progress (it doubles as a heartbeat). Returns (still_owned, cancel_requested)."""
+                 message: str | None, report: dict[str, Any] | None = None) -> tuple[bool, bool]:
+    """Record progress (it doubles as a heartbeat), and `report` (app.core.job_events.progress_report) as a
+    progress event when given. Returns (still_owned, cancel_requested)."""
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
         .values(progress_fraction=max(0.0, min(1.0, fraction)), progress_step=step, progress_message=message,
@@ -91,6 +97,9 @@ def set_progress(session: Session, job_id: str, worker_id: str, fraction: float,
     )
     if result.rowcount != 1:
         return False, False
+    if report is not None:
+        session.add(JobEvent(job_id=job_id, kind=EventKind.PROGRESS, from_status=JobStatus.RUNNING,
+                             to_status=JobStatus.RUNNING, data=report))
     return True, bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 

@@ -132,15 +132,23 @@ class Job(Base):
 
 
 class JobEvent(Base):
-    """Every state change of a job, in order: the job's history."""
+    """A job's history, in order: every status change (`kind` "status") and the progress reports worth showing
+    (`kind` "progress", throttled by the worker: app.core.job_events). The id orders a job's events and is the
+    `id:` of the Server-Sent Events (GET /v1/jobs/{id}/events, /v1/events). On SQLite the id is AUTOINCREMENT, so
+    deleting the newest events never hands their ids out again."""
 
     __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16), default="status", server_default="status")
     from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The job's status after the event (a progress event: the running job's).
     to_status: Mapped[str] = mapped_column(String(16))
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # status: the job's changing fields at that moment; progress: the report (app.core.job_events).
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -1,7 +1,7 @@
 """provisional artifacts: a running tune job's best trial so far, replaced by the final artifacts when it ends
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-20 10:00:00
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0009'
-down_revision = '0007'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

@@ -31,7 +31,8 @@ def test_quantize_job_succeeds_with_faithful_smaller_model(fmt, tmp_path, worker
         assert job.attempts == 1 and job.progress_fraction == 1.0
         metrics = job.metrics
         artifacts = {a.kind: a for a in job.artifacts if a.format != "html"}  # the JSON report, not the HTML one
-        history = [e.to_status for e in session.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id)]
+        history = [e.to_status for e in session.query(JobEvent).filter_by(job_id=job_id, kind="status")
+                   .order_by(JobEvent.id)]
     assert history == ["queued", "running", "succeeded"]
     assert metrics["compression_ratio"] > 3.0
     assert metrics["fidelity"]["cosine_mean"] > 0.99 and metrics["fidelity"]["cosine_min"] > 0.98

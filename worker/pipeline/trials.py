@@ -106,8 +106,8 @@ def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelit
         trial_dir = run.workdir / f"trial{index}"
         trial_dir.mkdir()
         state = WorkingModel(module=copy.deepcopy(run.loaded.module), onnx_path=run.loaded.onnx_path)
-        run.ctx.progress(0.3, "tune", f"trial {index + 1}: {[s['op'] for s in recipe['steps']]}")
-        result = apply_recipe(run, Recipe.model_validate(recipe), state, trial_dir, measure_steps=False)
+        run.ctx.progress(0.3, "tune", f"trial {index + 1}: {[s['op'] for s in recipe['steps']]}", trial=index)
+        result = apply_recipe(run, Recipe.model_validate(recipe), state, trial_dir, measure_steps=False, trial=index)
         applied[index] = result
         fidelity = run.fidelity(result.outputs)
         result.figures["fidelity"] = fidelity
