@@ -60,8 +60,8 @@ class Request:
 
 
 class ChildContext:
-    """The job context the pipeline sees in the sandbox: progress and finished tuning trials go to the parent, a
-    cancel comes from it."""
+    """The job context the pipeline sees in the sandbox: progress, finished tuning trials and the best one so far go
+    to the parent, a cancel comes from it."""
 
     def __init__(self, conn: Connection, workdir: Path):
         self.conn, self.workdir = conn, workdir
@@ -71,6 +71,10 @@ class ChildContext:
         """A tuning trial finished: its model file (in the scratch folder) and figures, so the parent can
         deliver the best one so far if the job is stopped before tuning ends."""
         send(self.conn, {"type": "trial", "index": index, "path": _relative(path, self.workdir), **figures})
+
+    def best(self, index: int, path: Path) -> None:
+        """Trial `index`'s file is the best so far: the parent publishes it as the job's provisional artifact."""
+        send(self.conn, {"type": "best", "index": index, "path": _relative(path, self.workdir)})
 
     def check(self) -> None:
         while self.conn.poll():
@@ -129,7 +133,9 @@ def _namespaces() -> bool:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    encode = (lambda value: None if value is None else value.encode())
+    def encode(value: str | None) -> bytes | None:
+        return None if value is None else value.encode()
+
     if _libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
         raise OSError(ctypes.get_errno(), f"mount {target}")
 

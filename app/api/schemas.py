@@ -92,11 +92,13 @@ class ArtifactPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: str
-    kind: str
+    kind: str = Field(description="model, report (format json or html) or card (format md)")
     format: str
     filename: str
     size_bytes: int
     sha256: str
+    provisional: bool = Field(default=False, description="a running tune job's best trial so far, replaced by a "
+                                                          "better one and by the final artifacts")
 
 
 class JobPublic(BaseModel):
@@ -121,6 +123,8 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # When the job's outputs were deleted (DELETE /v1/jobs/{id} or the retention period); `artifacts` is then empty.
+    deleted_at: datetime | None = None
 
 
 class JobsPublic(BaseModel):

@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     # Partial uploads and storage objects that no database row refers to (left by a killed process) are removed
     # by the API's housekeeping once they are this old (seconds); younger ones may still be in flight.
     orphan_age: float = Field(default=3600.0, gt=0)
+    # A job queued this long (seconds) while no worker serves its queue (say a `cuda` job and no GPU worker) fails
+    # with `no_worker`; until then its progress message says what it waits for (app.core.presence).
+    queue_timeout: float = Field(default=3600.0, gt=0)
+    # The outputs of jobs finished longer ago than this many days are deleted, as by DELETE /v1/jobs/{id}
+    # (unset: kept until deleted).
+    artifact_retention_days: float | None = Field(default=None, gt=0)
 
     # Per-tenant limits; 0 means unlimited. The rate is a token bucket: bursts of up to this many requests,
     # refilled at this many per minute, shared by all API processes through Redis when the broker is Redis.

@@ -111,14 +111,16 @@ def last_event_id(session: Session, job_id: str) -> int:
     return session.scalar(select(func.coalesce(func.max(JobEvent.id), 0)).where(JobEvent.job_id == job_id))
 
 
-def tenant_events_after(session: Session, tenant_id: str, after: int, upto: int,
-                        limit: int) -> list[tuple[JobEvent, Job]]:
-    """The tenant's events (of all its jobs) with `after < id <= upto`, oldest first, each with its job."""
-    rows = session.execute(
-        select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id)
-        .where(Job.tenant_id == tenant_id, JobEvent.id > after, JobEvent.id <= upto)
-        .order_by(JobEvent.id).limit(limit).options(selectinload(Job.artifacts)))
-    return [(event, job) for event, job in rows.tuples()]
+def events_with_jobs(session: Session, after: int, upto: int, limit: int,
+                     tenant_id: str | None = None) -> list[tuple[JobEvent, Job]]:
+    """Events with `after < id <= upto` (of one tenant's jobs, or of all), oldest first, each with its job and the
+    job's artifacts loaded (they outlive the session)."""
+    query = (select(JobEvent, Job).join(Job, Job.id == JobEvent.job_id)
+             .where(JobEvent.id > after, JobEvent.id <= upto).order_by(JobEvent.id).limit(limit)
+             .options(selectinload(Job.artifacts)))
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    return [(event, job) for event, job in session.execute(query).tuples()]
 
 
 def event_ids_after(session: Session, after: int, limit: int) -> list[int]:

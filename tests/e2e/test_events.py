@@ -135,6 +135,8 @@ def test_resuming_with_last_event_id_gives_exactly_the_events_after_it_on_anothe
 
 
 def test_a_finished_job_replays_its_whole_history_then_ends(service, watched_job):
+    """The live stream was mostly built from the API process's shared windows, the replay is read from the
+    database by the stream itself: both must say the same."""
     job_id, events = watched_job
     assert stream(service.client("acme", replica=1), f"/v1/jobs/{job_id}/events") == events
 

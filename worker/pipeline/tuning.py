@@ -72,13 +72,12 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
 
     Generated pruning keeps the last layer in `layer_names` (the output head, in graph order: the layer most
     sensitive to pruning and a small share of the weights) dense. Activation-aware pruning needs calibration
-    data and a PyTorch model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is offered
-    for PyTorch models
-    (`model_kind` other than "onnx"), where it is the smallest file for the pytorch target. For latency with
-    train data, a PyTorch model also gets, right after plain int8, the likeliest faster models: preset
-    fast-encoder's student (two thirds of the layers, half the width) distilled on the train data, and (with calibration data) activation-aware 50% pruning
-    recovered by distillation, both then int8. Generated recipes are built as Recipe objects and reported with
-    the fields they set.
+    data and a PyTorch model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is
+    offered for PyTorch models (`model_kind` other than "onnx"), where it is the smallest file for the pytorch
+    target. For latency with train data, a PyTorch model also gets, right after plain int8, the likeliest faster
+    models: preset fast-encoder's student (two thirds of the layers, half the width) distilled on the train data,
+    and (with calibration data) activation-aware 50% pruning recovered by distillation, both then int8. Generated
+    recipes are built as Recipe objects and reported with the fields they set.
     """
     if search:
         return _unique([dict(recipe) for recipe in search])
@@ -155,14 +154,16 @@ def _best(trials: list[Trial], key: str, baseline_metric: float, max_loss: float
 def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, float]], *, baseline_metric: float,
          max_loss: float, objective: str, max_trials: int, time_budget_s: float | None,
          check: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
-         lower_is_better: bool = False, estimate: Callable[[dict], float] = lambda recipe: 0.0) -> dict:
+         lower_is_better: bool = False, estimate: Callable[[dict], float] = lambda recipe: 0.0,
+         on_best: Callable[[int], None] = lambda index: None) -> dict:
     """Run the candidates in order until they run out, `max_trials` ran, or the time budget is spent (checked
     before each trial: none starts after it). A trial that trains and is expected not to fit the budget left
     (`estimate`: its training seconds, plus the quickest finished trial's seconds for the rest) is skipped and the
     search goes on;
     skipped candidates, and those left when the budget ran out, are listed in `skipped`. A trial that raises is
     recorded as failed; cancellation (from `check`, or a cancel noticed inside the trial) ends the search by
-    propagating."""
+    propagating. `on_best(index)` is called whenever a finished trial becomes the best so far, chosen as the final
+    choice is (so the last call names the final choice)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
     key = OBJECTIVES[objective]
@@ -201,6 +202,8 @@ def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, f
         trials.append(Trial(recipe=recipe, size_bytes=size_bytes, latency_ms=latency_ms, metric=metric,
                             meets_tolerance=loss(baseline_metric, metric, lower_is_better) <= max_loss,
                             seconds=clock() - trial_started))
+        if _best(trials, key, baseline_metric, max_loss, lower_is_better)[0] == len(trials) - 1:
+            on_best(len(trials) - 1)
 
     best, message = _best(trials, key, baseline_metric, max_loss, lower_is_better)
     won_by = _margin(trials, best, key)

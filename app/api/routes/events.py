@@ -3,7 +3,6 @@ job_events table, resumable with `Last-Event-ID`."""
 
 import math
 import uuid
-from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -13,12 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.deps import CurrentTenant, SettingsDep
 from app.api.errors import error_responses
-from app.api.event_stream import Batch, EventStreamResponse, event_stream, parse_last_event_id, sse
+from app.api.event_stream import Batch, EventStreamResponse, Source, Window, event_stream, parse_last_event_id, sse
 from app.api.routes.jobs import job_public
 from app.api.schemas import JobPublic
 from app.core.config import Settings
 from app.core.errors import ErrorCode, ServiceError
-from app.core.job_events import EventKind, job_events_after, tenant_events_after
+from app.core.job_events import EventKind, events_with_jobs, job_events_after
 from app.core.job_events import last_event_id as job_last_event_id
 from app.core.queries import get_owned, owned
 from app.core.statuses import JobStatus
@@ -58,36 +57,57 @@ def message(event: JobEvent, job: Job, **extra: Any) -> bytes:
     return sse(event.id, EventKind.STATUS, {**summary_at(job, event), **extra})
 
 
-def read_job(factory: sessionmaker[Session], tenant_id: str, job_id: str) -> Callable[[int, int], Batch]:
-    def read(after: int, upto: int) -> Batch:
-        with factory() as session:
-            job = owned(session, Job, job_id, tenant_id)
+class JobSource:
+    """One job's events; after its final status event, `end` with the job, and the stream closes."""
+
+    def __init__(self, factory: sessionmaker[Session], tenant_id: str, job_id: str):
+        self.factory, self.tenant_id, self.job_id = factory, tenant_id, job_id
+
+    def read(self, after: int, upto: int) -> Batch:
+        with self.factory() as session:
+            job = owned(session, Job, self.job_id, self.tenant_id)
             if job is None:  # deleted while watched: nothing more will come
                 return Batch(cursor=after, finished=True)
-            events = job_events_after(session, job_id, after, upto, PAGE)
+            events = job_events_after(session, self.job_id, after, upto, PAGE)
             batch = Batch([message(event, job) for event in events], full=len(events) == PAGE,
                           cursor=events[-1].id if len(events) == PAGE else max(after, upto))
             if not batch.full and JobStatus(job.status).is_terminal():
-                last = job_last_event_id(session, job_id)
-                if last <= upto:  # the terminal status event has been sent (or was before Last-Event-ID)
+                last = job_last_event_id(session, self.job_id)
+                if last <= max(after, upto):  # the final status event was sent (or came before Last-Event-ID)
                     batch.messages.append(sse(last + 1, END, summary(job)))
                     batch.finished = True
             return batch
 
-    return read
+    def take(self, window: Window) -> Batch:
+        batch = Batch(cursor=window.upto)
+        for event, job in window.rows:
+            if event.job_id != self.job_id:
+                continue
+            batch.messages.append(window.memo((event.id, "job"), lambda: message(event, job)))
+            if event.kind == EventKind.STATUS and JobStatus(event.to_status).is_terminal():  # its last event
+                batch.messages.append(window.memo((event.id, END), lambda: sse(event.id + 1, END, summary(job))))
+                batch.finished = True
+        return batch
 
 
-def read_tenant(factory: sessionmaker[Session], tenant_id: str) -> Callable[[int, int], Batch]:
-    def read(after: int, upto: int) -> Batch:
-        with factory() as session:
-            rows = tenant_events_after(session, tenant_id, after, upto, PAGE)
+class TenantSource:
+    """Every event of the tenant's jobs, each with `job_id`."""
+
+    def __init__(self, factory: sessionmaker[Session], tenant_id: str):
+        self.factory, self.tenant_id = factory, tenant_id
+
+    def read(self, after: int, upto: int) -> Batch:
+        with self.factory() as session:
+            rows = events_with_jobs(session, after, upto, PAGE, tenant_id=self.tenant_id)
             return Batch([message(event, job, job_id=job.id) for event, job in rows], full=len(rows) == PAGE,
                          cursor=rows[-1][0].id if len(rows) == PAGE else max(after, upto))
 
-    return read
+    def take(self, window: Window) -> Batch:
+        return Batch([window.memo((event.id, "tenant"), lambda: message(event, job, job_id=job.id))
+                      for event, job in window.rows if job.tenant_id == self.tenant_id], cursor=window.upto)
 
 
-async def _stream(request: Request, tenant_id: str, read: Callable[[int, int], Batch], cursor: int | None,
+async def _stream(request: Request, tenant_id: str, source: Source, cursor: int | None,
                   settings: Settings) -> EventStreamResponse:
     """Take one of the tenant's stream slots (429 when none is free) and stream from `cursor` (None: from the
     newest settled event, i.e. only what happens from now on)."""
@@ -108,8 +128,8 @@ async def _stream(request: Request, tenant_id: str, read: Callable[[int, int], B
         if slots is not None:
             await run_in_threadpool(slots.release, tenant_id, stream_id)
 
-    return EventStreamResponse(event_stream(request, feed, read, cursor, settings.event_heartbeat_interval, renew),
-                               on_close=release)
+    return EventStreamResponse(event_stream(request, feed, source, cursor, settings.event_heartbeat_interval,
+                                            renew), on_close=release)
 
 
 @router.get("/jobs/{job_id}/events", status_code=200, response_class=EventStreamResponse,
@@ -127,7 +147,7 @@ async def job_events(job_id: str, request: Request, tenant: CurrentTenant, setti
             get_owned(session, Job, job_id, tenant.id, "job")
 
     await run_in_threadpool(check_owned)
-    return await _stream(request, tenant.id, read_job(factory, tenant.id, job_id), cursor or 0, settings)
+    return await _stream(request, tenant.id, JobSource(factory, tenant.id, job_id), cursor or 0, settings)
 
 
 @router.get("/events", status_code=200, response_class=EventStreamResponse,
@@ -136,5 +156,5 @@ async def tenant_events(request: Request, tenant: CurrentTenant, settings: Setti
                         last_event_id: LastEventId = None):
     """Every job event of the tenant, live (or from after `Last-Event-ID`; `0` replays all): `status` and
     `progress` as on a job's stream, each with `job_id`. Never ends on its own."""
-    return await _stream(request, tenant.id, read_tenant(request.app.state.session_factory, tenant.id),
+    return await _stream(request, tenant.id, TenantSource(request.app.state.session_factory, tenant.id),
                          parse_last_event_id(last_event_id), settings)

@@ -10,7 +10,7 @@ from app.core import jobs
 from app.core.auth import create_api_key
 from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.ids import new_id
-from app.core.job_events import ProgressThrottle, job_events_after, progress_report, tenant_events_after
+from app.core.job_events import ProgressThrottle, events_with_jobs, job_events_after, progress_report
 from app.core.statuses import JobStatus
 from app.core.tables import Job, JobEvent
 
@@ -127,6 +127,8 @@ def test_reads_for_the_streams_stay_within_the_job_the_tenant_and_the_id_range(f
         assert [e.id for e in job_events_after(session, job_id, 0, 10**9, 100)] == ours
         assert [e.id for e in job_events_after(session, job_id, ours[0], 10**9, 100)] == ours[1:]
         assert [e.id for e in job_events_after(session, job_id, 0, ours[0], 100)] == ours[:1]
-        rows = tenant_events_after(session, tenant_id, 0, 10**9, 100)
+        rows = events_with_jobs(session, 0, 10**9, 100, tenant_id=tenant_id)
         assert [event.id for event, _ in rows] == ours and {job.id for _, job in rows} == {job_id}
         assert not set(theirs) & {event.id for event, _ in rows}
+        everyone = [event.id for event, _ in events_with_jobs(session, min(ours + theirs) - 1, 10**9, 100)]
+        assert set(ours + theirs) <= set(everyone) and everyone == sorted(everyone)
