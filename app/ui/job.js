@@ -1,6 +1,6 @@
 // One job: its progress and step timeline, live from its event stream (GET /v1/jobs/{id}/events, replayed from
 // the start, so the timeline is whole even when the page opens late), the report as charts, the provenance,
-// the artifacts to download, and cancel / delete.
+// the artifacts to download, cancel, and deleting its files.
 
 import {ApiError, api, download, follow} from "./api.js";
 import {reportCharts} from "./charts.js";
@@ -71,7 +71,7 @@ export async function renderJob(main, {signal, params: [jobId]}) {
   const errorBox = h("div", {class: "error-box", role: "alert", hidden: true});
   const actionMessage = h("p", {class: "action-message", role: "status"});
   const cancelButton = h("button", {type: "button", class: "danger"}, "Cancel job");
-  const deleteButton = h("button", {type: "button", class: "danger"}, "Delete job");
+  const deleteButton = h("button", {type: "button", class: "danger"}, "Delete files");
   const summary = h("dl", {class: "summary"});
   const timeline = h("ol", {class: "timeline", "aria-label": "Event timeline"});
   const stepList = h("ol", {class: "timeline steps", "aria-label": "Step timeline"});
@@ -165,6 +165,7 @@ export async function renderJob(main, {signal, params: [jobId]}) {
       ["Recipe", recipeLine(job)], ["Target", `${job.target?.runtime ?? "-"} on ${job.target?.device ?? "-"}`],
       ["Created", formatTime(job.created_at)], ["Started", formatTime(job.started_at)],
       ["Finished", formatTime(job.finished_at)], ["Attempts", String(job.attempts)]];
+    if (job.deleted_at) items.push(["Files deleted", formatTime(job.deleted_at)]);
     summary.replaceChildren(...items.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, value)]));
   }
 
@@ -222,7 +223,7 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     statusBadge.replaceChildren(badge(job.status));
     cancelButton.hidden = TERMINAL.has(job.status);
     cancelButton.disabled = Boolean(job.cancel_requested);
-    deleteButton.hidden = !TERMINAL.has(job.status);
+    deleteButton.hidden = !TERMINAL.has(job.status) || Boolean(job.deleted_at) || !job.artifacts?.length;
     if (job.status === "succeeded") setProgress(1, job.progress?.message);
     else if (job.progress) setProgress(job.progress.fraction, job.progress.message);
     errorBox.hidden = !job.error;
@@ -245,21 +246,26 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     }
   });
 
-  // Deleting takes two clicks: the first arms the button.
+  // Deleting the job's files (the job and its report stay) takes two clicks: the first arms the button.
   deleteButton.addEventListener("click", async () => {
     if (deleteButton.dataset.armed !== "yes") {
       deleteButton.dataset.armed = "yes";
-      deleteButton.textContent = "Confirm: delete job and its files";
+      deleteButton.textContent = "Confirm: delete this job's files";
       return;
     }
     deleteButton.disabled = true;
     try {
       await api("DELETE", `/v1/jobs/${encodeURIComponent(job.id)}`, undefined, {signal});
-      location.hash = "#/jobs";
+      job = await api("GET", `/v1/jobs/${encodeURIComponent(job.id)}`, undefined, {signal});
+      actionMessage.textContent = "The job's files are deleted; its report stays.";
+      draw();
     } catch (error) {
       if (error.name === "AbortError") return;
       actionMessage.textContent = error.message;
+    } finally {
       deleteButton.disabled = false;
+      deleteButton.dataset.armed = "no";
+      deleteButton.textContent = "Delete files";
     }
   });
 

@@ -286,6 +286,15 @@ def test_upload_run_a_preset_watch_it_live_and_download_the_model(dashboard, ser
     expect(list_row.locator(".badge")).to_have_text("succeeded")
     assert list_page.evaluate("window.__sameDocument") is True
 
+    # Deleting the job's files takes a second click; the job and its report stay.
+    page.get_by_role("button", name="Delete files").click()
+    page.get_by_role("button", name="Confirm: delete this job's files").click()
+    expect(page.locator(".action-message")).to_have_text("The job's files are deleted; its report stays.")
+    expect(page.get_by_role("button", name=re.compile("^Download "))).to_have_count(0)
+    expect(page.locator("dl.summary")).to_contain_text("Files deleted")
+    expect(page.locator("svg.chart")).to_have_count(3)
+    assert client.get(f"/v1/jobs/{job_id}").json()["deleted_at"] is not None
+
 
 def test_a_queued_job_is_cancelled_from_its_page(dashboard, service, finished_job):
     page = dashboard.page
