@@ -270,8 +270,9 @@ def test_upload_run_a_preset_watch_it_live_and_download_the_model(dashboard, ser
 
     client = service.client("acme")
     job = client.get(f"/v1/jobs/{job_id}").json()
-    if job["metrics"].get("provenance"):
-        expect(page.locator("details", has_text="Inputs, recipe")).to_be_visible()
+    provenance = page.locator("details", has_text="Inputs, recipe")
+    provenance.locator("summary").click()
+    expect(provenance).to_contain_text(job["metrics"]["provenance"]["inputs"]["model"]["sha256"])
     model_artifact = next(a for a in job["artifacts"] if a["kind"] == "model")
     assert page.get_by_role("button", name=re.compile("^Download ")).count() == len(job["artifacts"])
     with page.expect_download() as info:
