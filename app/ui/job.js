@@ -269,6 +269,22 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     }
   });
 
+  // A running tune job offers its best trial so far as a provisional artifact: look again as trials go by.
+  let refreshing = null;
+  function refreshProvisional() {
+    if (refreshing) return;
+    refreshing = api("GET", `/v1/jobs/${encodeURIComponent(job.id)}/artifacts`, undefined, {signal})
+      .then((list) => {
+        if (job.status !== "running") return;
+        job = {...job, artifacts: list.data};
+        drawArtifacts();
+      })
+      .catch(() => {})
+      .finally(() => setTimeout(() => {
+        refreshing = null;
+      }, 2000));
+  }
+
   draw();
   liveState.textContent = TERMINAL.has(job.status) ? "Finished." : "Connecting to live updates...";
   await follow(`/v1/jobs/${encodeURIComponent(job.id)}/events`, {
@@ -280,6 +296,7 @@ export async function renderJob(main, {signal, params: [jobId]}) {
     onEvent: (event, data) => {
       if (event === "progress") {
         onProgress(data);
+        if (Number.isInteger(data.trial) && job.status === "running") refreshProvisional();
         return;
       }
       onStatus(data);
