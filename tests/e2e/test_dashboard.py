@@ -297,6 +297,29 @@ def test_upload_run_a_preset_watch_it_live_and_download_the_model(dashboard, ser
     assert client.get(f"/v1/jobs/{job_id}").json()["deleted_at"] is not None
 
 
+def test_a_dataset_dropped_on_the_page_is_uploaded_and_offered_to_jobs(dashboard, tmp_path):
+    buffer = tmp_path / "calibration.npz"
+    np.savez(buffer, x=np.random.default_rng(3).standard_normal((8, 16)).astype(np.float32))
+    page = dashboard.page
+    dashboard.sign_in()
+    dashboard.open("#/models")
+    dropped = page.evaluate_handle("""([name, bytes]) => {
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([new Uint8Array(bytes)], name));
+        return transfer;
+    }""", ["calibration.npz", list(buffer.read_bytes())])
+    zone = page.locator(".drop-zone", has=page.get_by_label("Dataset file"))
+    zone.dispatch_event("dragover", {"dataTransfer": dropped})
+    expect(zone).to_have_class(re.compile(r"\bover\b"))
+    zone.dispatch_event("drop", {"dataTransfer": dropped})
+    expect(zone.locator(".upload-status")).to_have_text("Uploaded calibration.npz.")
+    row = page.get_by_role("table", name="Datasets").locator("tr", has_text="calibration.npz")
+    expect(row.locator('td[data-label="Samples"]')).to_have_text("8")
+    expect(row.locator('td[data-label="Labels"]')).to_have_text("no")
+    dashboard.open("#/new")
+    expect(page.get_by_label("Calibration dataset").locator("option", has_text="calibration.npz")).to_have_count(1)
+
+
 def test_a_queued_job_is_cancelled_from_its_page(dashboard, service, finished_job):
     page = dashboard.page
     dashboard.sign_in()
@@ -453,7 +476,7 @@ UNLABELLED = """() => [...document.querySelectorAll('input, select, textarea, bu
   .map((el) => el.outerHTML.slice(0, 120))"""
 
 
-LOW_CONTRAST = """() => {
+LOW_CONTRAST = r"""() => {
   const parse = (text) => {
     const m = /rgba?\(([^)]+)\)/.exec(text);
     const p = m ? m[1].split(/[ ,\/]+/).filter(Boolean).map(Number) : [0, 0, 0, 0];
