@@ -186,13 +186,32 @@ export async function renderNewJob(main, {signal}) {
     if (first) first.control.focus();
   }
 
+  /** The plan's main facts as a list (each present only when the plan has it), its warnings, then all of it. */
   function showPlan(plan) {
     const warnings = Array.isArray(plan.warnings) ? plan.warnings : [];
+    const steps = Array.isArray(plan.recipe?.steps) ? plan.recipe.steps.map((st) => String(st?.op ?? "?")) : [];
+    const facts = [
+      ["Model", plan.model && `${plan.model.name} (${plan.model.format}, ${plan.model.status})`],
+      ["Preset", plan.preset],
+      ["Recipe", steps.length ? steps.join(" → ") : null],
+      ["Tuning", plan.tune && `${plan.tune.metric}, max loss ${plan.tune.max_loss}, by ${plan.tune.objective}, ` +
+        `up to ${plan.tune.max_trials} trials`],
+      ["Target", plan.target && `${plan.target.runtime} on ${plan.target.device}`],
+      ["Fidelity floor", typeof plan.min_fidelity === "number" ? `${plan.min_fidelity} (${plan.min_fidelity_source})`
+        : null],
+      ["Measured on", plan.evaluation],
+      ["Datasets", Array.isArray(plan.datasets) && plan.datasets.length
+        ? plan.datasets.map((d) => `${d.role}: ${d.name}`).join("; ") : null],
+      ["Queue", plan.queue && `${plan.queue.name} (workers: ${plan.queue.workers})`],
+    ].filter(([, value]) => value !== null && value !== undefined && value !== "");
     clear(planBox).append(h("h2", {id: "plan-title"}, "Plan (nothing was created)"),
-      warnings.length ? h("ul", {class: "warnings"}, warnings.map((w) => h("li", {},
+      h("dl", {class: "summary"}, facts.flatMap(([term, value]) => [h("dt", {}, term), h("dd", {}, String(value))])),
+      warnings.length ? h("ul", {class: "warnings", "aria-label": "Warnings"}, warnings.map((w) => h("li", {},
         typeof w === "string" ? w : JSON.stringify(w)))) : h("p", {}, "No warnings."),
-      h("pre", {class: "code", tabIndex: 0, "aria-label": "The plan as JSON"}, JSON.stringify(plan, null, 2)));
+      h("details", {}, h("summary", {}, "The whole plan (JSON)"),
+        h("pre", {class: "code", tabIndex: 0, "aria-label": "The plan as JSON"}, JSON.stringify(plan, null, 2))));
     planBox.hidden = false;
+    planBox.scrollIntoView({block: "nearest"});
   }
 
   async function send(dryRun) {

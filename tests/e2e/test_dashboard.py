@@ -378,6 +378,9 @@ def test_a_dry_run_shows_the_plan_and_creates_nothing(dashboard, service, finish
     page.get_by_role("button", name="Dry run").click()
     plan = page.get_by_role("region", name="Plan (nothing was created)")
     expect(plan).to_be_visible()
+    expect(plan.locator("dl.summary")).to_contain_text("mlp.onnx")
+    expect(plan.locator("dl.summary")).to_contain_text("cpu (workers: available)")
+    plan.get_by_text("The whole plan (JSON)").click()
     expect(plan.get_by_label("The plan as JSON")).to_contain_text('"dry_run": true')
     assert len(client.get("/v1/jobs").json()["data"]) == before
 
