@@ -15,9 +15,9 @@ def test_arrays_fit_by_name_with_a_batch_axis_left_out():
 
 
 @pytest.mark.parametrize("arrays, batch_axes, message", [
-    ({"state": ([10, 2, 128], "float32"), "input": ([10, 512], "float32")}, None,
-     "eval dataset: array 'state' has shape (10, 2, 128) per-sample (2, 128), but model input 'state' expects "
-     "(batch, 128)"),
+    ({"state": ([10, 128, 2], "float32"), "input": ([10, 512], "float32")}, {"state": 1},
+     "eval dataset: array 'state' has shape (10, 128, 2) per-sample (128, 2), but model input 'state' expects "
+     "(2, 128) (its batch axis 1 left out)"),
     ({"input": ([10, 512], "float32")}, None,
      "eval dataset: no array for model input 'state' (dataset has: input); an input that is a constant can be "
      "given in input_specs as a `value` instead"),
