@@ -3,7 +3,7 @@ contract with the workers: app.core.recipe."""
 
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -52,6 +52,10 @@ class JobCreate(StrictModel):
     accept_degraded: bool = False
     # Per input name: how to make or read it (app.core.input_specs); over the model's own, per input.
     input_specs: InputSpecs | None = None
+    dry_run: bool = Field(default=False, description="answer 200 with the job's plan (the recipe resolved, the "
+                                                     "datasets matched to the model's inputs, the queue and its "
+                                                     "workers, warnings) and create nothing; a job that would be "
+                                                     "refused gets the same error as a real submission")
 
     @model_validator(mode="after")
     def _recipe_fits_target(self) -> "JobCreate":
@@ -75,6 +79,98 @@ class JobCreate(StrictModel):
         """Every recipe this job may run: the recipe, then the tuning search space."""
         recipes = [self.recipe] if self.recipe is not None else []
         return recipes + list(self.tune.search or []) if self.tune is not None else recipes
+
+
+class PlannedModel(BaseModel):
+    id: str = Field(description="the model's id", examples=["mdl_01hx3k9v7qz8a4t2"])
+    name: str = Field(description="the model's name", examples=["resnet18.onnx"])
+    format: str = Field(description="`pt2`, `onnx` or `hf`", examples=["onnx"])
+    status: str = Field(description="`ready`, or `uploaded` while a worker inspects it (its inputs are then "
+                                    "unknown: datasets and input specs are checked by the worker)",
+                        examples=["ready"])
+
+
+class PlannedDataset(BaseModel):
+    """One dataset of the job, the role it plays and whether its arrays fit the model's inputs."""
+
+    role: Literal["calibration", "train", "eval"] = Field(description="the key it was given under in `datasets`")
+    id: str = Field(description="the dataset's id", examples=["ds_01hx3m2c5rd7e9f0"])
+    name: str = Field(description="the dataset's name", examples=["calibration.npz"])
+    format: str = Field(description="`npz`, `safetensors` or `jsonl`", examples=["npz"])
+    num_samples: int = Field(description="samples in the file (the job reads at most 512 for eval, 256 for "
+                                         "calibration)", examples=[256])
+    has_labels: bool = Field(description="whether it holds class labels (`labels` array or jsonl `label`)")
+    used_for: list[str] = Field(description="what the job does with it: `fidelity` and `accuracy` (judging the "
+                                            "model), `calibration`, `training`",
+                                examples=[["calibration", "fidelity"]])
+    feeds: dict[str, str] = Field(description="model input -> where its values come from: an array of the "
+                                              "dataset, a constant of the input specs, or texts through the "
+                                              "model's tokenizer", examples=[{"input": "array 'x'"}])
+    fits: bool | None = Field(description="whether the arrays fit the model's inputs (names, per-sample shapes, "
+                                          "dtypes); null while the model's inputs are unknown")
+    problem: str | None = Field(description="why it does not fit: the job would fail with `invalid_dataset` "
+                                            "(or `invalid_request`) saying this", examples=[None])
+
+
+class PlannedQueue(BaseModel):
+    name: str = Field(description="the queue the job is sent to: `cpu`, or `gpu` for `target.device: cuda`",
+                      examples=["cpu"])
+    workers: Literal["available", "none", "unknown"] = Field(
+        description="whether a worker consumes that queue now: `none` means the job would wait `queued` until one "
+                    "starts; `unknown` when the broker cannot tell (unreachable)")
+    worker_names: list[str] = Field(description="the workers that answered for this queue",
+                                    examples=[["cpu-4242@host"]])
+
+
+class PlannedTuning(BaseModel):
+    metric: str = Field(description="what the trials are judged on: `fidelity`, `accuracy` or `perplexity`",
+                        examples=["fidelity"])
+    max_loss: float = Field(description="the loss of the metric allowed against the original", examples=[0.01])
+    objective: str = Field(description="what the best trial minimises among those within `max_loss`: `size` or "
+                                       "`latency`", examples=["size"])
+    max_trials: int = Field(description="at most this many candidates are tried, in order", examples=[8])
+    time_budget_s: float | None = Field(description="the search stops when this is spent (null: no budget)",
+                                        examples=[None])
+    generated: bool = Field(description="true when the service generated the candidates (no `search` and no "
+                                        "recipe given)")
+    candidates: list[dict[str, Any]] = Field(
+        description="the recipes the search would try, in order, with the fields they set (the first `max_trials`, "
+                    "as time allows); those the target or the model cannot take are left out",
+        examples=[[{"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8"}]}]])
+    note: str | None = Field(description="what the plan cannot show before the model is loaded", examples=[None])
+
+
+class JobPlan(BaseModel):
+    """What `POST /v1/jobs` with `"dry_run": true` answers: the job as it would run. Nothing is created."""
+
+    dry_run: Literal[True] = Field(description="always true: this is a plan, not a job")
+    name: str | None = Field(description="the job's name", examples=["int8 for the edge box"])
+    model: PlannedModel = Field(description="the model the job compresses")
+    preset: str | None = Field(description="the preset the recipe came from", examples=["int8-cpu"])
+    recipe: dict[str, Any] | None = Field(
+        description="the recipe the job runs, a preset expanded into its steps and every default filled in",
+        examples=[{"steps": [{"op": "quantize", "method": "auto", "dtype": "int8", "granularity": "per_channel",
+                              "group_size": None, "exclude": [], "calibration_method": "minmax",
+                              "smoothing": None, "algorithm": "rtn"}]}])
+    tune: PlannedTuning | None = Field(description="for a `tune` job: the search and its candidate recipes")
+    target: dict[str, Any] = Field(description="the runtime and device, defaults filled in",
+                                   examples=[{"runtime": "onnxruntime", "device": "cpu"}])
+    min_fidelity: float = Field(description="the fidelity floor the final model must reach (output cosine)",
+                                examples=[0.9])
+    min_fidelity_source: Literal["job", "preset", "default"] = Field(description="where the floor comes from")
+    accept_degraded: bool = Field(description="whether a model below the floor still succeeds, marked degraded")
+    input_specs: dict[str, Any] | None = Field(description="the input specs the job runs with: the model's, "
+                                                           "overridden per input by the job's",
+                                               examples=[{"input": {"shape": [1, 3, 224, 224]}}])
+    datasets: list[PlannedDataset] = Field(description="the job's datasets, each with its role and fit")
+    evaluation: Literal["eval dataset", "calibration dataset", "generated inputs"] = Field(
+        description="the inputs fidelity (and accuracy) are measured on")
+    queue: PlannedQueue = Field(description="where the job would be sent, and whether a worker serves it now")
+    warnings: list[str] = Field(description="what deserves a look before spending the job: no eval dataset, "
+                                            "calibration on generated inputs, no worker for the queue, a dataset "
+                                            "that does not fit",
+                                examples=[["no eval dataset: fidelity is measured on generated inputs (seeded "
+                                           "random values of the model's input shapes), and there is no accuracy"]])
 
 
 class Progress(BaseModel):

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 60.0
     dispatch_interval: float = 5.0
     dispatch_retry_after: float = 10.0
+    # A dry run (`POST /v1/jobs` with `dry_run`) asks the workers which queues they serve and waits this long
+    # (seconds) for their answers.
+    worker_probe_timeout: float = Field(default=1.0, gt=0, le=10)
     # A job still queued this long after its message went out is sent again: the broker may have lost it.
     redispatch_after: float = 600.0
     # Partial uploads and storage objects that no database row refers to (left by a killed process) are removed

@@ -23,6 +23,10 @@ def no_control_characters(value: str) -> str:
     return value
 
 
+# A job's fidelity floor (final output cosine against the original) when neither the job nor its preset sets one:
+# below it the outputs have little to do with the original's (worker.pipeline.floor judges it).
+DEFAULT_MIN_FIDELITY = 0.9
+
 ID_MAX = 40
 NAME_MAX = 200
 PATTERN_MAX = 512

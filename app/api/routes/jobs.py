@@ -9,13 +9,20 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from app.api import services
+from app.api import plans, services
 from app.api.conditional import etag_matches
 from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.errors import error_responses
 from app.api.pagination import MAX_LIMIT, page, paginate
 from app.api.routes.webhooks import job_deliveries
-from app.api.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic, JobWebhookDeliveriesPublic
+from app.api.schemas import (
+    ArtifactsPublic,
+    JobCreate,
+    JobPlan,
+    JobPublic,
+    JobsPublic,
+    JobWebhookDeliveriesPublic,
+)
 from app.core import jobs
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
@@ -41,12 +48,21 @@ def get_owned_job(session, tenant, job_id: str) -> Job:
     return get_owned(session, Job, job_id, tenant.id, "job")
 
 
-@router.post("", status_code=201, response_model=JobPublic, responses=error_responses(400, 404, 409))
+@router.post("", status_code=201, response_model=JobPublic, responses={
+    200: {"model": JobPlan, "description": "`dry_run`: the job's plan; nothing was created"},
+    **error_responses(400, 404, 409)})
 def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                      session_factory: SessionFactoryDep, celery: CeleryDep, settings: SettingsDep,
                      idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
     """Submit a job: 201 with the job, committed `queued` and sent to a worker (or, for a replayed
-    `Idempotency-Key`, the first job it created, with `Idempotent-Replayed: true`)."""
+    `Idempotency-Key`, the first job it created, with `Idempotent-Replayed: true`).
+
+    With `"dry_run": true`: 200 with the plan (the recipe resolved, a tune job's candidates, the datasets matched
+    to the model's inputs, the queue and whether a worker serves it, warnings) and nothing created; a job that
+    would be refused gets the same error. A dry run ignores `Idempotency-Key`."""
+    if body.dry_run:
+        plan = plans.plan_job(session, celery, settings, tenant.id, body)
+        return JSONResponse(jsonable_encoder(plan), status_code=200)
     job, replayed = services.submit_job(session, session_factory, celery, settings, tenant.id, body,
                                         idempotency_key)
     return JSONResponse(jsonable_encoder(job_public(job)), status_code=201,
