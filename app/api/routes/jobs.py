@@ -2,7 +2,7 @@
 
 import hashlib
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
@@ -13,7 +13,8 @@ from app.api import plans, services
 from app.api.conditional import etag_matches
 from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
 from app.api.errors import error_responses
-from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.pagination import page, paginate
+from app.api.params import Cursor, JobId, Limit
 from app.api.routes.webhooks import job_deliveries
 from app.api.schemas import (
     ArtifactsPublic,
@@ -53,7 +54,10 @@ def get_owned_job(session, tenant, job_id: str) -> Job:
     **error_responses(400, 404, 409)})
 def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                      session_factory: SessionFactoryDep, celery: CeleryDep, settings: SettingsDep,
-                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
+                     idempotency_key: Annotated[str | None, Header(
+                         max_length=200, description="the same key and body within 24 h return the first job "
+                                                     "instead of creating another (a different body: 409)",
+                         examples=["8d3f0c2e-build-1432"])] = None) -> JSONResponse:
     """Submit a job: 201 with the job, committed `queued` and sent to a worker (or, for a replayed
     `Idempotency-Key`, the first job it created, with `Idempotent-Replayed: true`).
 
@@ -70,9 +74,11 @@ def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
 
 
 @router.get("", response_model=JobsPublic, responses=error_responses(400))
-def list_jobs(tenant: CurrentTenant, session: SessionDep,
-              limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None,
-              status: JobStatus | None = None, model_id: str | None = None) -> JobsPublic:
+def list_jobs(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+              model_id: Annotated[str | None, Query(description="only the jobs of this model",
+                                                    examples=["mdl_0193a1b2c3d4e5f60718293a"])] = None) -> JobsPublic:
+    """The tenant's jobs, newest first."""
     query = select(Job).where(Job.tenant_id == tenant.id)
     if status:
         query = query.where(Job.status == status.value)
@@ -84,7 +90,7 @@ def list_jobs(tenant: CurrentTenant, session: SessionDep,
 
 @router.get("/{job_id}", response_model=JobPublic,
             responses={304: {"description": "not modified"}, **error_responses(404)})
-def get_job(job_id: str, request: Request, tenant: CurrentTenant, session: SessionDep) -> Response:
+def get_job(job_id: JobId, request: Request, tenant: CurrentTenant, session: SessionDep) -> Response:
     """Sends an ETag; a poller that sends it back in If-None-Match gets a body-less 304 until the job changes."""
     body = json.dumps(jsonable_encoder(job_public(get_owned_job(session, tenant, job_id))),
                       separators=(",", ":")).encode()
@@ -95,7 +101,9 @@ def get_job(job_id: str, request: Request, tenant: CurrentTenant, session: Sessi
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=error_responses(404, 409))
-def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    """Cancel a job: a queued job ends `cancelled` at once, a running one at its next check
+    (`cancel_requested` meanwhile); 409 `job_finished` for a job that already ended."""
     job = get_owned_job(session, tenant, job_id)
     if not jobs.request_cancel(session, job):
         raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id!r} already finished with status {job.status!r}")
@@ -104,8 +112,11 @@ def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPu
     return job_public(job)
 
 
-@router.get("/{job_id}/report", responses=error_responses(404))
-def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
+@router.get("/{job_id}/report", responses={200: {"description": "the report (free-form JSON: docs/api.md, "
+                                                                  "Metrics)"}, **error_responses(404)})
+def get_report(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> dict[str, Any]:
+    """The job's metrics: sizes, latency, fidelity, accuracy and each step before and after; 404 until the job
+    has one."""
     job = get_owned_job(session, tenant, job_id)
     if not job.metrics:
         raise ServiceError(ErrorCode.NOT_FOUND, f"job {job_id!r} has no report yet (status {job.status!r})")
@@ -113,12 +124,13 @@ def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=error_responses(404))
-def list_artifacts(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
+def list_artifacts(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> dict:
+    """The files the job produced: the model (and extra exports) and the report."""
     return {"data": get_owned_job(session, tenant, job_id).artifacts}
 
 
 @router.get("/{job_id}/webhook-deliveries", response_model=JobWebhookDeliveriesPublic, responses=error_responses(404))
-def list_webhook_deliveries(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobWebhookDeliveriesPublic:
+def list_webhook_deliveries(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> JobWebhookDeliveriesPublic:
     """The job's webhook event (none without a `webhook_url`, or before it finished) with its attempts."""
     job = get_owned_job(session, tenant, job_id)
     return JobWebhookDeliveriesPublic(data=job_deliveries(session, tenant.id, job.id))

@@ -10,14 +10,16 @@ from sqlalchemy import text
 
 from app.api.errors import error_responses
 from app.api.guard import bearer_token
+from app.api.schemas import HealthPublic, ReadinessPublic
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queue import check_broker
 
 router = APIRouter(tags=["service"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=HealthPublic)
 def healthz() -> dict:
+    """The process is alive (it checks nothing else)."""
     return {"status": "ok"}
 
 
@@ -26,8 +28,10 @@ def _check_database(request: Request) -> None:
         conn.execute(text("SELECT 1"))
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadinessPublic,
+            responses={503: {"model": ReadinessPublic, "description": "a dependency is unavailable"}})
 async def readyz(request: Request) -> JSONResponse:
+    """Ready when the database, the broker and artifact storage answer; 503 otherwise, naming which."""
     checks = {}
     for name, check in (("database", _check_database), ("broker", lambda r: check_broker(r.app.state.celery)),
                         ("storage", lambda r: r.app.state.storage.check())):
