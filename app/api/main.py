@@ -60,6 +60,9 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     # fastapi-offline package under DOCS_ASSETS: the pages work with no internet.
     app = FastAPIOffline(title="modelpress", version="1.0", lifespan=lifespan, description=DESCRIPTION,
                          static_url=DOCS_ASSETS, openapi_tags=TAGS,
+                         # operation ids are the route functions' names: `create_job`, not
+                         # `create_job_v1_jobs_post` (generated clients name their functions after them)
+                         generate_unique_id_function=lambda route: route.name,
                          swagger_ui_parameters={"validatorUrl": None})
     # Browsers ask for /favicon.ico on their own; it is the icon the docs pages name.
     app.add_api_route("/favicon.ico", lambda: RedirectResponse(f"{DOCS_ASSETS}/favicon.png", status_code=308),
