@@ -20,6 +20,7 @@ from app.core.recipe import DEFAULT_MIN_FIDELITY, TRAINING_OPS, QuantizeStep, Re
 from app.core.statuses import ModelStatus
 from app.core.tables import Dataset, Model
 from app.core.tuning import job_candidates
+from app.core.vetting.dataset_files import LABELS
 
 
 def plan_job(session: Session, celery: Celery, settings: Settings, tenant_id: str, body: JobCreate) -> JobPlan:
@@ -85,7 +86,7 @@ def _feeds(role: str, dataset: Dataset, model: Model, inputs: list[dict],
                                      "its tokenizer")
         return {**{entry["name"]: "texts through the model's tokenizer" for entry in data_inputs}, **feeds}
     arrays = {name: (facts["shape"], facts["dtype"]) for name, facts in (dataset.info.get("arrays") or {}).items()
-              if name != "labels"}
+              if name != LABELS}
     pairs = dataset_fit.check_fit(arrays, data_inputs, role, batch_axes)
     return {**{entry["name"]: f"array {name!r}" for name, entry in pairs}, **feeds}
 
