@@ -1,6 +1,9 @@
-"""The `modelpress` command: serve (embedded all-in-one), api, worker, migrate, keys create / list / revoke."""
+"""The server's commands: serve (embedded all-in-one), api, worker, migrate, keys create / list / revoke.
+
+`modelpress.cli` is the `modelpress` command and hands these to `main` here; the client's commands live there."""
 
 import argparse
+import importlib.util
 import os
 import signal
 import subprocess
@@ -50,12 +53,32 @@ def _ensure_first_key(settings: Settings) -> None:
     print(f"Created the first API key (tenant 'default'), saved to {key_file}:\n{key}", flush=True)
 
 
+# What the worker imports beyond the base install: the `worker` extra (pyproject.toml).
+WORKER_PACKAGES = ("torch", "onnx", "onnxscript", "onnxruntime", "transformers", "safetensors")
+
+
+def missing_worker_packages() -> list[str]:
+    """Found without importing them: this process never imports torch."""
+    return [name for name in WORKER_PACKAGES if importlib.util.find_spec(name) is None]
+
+
+def _refuse_without_worker_extra(command: str) -> bool:
+    missing = missing_worker_packages()
+    if missing:
+        print(f"error: `modelpress {command}` runs a worker, which needs the worker extra ({', '.join(missing)} "
+              "not installed): pip install 'modelpress[worker]' (or, in a checkout, pip install -e '.[worker]')",
+              file=sys.stderr)
+    return bool(missing)
+
+
 def _worker_command(queues: str, concurrency: int) -> list[str]:
     """The worker runs as `python -m worker`: this module never imports the worker (or torch)."""
     return [sys.executable, "-m", "worker", "--queues", queues, "--concurrency", str(concurrency)]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if _refuse_without_worker_extra("serve"):
+        return 2
     import uvicorn
 
     from app.api.main import create_app
@@ -92,6 +115,8 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    if _refuse_without_worker_extra("worker"):
+        return 2
     try:
         queues = ",".join(Queue.parse_list(args.queues))
     except ValueError as exc:
@@ -167,7 +192,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpress", description="Model compression as a service.")
+    parser = argparse.ArgumentParser(prog="modelpress", description="Model compression as a service: the server.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="migrate, then run the API and an embedded worker together")

@@ -1,5 +1,5 @@
-"""The shape of the code, checked from the source: no import cycles in app/ and worker/, and the layers keep to
-their side (docs/architecture.md draws the same map).
+"""The shape of the code, checked from the source: no import cycles in app/, worker/ and modelpress/, and the layers
+keep to their side (docs/architecture.md draws the same map).
 
 Every import counts, including those inside functions: a cycle hidden in a function is still a cycle.
 """
@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("app", "worker")
+PACKAGES = ("app", "worker", "modelpress")
 ML_LIBRARIES = ("torch", "onnxruntime", "onnx", "onnxscript", "transformers", "safetensors")
+# What the server needs and the client does not: the client installs and runs without them.
+SERVER_LIBRARIES = ("fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "psycopg", "celery", "kombu", "redis",
+                    "boto3", "numpy", "pydantic_settings")
 
 
 def _module_name(path: Path) -> str:
@@ -110,6 +113,8 @@ def test_the_graph_sees_function_level_imports() -> None:
     # worker.formats imports the Hugging Face loader inside a function (transformers is slow to import)
     assert "worker.formats.hf" in GRAPH["worker.formats"]
     assert "app.core.config" in GRAPH["worker.celery_app"]
+    # the one way from the client's command to the server's: app.cli, imported when a server command runs
+    assert {target for target in GRAPH["modelpress.cli"] if _within(target, "app")} == {"app.cli"}
 
 
 def test_cycles_are_found() -> None:
@@ -127,6 +132,9 @@ def test_no_import_cycles() -> None:
     ("app.core", ("app.api", "app.cli"), "the core that both processes use knows nothing of HTTP"),
     ("worker.compression", ("app.core.recipe", "app.api"),
      "compression functions take plain arguments, not recipe schemas"),
+    ("modelpress", ("app.core", "app.api", "worker", "migrations", *ML_LIBRARIES, *SERVER_LIBRARIES),
+     "the client needs only the base install's HTTP and terminal libraries; it speaks to the service over HTTP"),
+    ("app", ("modelpress",), "the service does not depend on its client"),
 ])
 def test_layer_boundaries(importer: str, forbidden: tuple[str, ...], why: str) -> None:
     assert _violations(GRAPH, importer, forbidden) == [], why

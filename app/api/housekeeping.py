@@ -8,6 +8,11 @@
   is re-queued, or failed after `job_max_attempts`; the broker alone does not bring such jobs back.
 - Sweep: a process killed mid-upload leaves a partial file in the upload temp folder, and one killed between
   storing a file and committing its row leaves an object no row refers to; both go once `orphan_age` old.
+- Queues: a queued job whose queue no worker serves (app.core.presence; say a `cuda` job and no GPU worker) says
+  so in its progress message, and fails with `no_worker` once it has waited `queue_timeout` and no worker has
+  served its queue for as long.
+- Retention: with `artifact_retention_days` set, the outputs of jobs finished longer ago are deleted as by
+  DELETE /v1/jobs/{id}, a batch per round.
 - Webhooks: due outbox rows are handed to a bounded pool of sending threads (app.core.webhooks.WebhookSender);
   the round itself never waits on a send, and each row is claimed with a lease before it is sent.
 Every step is a guarded UPDATE or an idempotent delete, so several API replicas can run this loop side by side.
@@ -23,17 +28,20 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core import jobs, webhooks
+from app.api.services import delete_job_outputs
+from app.core import jobs, presence, webhooks
 from app.core.config import Settings
 from app.core.db import session_scope, utcnow
 from app.core.dispatch import dispatch_inspection, dispatch_job
 from app.core.ids import minted_at
-from app.core.statuses import JobStatus, ModelStatus
-from app.core.storage import Storage, open_storage
+from app.core.statuses import TERMINAL, JobStatus, ModelStatus
+from app.core.storage import Storage, StorageError, open_storage
 from app.core.storage import keys as storage_keys
 from app.core.tables import Artifact, Dataset, Job, Model
 
 log = logging.getLogger(__name__)
+
+EXPIRE_BATCH = 100  # jobs whose outputs expire per round: a long backlog is worked off over several rounds
 
 
 def dispatch_pending(factory: sessionmaker[Session], celery: Celery, settings: Settings) -> int:
@@ -77,6 +85,48 @@ def reap(factory: sessionmaker[Session], settings: Settings) -> dict[str, list[s
         if ids:
             log.warning("reaper %s jobs: %s", kind, ", ".join(ids))
     return outcome
+
+
+def watch_queues(factory: sessionmaker[Session], settings: Settings, may_fail: bool) -> list[str]:
+    """Note on queued jobs whether a worker serves their queue; with `may_fail`, fail those that waited
+    `queue_timeout` on a queue no worker has served for as long. Returns the ids failed."""
+    now = utcnow()
+    failed: list[str] = []
+    with session_scope(factory) as session:
+        served = presence.last_served(session)
+        jobs.note_waiting(session, presence.unserved(served, now - timedelta(seconds=settings.heartbeat_timeout)))
+        if may_fail:
+            waited = timedelta(seconds=max(settings.queue_timeout, settings.heartbeat_timeout))
+            for queue in presence.unserved(served, now - waited):
+                failed += jobs.fail_unserved(session, queue, now - timedelta(seconds=settings.queue_timeout),
+                                             settings.queue_timeout)
+    if failed:
+        log.warning("no worker serves their queue; failed jobs: %s", ", ".join(failed))
+    return failed
+
+
+def expire_outputs(factory: sessionmaker[Session], storage: Storage, settings: Settings) -> list[str]:
+    """Delete the outputs of up to EXPIRE_BATCH jobs finished more than `artifact_retention_days` ago (oldest
+    first); returns their ids. A storage failure ends the round: the rest wait for the next."""
+    if settings.artifact_retention_days is None:
+        return []
+    cutoff = utcnow() - timedelta(days=settings.artifact_retention_days)
+    with factory() as session:
+        expired = session.scalars(
+            select(Job).where(Job.status.in_(TERMINAL), Job.deleted_at.is_(None), Job.finished_at < cutoff)
+            .order_by(Job.finished_at).limit(EXPIRE_BATCH)).all()
+        done = []
+        for job in expired:
+            try:
+                delete_job_outputs(session, storage, job)
+            except StorageError as exc:
+                log.warning("could not delete the expired outputs of job %s: %s", job.id, exc)
+                break
+            session.commit()
+            done.append(job.id)
+    if done:
+        log.info("deleted the outputs of %d job(s) past the retention period: %s", len(done), ", ".join(done))
+    return done
 
 
 def _orphan_keys(session: Session, keys: list[str], cutoff: datetime) -> list[str]:
@@ -129,12 +179,13 @@ def sweep_orphans(factory: sessionmaker[Session], storage: Storage, settings: Se
 
 
 class Housekeeper:
-    """Runs webhooks + reap + dispatch every `dispatch_interval` seconds on a daemon thread, and the sweep every
-    quarter of `orphan_age` (listing the whole store is too costly for every round).
+    """Runs webhooks + reap + dispatch + queues + retention every `dispatch_interval` seconds on a daemon thread,
+    and the sweep every quarter of `orphan_age` (listing the whole store is too costly for every round).
 
-    Workers cannot heartbeat while the database is down, so after an outage (and at start) the reaper waits
-    until the database has answered for `heartbeat_timeout`: a restart of the database must not re-queue, and
-    so run twice, every job that was running through it.
+    Workers cannot heartbeat while the database is down, so after an outage (and at start) the reaper and the
+    `no_worker` check wait until the database has answered for `heartbeat_timeout`: a restart of the database
+    must not re-queue, and so run twice, every job that was running through it, nor fail queued jobs because no
+    worker could say it was there.
     """
 
     def __init__(self, factory: sessionmaker[Session], celery: Celery, settings: Settings):
@@ -176,9 +227,12 @@ class Housekeeper:
     def _round(self) -> None:
         self.send_webhooks()
         now = time.monotonic()
-        if self._reachable_since is not None and now - self._reachable_since >= self.settings.heartbeat_timeout:
+        settled = self._reachable_since is not None and now - self._reachable_since >= self.settings.heartbeat_timeout
+        if settled:
             reap(self.factory, self.settings)
         dispatch_pending(self.factory, self.celery, self.settings)
+        watch_queues(self.factory, self.settings, may_fail=settled)
+        expire_outputs(self.factory, self.storage, self.settings)
         if self._reachable_since is None:
             self._reachable_since = now
         if now >= self._next_sweep:

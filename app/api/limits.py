@@ -133,16 +133,21 @@ def check_active_jobs(session: Session, tenant_id: str, limit: int, *, lock: boo
 
 
 def storage_used(session: Session, tenant_id: str) -> int:
-    """Bytes the tenant stores: its models, datasets and jobs' artifacts."""
-    return sum(session.scalar(select(func.coalesce(func.sum(table.size_bytes), 0))
-                              .where(table.tenant_id == tenant_id))
-               for table in (Model, Dataset, Artifact))
+    """Bytes the tenant stores: its models, datasets and the artifacts of jobs whose outputs were not deleted."""
+    files = sum(session.scalar(select(func.coalesce(func.sum(table.size_bytes), 0))
+                               .where(table.tenant_id == tenant_id))
+                for table in (Model, Dataset))
+    artifacts = session.scalar(select(func.coalesce(func.sum(Artifact.size_bytes), 0))
+                               .join(Job, Job.id == Artifact.job_id)
+                               .where(Artifact.tenant_id == tenant_id, Job.deleted_at.is_(None)))
+    return files + artifacts
 
 
 def _quota_exceeded(used: int, quota: int) -> ServiceError:
     return ServiceError(ErrorCode.QUOTA_EXCEEDED,
                         f"this upload would take the tenant's stored bytes past its quota of "
-                        f"{quota} bytes ({used} stored); delete models or datasets to make room")
+                        f"{quota} bytes ({used} stored); delete models, datasets or finished jobs' outputs "
+                        "to make room")
 
 
 def check_storage_quota(session: Session, tenant_id: str, adding: int, quota: int) -> None:

@@ -2,20 +2,24 @@
 
 It checks what a submission checks (services.check_submission: the same refusals with the same errors), then
 resolves the recipe, lists a tune job's candidates (app.core.tuning, as the worker will), matches the datasets to
-the model's inputs from their upload headers (app.core.dataset_fit, the worker's own rules), and asks the broker
-whether a worker serves the job's queue. Nothing is written: no job, no message, no idempotency record.
+the model's inputs from their upload headers (app.core.dataset_fit, the worker's own rules), and says whether a
+worker serves the job's queue as the service itself judges it (app.core.presence: the workers' queue heartbeats,
+which also decide a waiting job's message and its `no_worker` failure). Nothing is written: no job, no message, no
+idempotency record.
 """
 
-from celery import Celery
+from datetime import timedelta
+
 from sqlalchemy.orm import Session
 
 from app.api.schemas import JobCreate, JobPlan, PlannedDataset, PlannedModel, PlannedQueue, PlannedTuning
 from app.api.services import check_submission
-from app.core import dataset_fit, input_specs
+from app.core import dataset_fit, input_specs, presence
 from app.core.config import Settings
+from app.core.db import utcnow
 from app.core.presets import PRESETS
 from app.core.queries import job_datasets
-from app.core.queue import Queue, workers_serving
+from app.core.queue import Queue
 from app.core.recipe import DEFAULT_MIN_FIDELITY, TRAINING_OPS, QuantizeStep, Recipe
 from app.core.statuses import ModelStatus
 from app.core.tables import Dataset, Model
@@ -23,7 +27,7 @@ from app.core.tuning import job_candidates
 from app.core.vetting.dataset_files import LABELS
 
 
-def plan_job(session: Session, celery: Celery, settings: Settings, tenant_id: str, body: JobCreate) -> JobPlan:
+def plan_job(session: Session, settings: Settings, tenant_id: str, body: JobCreate) -> JobPlan:
     """The plan of the job `body` describes; raises the error its submission would get."""
     model, specs_json = check_submission(session, settings, tenant_id, body, lock=False)
     specs = input_specs.from_json(specs_json)
@@ -32,8 +36,7 @@ def plan_job(session: Session, celery: Celery, settings: Settings, tenant_id: st
                 for role, _, dataset in job_datasets(session, tenant_id, body.datasets)]
     tuning = _planned_tuning(body, model)
     planned_model = PlannedModel(id=model.id, name=model.name, format=model.format, status=model.status)
-    session.rollback()  # no connection held while the workers are asked (up to worker_probe_timeout)
-    queue = _planned_queue(celery, body.target.queue, settings.worker_probe_timeout)
+    queue = _planned_queue(session, body.target.queue, settings)
     evaluation = ("eval dataset" if body.datasets.eval else "calibration dataset" if body.datasets.calibration
                   else "generated inputs")
     floor_source = ("default" if body.min_fidelity is None else
@@ -45,7 +48,7 @@ def plan_job(session: Session, celery: Celery, settings: Settings, tenant_id: st
         min_fidelity=DEFAULT_MIN_FIDELITY if body.min_fidelity is None else body.min_fidelity,
         min_fidelity_source=floor_source, accept_degraded=body.accept_degraded, input_specs=specs_json,
         datasets=datasets, evaluation=evaluation, queue=queue,
-        warnings=_warnings(body, planned_model, datasets, tuning, queue, evaluation, specs))
+        warnings=_warnings(body, planned_model, datasets, tuning, queue, evaluation, specs, settings))
 
 
 def _planned_dataset(role: str, dataset: Dataset, model: Model, inputs: list[dict] | None,
@@ -108,10 +111,11 @@ def _planned_tuning(body: JobCreate, model: Model) -> PlannedTuning | None:
                          generated=not user, candidates=candidates, note=note)
 
 
-def _planned_queue(celery: Celery, queue: Queue, timeout: float) -> PlannedQueue:
-    names = workers_serving(celery, queue.value, timeout)
-    state = "unknown" if names is None else "available" if names else "none"
-    return PlannedQueue(name=queue.value, workers=state, worker_names=names or [])
+def _planned_queue(session: Session, queue: Queue, settings: Settings) -> PlannedQueue:
+    served = presence.last_served(session)
+    unserved = presence.unserved(served, utcnow() - timedelta(seconds=settings.heartbeat_timeout))
+    return PlannedQueue(name=queue.value, workers="none" if queue.value in unserved else "available",
+                        last_served_at=served.get(queue.value))
 
 
 def _recipes(body: JobCreate, tuning: PlannedTuning | None) -> list[Recipe]:
@@ -122,7 +126,8 @@ def _recipes(body: JobCreate, tuning: PlannedTuning | None) -> list[Recipe]:
 
 
 def _warnings(body: JobCreate, model: PlannedModel, datasets: list[PlannedDataset], tuning: PlannedTuning | None,
-              queue: PlannedQueue, evaluation: str, specs: dict[str, input_specs.InputSpec]) -> list[str]:
+              queue: PlannedQueue, evaluation: str, specs: dict[str, input_specs.InputSpec],
+              settings: Settings) -> list[str]:
     warnings = []
     if model.status != ModelStatus.READY:
         warnings.append(f"the model is still being inspected (status {model.status!r}): its inputs are not known "
@@ -158,5 +163,5 @@ def _warnings(body: JobCreate, model: PlannedModel, datasets: list[PlannedDatase
         start = "`modelpress worker --queues gpu`, on a machine with CUDA" if queue.name == Queue.GPU else \
             "`modelpress worker`"
         warnings.append(f"no worker serves the {queue.name!r} queue now: the job would wait queued until one starts "
-                        f"({start})")
+                        f"({start}), and fail with no_worker after {settings.queue_timeout:g} s")
     return warnings

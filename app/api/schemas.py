@@ -117,7 +117,7 @@ PLANNED_MODEL = {"id": MODEL_ID, "name": "resnet18.onnx", "format": "onnx", "sta
 PLANNED_DATASET = {"role": "calibration", "id": DATASET_ID, "name": "calibration.npz", "format": "npz",
                    "num_samples": 256, "has_labels": False, "used_for": ["calibration"],
                    "feeds": {"input": "array 'images'"}, "fits": True, "problem": None}
-PLANNED_QUEUE = {"name": "cpu", "workers": "available", "worker_names": ["cpu-4242@host"]}
+PLANNED_QUEUE = {"name": "cpu", "workers": "available", "last_served_at": CREATED}
 PLANNED_TUNING = {"metric": "fidelity", "max_loss": 0.01, "objective": "size", "max_trials": 8, "time_budget_s": None,
                   "generated": True, "note": None, "candidates": [
                       {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8",
@@ -170,11 +170,12 @@ class PlannedQueue(BaseModel):
 
     name: str = Field(description="the queue the job is sent to: `cpu`, or `gpu` for `target.device: cuda`",
                       examples=["cpu"])
-    workers: Literal["available", "none", "unknown"] = Field(
-        description="whether a worker consumes that queue now: `none` means the job would wait `queued` until one "
-                    "starts; `unknown` when the broker cannot tell (unreachable)")
-    worker_names: list[str] = Field(description="the workers that answered for this queue",
-                                    examples=[["cpu-4242@host"]])
+    workers: Literal["available", "none"] = Field(
+        description="whether a worker serves that queue now (one said so within the heartbeat timeout, as "
+                    "`/readyz` judges it): with `none` the job would wait `queued` until one starts, and fail with "
+                    "`no_worker` after `MODELPRESS_QUEUE_TIMEOUT`")
+    last_served_at: datetime | None = Field(description="when a worker last said it serves this queue; null if "
+                                                        "none ever did")
 
 
 class PlannedTuning(BaseModel):
@@ -306,7 +307,7 @@ class JobPublic(BaseModel):
         "artifacts": [{"id": ARTIFACT_ID, "kind": "model", "format": "onnx", "filename": "resnet18-int8.onnx",
                        "size_bytes": 1140224, "sha256": SHA256}],
         "attempts": 1, "cancel_requested": False, "created_at": CREATED, "started_at": CREATED,
-        "finished_at": FINISHED}]})
+        "finished_at": FINISHED, "deleted_at": None}]})
 
     id: str = Field(description="the job's id")
     name: str | None = Field(description="the label given at submission")
@@ -330,6 +331,10 @@ class JobPublic(BaseModel):
     created_at: datetime = Field(description="when it was submitted (RFC 3339, UTC)")
     started_at: datetime | None = Field(description="when a worker first started it")
     finished_at: datetime | None = Field(description="when it ended")
+    # When the job's outputs were deleted (DELETE /v1/jobs/{id} or the retention period); `artifacts` is then empty.
+    deleted_at: datetime | None = Field(default=None, description="when the job's outputs were deleted (`DELETE "
+                                                                  "/v1/jobs/{id}`, or the retention period); its "
+                                                                  "`artifacts` are then empty")
 
 
 class JobsPublic(BaseModel):
@@ -452,12 +457,16 @@ class ReadinessPublic(BaseModel):
     """Whether the service can work: its database, broker and artifact storage answer."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [
-        {"status": "ready", "checks": {"database": "ok", "broker": "ok", "storage": "ok"}},
+        {"status": "ready", "checks": {"database": "ok", "broker": "ok", "storage": "ok"},
+         "queues_without_workers": ["gpu"]},
         {"status": "unavailable", "checks": {"database": "ok", "broker": "unavailable: OperationalError",
-                                             "storage": "ok"}}]})
+                                             "storage": "ok"}, "queues_without_workers": []}]})
 
     status: Literal["ready", "unavailable"] = Field(description="`ready` (200) or `unavailable` (503)")
     checks: dict[str, str] = Field(description="per dependency: `ok`, or `unavailable: <error class>`")
+    queues_without_workers: list[str] | None = Field(
+        description="the queues no worker has served lately (their jobs wait, then fail `no_worker`); it never makes "
+                    "the service unready; null when the database cannot say")
 
 
 class KeyCreate(StrictModel):

@@ -1,5 +1,6 @@
-"""What the API does for a tenant, apart from HTTP: record an upload, submit a job. Routes parse the request
-and shape the answer; these decide and write. They are synchronous: routes run them off the event loop."""
+"""What the API does for a tenant, apart from HTTP: record an upload, submit a job, delete a job's outputs.
+Routes parse the request and shape the answer; these decide and write. They are synchronous: routes run them off
+the event loop."""
 
 import hashlib
 import json
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.limits import check_active_jobs, check_storage_quota
 from app.api.schemas import JobCreate
 from app.api.uploads import UploadedFile
-from app.core import input_specs, jobs, webhooks
+from app.core import input_specs, jobs, presence, webhooks
 from app.core.config import Settings
 from app.core.db import utcnow
 from app.core.dispatch import dispatch_inspection, dispatch_job
@@ -156,13 +157,17 @@ def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery,
         if existing is not None:
             return existing, True
     model, specs = check_submission(session, settings, tenant_id, body)
+    queue = body.target.queue
+    alive_after = utcnow() - timedelta(seconds=settings.heartbeat_timeout)
+    unserved = presence.unserved(presence.last_served(session), alive_after)
     try:
         job = jobs.create_job(
             session, tenant_id=tenant_id, model_id=model.id, name=body.name,
             recipe=body.recipe.model_dump(mode="json") if body.recipe else None,
             tune=body.tune.model_dump(mode="json") if body.tune else None,
             datasets=body.datasets.model_dump(mode="json"),
-            target=body.target.model_dump(mode="json"), queue=body.target.queue,
+            target=body.target.model_dump(mode="json"), queue=queue,
+            progress_message=jobs.waiting_message(queue) if queue in unserved else None,
             webhook_url=str(body.webhook_url) if body.webhook_url else None,
             min_fidelity=body.min_fidelity, accept_degraded=body.accept_degraded, input_specs=specs,
             idempotency_key=idempotency_key, request_hash=request_hash)
@@ -176,3 +181,10 @@ def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery,
     dispatch_job(factory, celery, job.id, job.queue)
     session.refresh(job)
     return job, False
+
+
+def delete_job_outputs(session: Session, storage: Storage, job: Job) -> bool:
+    """Remove a finished job's files from storage, then mark the job deleted (the caller commits). Files first: if
+    storage fails, nothing is marked and a retry does it all again. False if the job was already marked."""
+    storage.delete_prefix(storage_keys.job_prefix(job.tenant_id, job.id))
+    return jobs.mark_deleted(session, job.id)

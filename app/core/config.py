@@ -24,14 +24,17 @@ class Settings(BaseSettings):
     heartbeat_timeout: float = 60.0
     dispatch_interval: float = 5.0
     dispatch_retry_after: float = 10.0
-    # A dry run (`POST /v1/jobs` with `dry_run`) asks the workers which queues they serve and waits this long
-    # (seconds) for their answers.
-    worker_probe_timeout: float = Field(default=1.0, gt=0, le=10)
     # A job still queued this long after its message went out is sent again: the broker may have lost it.
     redispatch_after: float = 600.0
     # Partial uploads and storage objects that no database row refers to (left by a killed process) are removed
     # by the API's housekeeping once they are this old (seconds); younger ones may still be in flight.
     orphan_age: float = Field(default=3600.0, gt=0)
+    # A job queued this long (seconds) while no worker serves its queue (say a `cuda` job and no GPU worker) fails
+    # with `no_worker`; until then its progress message says what it waits for (app.core.presence).
+    queue_timeout: float = Field(default=3600.0, gt=0)
+    # The outputs of jobs finished longer ago than this many days are deleted, as by DELETE /v1/jobs/{id}
+    # (unset: kept until deleted).
+    artifact_retention_days: float | None = Field(default=None, gt=0)
 
     # Per-tenant limits; 0 means unlimited. The rate is a token bucket: bursts of up to this many requests,
     # refilled at this many per minute, shared by all API processes through Redis when the broker is Redis.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import DateTime, Engine, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
 
@@ -35,13 +36,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, pooled: bool = True) -> Engine:
+    """`pooled=False` opens a connection per use and keeps none: for a process that forks children (Celery's
+    main process), which must never inherit an open connection."""
+    pool = {"pool_size": 10, "max_overflow": 20, "pool_timeout": 10} if pooled else {"poolclass": NullPool}
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, pool_size=10, max_overflow=20, pool_timeout=10,
-                               connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(url, **pool, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -52,8 +55,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
-                         connect_args={"connect_timeout": 3})
+    return create_engine(url, pool_pre_ping=True, **pool, connect_args={"connect_timeout": 3})
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

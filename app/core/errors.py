@@ -21,6 +21,7 @@ class ErrorCode(StrEnum):
     # State and limits
     CONFLICT = "conflict"
     JOB_FINISHED = "job_finished"
+    JOB_ACTIVE = "job_active"
     KEY_INACTIVE = "key_inactive"
     KEY_EXPIRING = "key_expiring"
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
@@ -65,6 +66,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     WORKER_LOST = "worker_lost"
     CUDA_UNAVAILABLE = "cuda_unavailable"
+    NO_WORKER = "no_worker"
     RESOURCE_LIMIT = "resource_limit"
     CRASHED = "crashed"
     # The service
@@ -85,6 +87,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.METHOD_NOT_ALLOWED: 405,
     ErrorCode.CONFLICT: 409,
     ErrorCode.JOB_FINISHED: 409,
+    ErrorCode.JOB_ACTIVE: 409,
     ErrorCode.KEY_INACTIVE: 409,
     ErrorCode.KEY_EXPIRING: 409,
     ErrorCode.IDEMPOTENCY_KEY_REUSED: 409,
@@ -133,6 +136,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.DATABASE_UNAVAILABLE: 503,
     ErrorCode.STORAGE_UNAVAILABLE: 503,
     ErrorCode.CUDA_UNAVAILABLE: 503,
+    ErrorCode.NO_WORKER: 503,
     ErrorCode.TIMEOUT: 504,
 }
 

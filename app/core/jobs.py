@@ -4,9 +4,11 @@ queued -> running -> succeeded | failed | cancelled, plus:
   queued -> cancelled            (cancelled before a worker took it)
   running -> queued              (worker died: the reaper re-queues it, up to job_max_attempts)
   running -> running             (a re-delivered message takes over a job whose heartbeat went stale)
-A terminal job never changes again. Guards live in the WHERE clauses, so two processes racing on one
-job cannot both win. Every move to a terminal state also puts the job's webhook event (if it has a webhook_url)
-in the outbox, in the same transaction (app.core.webhooks).
+  queued -> failed               (no worker served its queue for `queue_timeout`: `no_worker`)
+A terminal job never changes status again; its outputs may later be deleted (`deleted_at`), never restored.
+Guards live in the WHERE clauses, so two processes racing on one job cannot both win. Every move to a terminal
+state also puts the job's webhook event (if it has a webhook_url) in the outbox, in the same transaction
+(app.core.webhooks).
 """
 
 from datetime import datetime, timedelta
@@ -19,7 +21,7 @@ from app.core import webhooks
 from app.core.db import utcnow
 from app.core.errors import ErrorCode
 from app.core.ids import new_id
-from app.core.statuses import JobStatus
+from app.core.statuses import TERMINAL, JobStatus
 from app.core.tables import Artifact, Job, JobEvent
 
 
@@ -167,6 +169,63 @@ def reap_stale(session: Session, stale_before: datetime, max_attempts: int) -> d
                                            values.get("error_message"))
             outcome[kind].append(job.id)
     return outcome
+
+
+def waiting_message(queue: str) -> str:
+    """The progress message of a queued job whose queue no worker serves."""
+    return f"waiting: no worker serves queue '{queue}'"
+
+
+_WAITING_PREFIX = "waiting: no worker serves queue "
+
+
+def note_waiting(session: Session, unserved_queues: list[str]) -> int:
+    """Say in the progress message of each queued job whether a worker serves its queue; returns the jobs changed.
+    `updated_at` is left alone: it says since when the job waits (see fail_unserved)."""
+    changed = 0
+    for queue in unserved_queues:
+        message = waiting_message(queue)
+        changed += session.execute(
+            update(Job).where(Job.status == JobStatus.QUEUED, Job.queue == queue,
+                              or_(Job.progress_message.is_(None), Job.progress_message != message))
+            .values(progress_message=message).execution_options(synchronize_session=False)).rowcount
+    changed += session.execute(
+        update(Job).where(Job.status == JobStatus.QUEUED, Job.queue.not_in(unserved_queues),
+                          Job.progress_message.startswith(_WAITING_PREFIX, autoescape=True))
+        .values(progress_message=None).execution_options(synchronize_session=False)).rowcount
+    return changed
+
+
+def fail_unserved(session: Session, queue: str, queued_before: datetime, timeout_s: float) -> list[str]:
+    """Fail the jobs queued (or re-queued) on `queue` before `queued_before`, whose queue no worker has served
+    for `timeout_s`: nothing will ever run them. Up to 500 a call (the next round takes the rest); returns their
+    ids."""
+    waiting = session.scalars(select(Job).where(Job.status == JobStatus.QUEUED, Job.queue == queue,
+                                                Job.updated_at < queued_before).order_by(Job.id).limit(500)).all()
+    message = (f"no worker serves queue '{queue}': the job waited {timeout_s:.0f} s (MODELPRESS_QUEUE_TIMEOUT) "
+               f"and none came; start one (modelpress worker --queues {queue}) and submit the job again")
+    failed = []
+    for job in waiting:
+        now = utcnow()
+        result = session.execute(
+            update(Job).where(Job.id == job.id, Job.status == JobStatus.QUEUED, Job.updated_at < queued_before)
+            .values(status=JobStatus.FAILED, finished_at=now, updated_at=now, error_code=ErrorCode.NO_WORKER,
+                    error_message=message, progress_message=waiting_message(queue))
+            .execution_options(synchronize_session=False))
+        if result.rowcount == 1:
+            _record(session, job.id, JobStatus.QUEUED, JobStatus.FAILED, message)
+            webhooks.enqueue_job_event(session, job, JobStatus.FAILED, now, ErrorCode.NO_WORKER, message)
+            failed.append(job.id)
+    return failed
+
+
+def mark_deleted(session: Session, job_id: str) -> bool:
+    """Record that a finished job's outputs were removed from storage; False if it is unfinished or was already
+    marked (the first deletion's time stays)."""
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(TERMINAL), Job.deleted_at.is_(None))
+        .values(deleted_at=utcnow()).execution_options(synchronize_session=False))
+    return result.rowcount == 1
 
 
 def stale_cutoff(timeout_s: float) -> datetime:

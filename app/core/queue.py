@@ -83,20 +83,6 @@ def send_inspection(celery: Celery, model_id: str) -> None:
     celery.send_task(TaskName.INSPECT_MODEL, args=[model_id], queue=Queue.CPU)
 
 
-def workers_serving(celery: Celery, queue: str, timeout: float) -> list[str] | None:
-    """The names of the workers consuming `queue`, asked over the broker's control channel (every worker answers
-    within `timeout` seconds, busy or not); None when the broker cannot tell (unreachable, or no broadcast). The
-    filesystem transport of embedded mode broadcasts too."""
-    try:
-        with celery.connection_for_write() as connection:  # a broker that is down: fail fast, not after retries
-            connection.ensure_connection(max_retries=0, timeout=timeout)
-        replies = celery.control.inspect(timeout=timeout).active_queues() or {}
-    except Exception:  # any broker or transport failure: the answer is "unknown", never an error
-        return None
-    return sorted(name for name, queues in replies.items()
-                  if any(isinstance(q, dict) and q.get("name") == queue for q in queues or []))
-
-
 def check_broker(celery: Celery) -> None:
     """Raise if the broker cannot be reached (used by /readyz)."""
     with celery.connection_for_write() as conn:

@@ -289,6 +289,12 @@ class Recipe(StrictModel):
                 raise ValueError(f"steps.{index}: a {step.op!r} step cannot follow a quantize step; "
                                  "quantize last (only analyze and export may follow)")
             quantized = quantized or step.op == "quantize"
+        exported: dict[str, int] = {}
+        for index, step in enumerate(self.steps):
+            for fmt in step.formats if isinstance(step, ExportStep) else ():
+                if exported.setdefault(fmt, index) != index:
+                    raise ValueError(f"steps.{index}.formats: {fmt!r} is already exported by step {exported[fmt]}; "
+                                     "each format comes from one export step")
         return self
 
 

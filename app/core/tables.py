@@ -122,6 +122,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the job's outputs were removed from storage (DELETE /v1/jobs/{id}, or the retention period): the row
+    # and its artifact rows stay as history, the files are gone and no longer count against the quota.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     artifacts: Mapped[list["Artifact"]] = relationship(
         back_populates="job", order_by="Artifact.id", cascade="all, delete-orphan", passive_deletes=True
@@ -156,6 +159,17 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class QueueHeartbeat(Base):
+    """When some worker last said it serves a queue (app.core.presence): a queue nobody served lately has no
+    worker, and its jobs wait for nothing."""
+
+    __tablename__ = "queue_heartbeats"
+
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(200))
+    seen_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class WebhookSecret(Base):

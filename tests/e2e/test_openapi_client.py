@@ -1,6 +1,6 @@
 """A client generated from the service's own /openapi.json by a standard generator (openapi-python-client)
 works against the real service: `modelpress serve` (API and worker), a tiny model uploaded as multipart, a dry run
-that finds the worker, a job polled to success, its artifacts listed and downloaded."""
+that finds the worker serving its queue, a job polled to success, its artifacts listed and downloaded."""
 
 import importlib
 import json
@@ -87,7 +87,7 @@ def test_a_generated_client_compresses_a_model_end_to_end(generated, processes):
         planned = create_job.sync_detailed(client=client, body=models.JobCreate(model_id=model.id, recipe=recipe,
                                                                                 dry_run=True))
         assert planned.status_code == 200 and isinstance(planned.parsed, models.JobPlan), planned.content
-        assert planned.parsed.queue.workers == models.PlannedQueueWorkers.AVAILABLE  # the embedded worker answered
+        assert planned.parsed.queue.workers == models.PlannedQueueWorkers.AVAILABLE  # the embedded worker's beat
         assert planned.parsed.recipe.to_dict()["steps"][0]["granularity"] == "per_channel"
 
         submitted = create_job.sync_detailed(client=client, body=models.JobCreate(model_id=model.id, recipe=recipe),

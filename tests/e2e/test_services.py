@@ -42,7 +42,10 @@ def test_api_and_worker_on_postgres_redis_s3(tmp_path, processes, pg_database, r
 
     env = {"MODELPRESS_HOME": str(tmp_path / "home"), "MODELPRESS_DATABASE_URL": pg_database,
            "MODELPRESS_BROKER_URL": redis_url, "MODELPRESS_STORAGE_URL": "s3://artifacts/modelpress",
-           "MODELPRESS_S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_LATENCY_RUNS": "20"}
+           "MODELPRESS_S3_ENDPOINT_URL": s3_endpoint, "MODELPRESS_LATENCY_RUNS": "20",
+           # a job on a queue nobody serves fails after 4 s (once the database has answered for 15 s)
+           "MODELPRESS_QUEUE_TIMEOUT": "4", "MODELPRESS_HEARTBEAT_INTERVAL": "1", "MODELPRESS_HEARTBEAT_TIMEOUT": "15",
+           "MODELPRESS_DISPATCH_INTERVAL": "0.5"}
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([*MODELPRESS, *args], env={**os.environ, **env}, capture_output=True, text=True,
@@ -67,6 +70,23 @@ def test_api_and_worker_on_postgres_redis_s3(tmp_path, processes, pg_database, r
     assert any(f"jobs/{job_id}/" in k and k.endswith(".onnx") for k in keys)
     assert all(k.startswith("modelpress/tenants/") for k in keys)
     assert 'modelpress_jobs{status="succeeded"} 1.0' in httpx.get(f"{base}/metrics", timeout=10).text
+
+    # The worker records the queues it serves: nobody serves gpu, so a cuda job says it waits, then fails.
+    assert httpx.get(f"{base}/readyz", timeout=10).json()["queues_without_workers"] == ["gpu"]
+    client = result["client"]
+    waiting = client.post("/v1/jobs", json={"model_id": result["model"]["id"], "target": {"device": "cuda"},
+                                            "recipe": {"steps": [{"op": "quantize", "method": "dynamic"}]}}).json()
+    assert waiting["progress"]["message"] == "waiting: no worker serves queue 'gpu'", waiting
+    failed = wait_until(lambda: (j := client.get(f"/v1/jobs/{waiting['id']}").json())["status"] != "queued" and j,
+                        60, "the cuda job to fail", processes)
+    assert (failed["status"], failed["error"]["code"]) == ("failed", "no_worker"), failed
+
+    # Deleting the finished job removes its objects from S3; the job stays, its downloads say deleted.
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+    objects = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="artifacts").get("Contents", [])
+    assert not [o["Key"] for o in objects if f"jobs/{job_id}/" in o["Key"]]
+    download = client.get(f"/v1/artifacts/{result['artifacts']['model']['id']}/download")
+    assert download.status_code == 404 and "deleted" in download.json()["error"]["message"]
 
 
 def test_gpu_worker_refuses_to_start_without_cuda(tmp_path):

@@ -56,9 +56,10 @@ def run_pipeline(staged: StagedJob, workdir: Path, settings: Settings, ctx: JobC
                   f"compressed.{run.extension}" + (".gz" if delivered != applied.path else ""))
     extra, layouts = exports.export_formats(run, applied.state, applied.exports, applied.path.parent)
     metrics = _report(run, baseline, baseline_fidelity, compressed, applied, tuning_report)
+    layouts = {**applied.snapshot_layouts, **layouts}
     if layouts:
         metrics["exports"] = layouts
-    return PipelineResult(metrics=metrics, outputs=[main, *extra])
+    return PipelineResult(metrics=metrics, outputs=[main, *applied.snapshots, *extra])
 
 
 def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, Any], compressed: dict[str, Any],

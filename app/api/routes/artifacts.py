@@ -24,6 +24,9 @@ def download_artifact(artifact_id: ArtifactId, request: Request, tenant: Current
     """An artifact's bytes with `Content-Disposition`, `ETag` (its sha256), `Range` (206) and `If-None-Match`
     (304)."""
     artifact = get_owned(session, Artifact, artifact_id, tenant.id, "artifact")
+    if artifact.job.deleted_at is not None:
+        raise ServiceError(ErrorCode.NOT_FOUND, f"artifact {artifact_id!r} was deleted with the outputs of job "
+                                                f"{artifact.job_id!r} at {artifact.job.deleted_at:%Y-%m-%dT%H:%M:%SZ}")
     try:
         return stream_object(request, storage, artifact.storage_key, size=artifact.size_bytes,
                              sha256=artifact.sha256, filename=artifact.filename,

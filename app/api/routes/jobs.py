@@ -1,4 +1,5 @@
-"""/v1/jobs: submit (with idempotency keys), list, get (ETag / 304), cancel, report, artifacts, webhook deliveries."""
+"""/v1/jobs: submit (with idempotency keys), list, get (ETag / 304), cancel, delete (its outputs), report, artifacts,
+webhook deliveries."""
 
 import hashlib
 import json
@@ -11,7 +12,7 @@ from sqlalchemy import select
 
 from app.api import plans, services
 from app.api.conditional import etag_matches
-from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep
+from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.api.errors import error_responses
 from app.api.pagination import page, paginate
 from app.api.params import Cursor, JobId, Limit
@@ -28,9 +29,14 @@ from app.core import jobs
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
 from app.core.statuses import JobStatus
-from app.core.tables import Job
+from app.core.tables import Artifact, Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def live_artifacts(job: Job) -> list[Artifact]:
+    """What can be downloaded: nothing once the job's outputs were deleted."""
+    return [] if job.deleted_at else job.artifacts
 
 
 def job_public(job: Job) -> JobPublic:
@@ -40,9 +46,9 @@ def job_public(job: Job) -> JobPublic:
         accept_degraded=job.accept_degraded, input_specs=job.input_specs,
         progress={"fraction": job.progress_fraction, "step": job.progress_step, "message": job.progress_message},
         error={"code": job.error_code, "message": job.error_message or ""} if job.error_code else None,
-        metrics=job.metrics, artifacts=job.artifacts, attempts=job.attempts,
+        metrics=job.metrics, artifacts=live_artifacts(job), attempts=job.attempts,
         cancel_requested=job.cancel_requested, created_at=job.created_at, started_at=job.started_at,
-        finished_at=job.finished_at)
+        finished_at=job.finished_at, deleted_at=job.deleted_at)
 
 
 def get_owned_job(session, tenant, job_id: str) -> Job:
@@ -65,7 +71,7 @@ def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
     to the model's inputs, the queue and whether a worker serves it, warnings) and nothing created; a job that
     would be refused gets the same error. A dry run ignores `Idempotency-Key`."""
     if body.dry_run:
-        plan = plans.plan_job(session, celery, settings, tenant.id, body)
+        plan = plans.plan_job(session, settings, tenant.id, body)
         return JSONResponse(jsonable_encoder(plan), status_code=200)
     job, replayed = services.submit_job(session, session_factory, celery, settings, tenant.id, body,
                                         idempotency_key)
@@ -112,6 +118,19 @@ def cancel_job(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> Job
     return job_public(job)
 
 
+@router.delete("/{job_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
+def delete_job(job_id: JobId, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete a finished job's outputs from storage (freeing the tenant's quota); the job stays, with `deleted_at`
+    and no artifacts. 204, again for a job already deleted; 409 `job_active` while it is queued or running."""
+    job = get_owned_job(session, tenant, job_id)
+    if not JobStatus(job.status).is_terminal():
+        raise ServiceError(ErrorCode.JOB_ACTIVE, f"job {job_id!r} is {job.status}; cancel it first "
+                                                 f"(POST /v1/jobs/{job_id}/cancel) and delete it once it has ended")
+    services.delete_job_outputs(session, storage, job)
+    session.commit()
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/report", responses={200: {"description": "the report (free-form JSON: docs/api.md, "
                                                                   "Metrics)"}, **error_responses(404)})
 def get_report(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> dict[str, Any]:
@@ -126,7 +145,7 @@ def get_report(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> dic
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=error_responses(404))
 def list_artifacts(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> dict:
     """The files the job produced: the model (and extra exports) and the report."""
-    return {"data": get_owned_job(session, tenant, job_id).artifacts}
+    return {"data": live_artifacts(get_owned_job(session, tenant, job_id))}
 
 
 @router.get("/{job_id}/webhook-deliveries", response_model=JobWebhookDeliveriesPublic, responses=error_responses(404))

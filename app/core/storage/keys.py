@@ -28,8 +28,12 @@ def dataset_key(tenant_id: str, dataset_id: str, fmt: str) -> str:
     return f"{dataset_prefix(tenant_id, dataset_id)}data.{fmt}"
 
 
+def job_prefix(tenant_id: str, job_id: str) -> str:
+    return f"tenants/{tenant_id}/jobs/{job_id}/"
+
+
 def job_key(tenant_id: str, job_id: str, filename: str) -> str:
-    return f"tenants/{tenant_id}/jobs/{job_id}/{filename}"
+    return f"{job_prefix(tenant_id, job_id)}{filename}"
 
 
 class Owner(NamedTuple):

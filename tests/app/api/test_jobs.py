@@ -13,7 +13,12 @@ def submit(client, auth, model_id, recipe=RECIPE, **extra):
                        json={"model_id": model_id, "recipe": recipe, **extra})
 
 
-def test_submit_job_is_queued_and_sent(client, auth, model_id, settings):
+def test_submit_job_is_queued_and_sent(client, auth, model_id, settings, no_workers):
+    from app.core import presence
+    from app.core.db import session_scope
+
+    with session_scope(no_workers) as session:
+        presence.record(session, "cpu-1@host", ["cpu"])  # a worker serves cpu: nothing to say in the message
     response = submit(client, auth, model_id, name="int8 please")
     assert response.status_code == 201, response.text
     job = response.json()
@@ -425,3 +430,58 @@ def test_encoder_decoder_steps_that_do_not_apply_are_422(client, auth, model_wit
 def test_tune_on_perplexity_needs_an_eval_dataset(client, auth, model_id):
     response = client.post("/v1/jobs", headers=auth, json={"model_id": model_id, "tune": {"metric": "perplexity"}})
     assert response.status_code == 422 and response.json()["error"]["message"].startswith("datasets.eval")
+
+
+def test_delete_removes_a_finished_jobs_outputs_and_keeps_the_job(client, auth, make_key, model_id, finish_job,
+                                                                  settings):
+    from app.core import jobs
+    from app.core.db import make_engine, make_session_factory, session_scope
+    from app.core.storage import open_storage
+
+    job_id = submit(client, auth, model_id).json()["id"]
+    queued = client.delete(f"/v1/jobs/{job_id}", headers=auth)
+    assert queued.status_code == 409, queued.text
+    assert queued.json()["error"]["code"] == "job_active"
+    assert "cancel it first" in queued.json()["error"]["message"]
+    running_id = submit(client, auth, model_id).json()["id"]
+    with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+        jobs.claim(session, running_id, "w1", jobs.stale_cutoff(60))
+    assert client.delete(f"/v1/jobs/{running_id}", headers=auth).json()["error"]["code"] == "job_active"
+
+    keys = finish_job(job_id)
+    storage = open_storage(settings.resolved_storage_url())
+    artifacts = client.get(f"/v1/jobs/{job_id}/artifacts", headers=auth).json()["data"]
+    assert len(artifacts) == 2
+    assert client.get(f"/v1/artifacts/{artifacts[0]['id']}/download", headers=auth).status_code == 200
+
+    assert client.delete(f"/v1/jobs/{job_id}", headers=make_key()).status_code == 404  # another tenant's
+    assert all(storage.exists(key) for key in keys)
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth).json()["deleted_at"] is None
+
+    response = client.delete(f"/v1/jobs/{job_id}", headers=auth)
+    assert response.status_code == 204, response.text
+    assert not any(storage.exists(key) for key in keys)
+    job = client.get(f"/v1/jobs/{job_id}", headers=auth).json()
+    assert (job["status"], job["artifacts"], job["metrics"]) == ("succeeded", [], {"done": True})
+    assert job["deleted_at"] is not None
+    assert client.get(f"/v1/jobs/{job_id}/artifacts", headers=auth).json()["data"] == []
+    assert client.get(f"/v1/jobs/{job_id}/report", headers=auth).json() == {"done": True}
+    download = client.get(f"/v1/artifacts/{artifacts[0]['id']}/download", headers=auth)
+    assert download.status_code == 404
+    assert "was deleted" in download.json()["error"]["message"]
+
+    assert client.delete(f"/v1/jobs/{job_id}", headers=auth).status_code == 204  # again: nothing changes
+    assert client.get(f"/v1/jobs/{job_id}", headers=auth).json()["deleted_at"] == job["deleted_at"]
+    assert client.delete("/v1/jobs/job_nope", headers=auth).status_code == 404
+
+
+def test_a_job_waiting_on_a_queue_no_worker_serves_says_so(client, auth, model_id, no_workers):
+    from app.core import presence
+    from app.core.db import session_scope
+
+    gpu = submit(client, auth, model_id, target={"device": "cuda"}).json()
+    assert gpu["progress"]["message"] == "waiting: no worker serves queue 'gpu'"
+    with session_scope(no_workers) as session:
+        presence.record(session, "cpu-1@host", ["cpu"])
+    cpu = submit(client, auth, model_id).json()
+    assert cpu["progress"]["message"] is None

@@ -177,3 +177,20 @@ def test_quota_counts_artifacts_and_checks_the_real_size(limited, settings, make
             check_storage_quota(session, tenant, 11, len(onnx_bytes) + 5010)
     engine.dispose()
     assert (refused.value.status_code, refused.value.code) == (413, "quota_exceeded")
+
+
+def test_deleting_a_jobs_outputs_frees_its_quota(limited, settings, make_key, onnx_bytes, finish_job):
+    quota = 2 * len(onnx_bytes) + 500
+    client = limited(tenant_max_storage_bytes=quota)
+    headers = make_key()
+    model = client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).json()
+    job = client.post("/v1/jobs", headers=headers, json={"model_id": model["id"], **QUANTIZE}).json()
+    finish_job(job["id"], size=300)  # a model and a report of 300 bytes each: the second upload no longer fits
+    assert_quota_exceeded(client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}))
+
+    assert client.delete(f"/v1/jobs/{job['id']}", headers=headers).status_code == 204
+    engine = make_engine(settings.resolved_database_url())
+    with make_session_factory(engine)() as session:
+        assert storage_used(session, tenant_id(settings, headers)) == len(onnx_bytes)
+    engine.dispose()
+    assert client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).status_code == 201

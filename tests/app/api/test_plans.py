@@ -1,31 +1,26 @@
 """Dry runs (`POST /v1/jobs` with `"dry_run": true`): the plan, the same refusals as a submission, nothing created.
 
-A worker that answers the probe is covered end to end in tests/e2e/test_openapi_client.py."""
+A real worker serving the queue is covered end to end in tests/e2e/test_openapi_client.py."""
 
 import io
+from datetime import timedelta
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from app.api.main import create_app
-from app.core.db import make_engine, make_session_factory, session_scope
+from app.core import presence
+from app.core.db import make_engine, make_session_factory, session_scope, utcnow
 from app.core.recipe import Recipe
-from app.core.tables import Job, Model
+from app.core.tables import Job, Model, QueueHeartbeat
 from app.core.tuning import candidate_recipes
 
 INPUTS = [{"name": "input", "shape": ["batch", 16], "dtype": "float32"}]
 VAD_INPUTS = [{"name": "input", "shape": ["N", 512], "dtype": "float32"},
               {"name": "state", "shape": [2, "N", 128], "dtype": "float32"},
               {"name": "sr", "shape": [], "dtype": "int64"}]
-
-
-@pytest.fixture
-def planner(settings):
-    """A client whose dry runs wait only briefly for workers (there are none here)."""
-    with TestClient(create_app(settings.model_copy(update={"worker_probe_timeout": 0.2}),
-                               housekeeping=False)) as client:
-        yield client
 
 
 def npz(**arrays) -> bytes:
@@ -61,12 +56,12 @@ def jobs_in_database(settings) -> int:
     return count
 
 
-def test_a_preset_dry_run_shows_the_resolved_plan_and_creates_nothing(planner, auth, settings, onnx_bytes):
-    model_id = upload(planner, auth, "/v1/models", "mlp.onnx", onnx_bytes)
+def test_a_preset_dry_run_shows_the_resolved_plan_and_creates_nothing(client, auth, settings, onnx_bytes):
+    model_id = upload(client, auth, "/v1/models", "mlp.onnx", onnx_bytes)
     inspected(settings, model_id, INPUTS)
     jobs_before, messages_before = jobs_in_database(settings), sorted(settings.broker_folder().glob("*.msg"))
     body = {"model_id": model_id, "preset": "int8-cpu", "name": "edge"}
-    response = dry_run(planner, auth, body, **{"Idempotency-Key": "k1"})
+    response = dry_run(client, auth, body, **{"Idempotency-Key": "k1"})
     assert response.status_code == 200, response.text
     plan = response.json()
     assert plan["dry_run"] is True and plan["name"] == "edge" and plan["preset"] == "int8-cpu"
@@ -77,7 +72,7 @@ def test_a_preset_dry_run_shows_the_resolved_plan_and_creates_nothing(planner, a
     assert plan["target"] == {"runtime": "onnxruntime", "device": "cpu"}
     assert (plan["min_fidelity"], plan["min_fidelity_source"]) == (0.9, "default")
     assert plan["tune"] is None and plan["datasets"] == [] and plan["evaluation"] == "generated inputs"
-    assert plan["queue"] == {"name": "cpu", "workers": "none", "worker_names": []}
+    assert plan["queue"] == {"name": "cpu", "workers": "none", "last_served_at": None}
     assert [w.split(":")[0] for w in plan["warnings"]] == [
         "no eval dataset", "quantize method 'auto' chooses static int8 for convolutional nets, calibrated here on "
         "generated inputs (no calibration dataset); give a calibration dataset of real inputs",
@@ -85,7 +80,7 @@ def test_a_preset_dry_run_shows_the_resolved_plan_and_creates_nothing(planner, a
     # Nothing was written or sent, and the Idempotency-Key was not taken: a real job with another body may use it.
     assert jobs_in_database(settings) == jobs_before
     assert sorted(settings.broker_folder().glob("*.msg")) == messages_before
-    real = planner.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k1"},
+    real = client.post("/v1/jobs", headers={**auth, "Idempotency-Key": "k1"},
                         json={"model_id": model_id, "preset": "int4-weights"})
     assert real.status_code == 201 and "Idempotent-Replayed" not in real.headers
 
@@ -99,18 +94,18 @@ def test_a_preset_dry_run_shows_the_resolved_plan_and_creates_nothing(planner, a
     ({"preset": "int8-static-cpu"}, 422),
     ({"preset": "no-such-preset"}, 422),
 ])
-def test_a_dry_run_is_refused_as_the_submission_would_be(planner, auth, settings, onnx_bytes, body, status):
-    model_id = upload(planner, auth, "/v1/models", "mlp.onnx", onnx_bytes)
+def test_a_dry_run_is_refused_as_the_submission_would_be(client, auth, settings, onnx_bytes, body, status):
+    model_id = upload(client, auth, "/v1/models", "mlp.onnx", onnx_bytes)
     inspected(settings, model_id, INPUTS)
     body = {"model_id": model_id, **body}
-    planned, submitted = dry_run(planner, auth, body), planner.post("/v1/jobs", headers=auth, json=body)
+    planned, submitted = dry_run(client, auth, body), client.post("/v1/jobs", headers=auth, json=body)
     assert planned.status_code == submitted.status_code == status, (planned.text, submitted.text)
     assert planned.json() == submitted.json()
 
 
 def test_at_the_job_limit_a_dry_run_gets_the_same_429(settings, make_key, onnx_bytes):
-    overrides = {"worker_probe_timeout": 0.2, "tenant_max_active_jobs": 1}
-    with TestClient(create_app(settings.model_copy(update=overrides), housekeeping=False)) as client:
+    with TestClient(create_app(settings.model_copy(update={"tenant_max_active_jobs": 1}),
+                               housekeeping=False)) as client:
         auth = make_key()
         model_id = upload(client, auth, "/v1/models", "mlp.onnx", onnx_bytes)
         body = {"model_id": model_id, "preset": "int8-cpu"}
@@ -121,17 +116,17 @@ def test_at_the_job_limit_a_dry_run_gets_the_same_429(settings, make_key, onnx_b
         assert planned.json() == submitted.json() and planned.json()["error"]["code"] == "too_many_jobs"
 
 
-def test_datasets_are_matched_to_the_model_inputs_and_specs(planner, auth, settings, onnx_bytes):
+def test_datasets_are_matched_to_the_model_inputs_and_specs(client, auth, settings, onnx_bytes):
     rng = np.random.default_rng(0)
-    model_id = upload(planner, auth, "/v1/models", "vad.onnx", onnx_bytes)
+    model_id = upload(client, auth, "/v1/models", "vad.onnx", onnx_bytes)
     inspected(settings, model_id, VAD_INPUTS)
     specs = {"state": {"batch_axis": 1}, "sr": {"value": 16000}}
-    fits = upload(planner, auth, "/v1/datasets", "eval.npz", npz(
+    fits = upload(client, auth, "/v1/datasets", "eval.npz", npz(
         input=rng.standard_normal((8, 512)).astype(np.float32), state=np.zeros((8, 2, 128), np.float32),
         labels=np.arange(8) % 2))
-    wrong = upload(planner, auth, "/v1/datasets", "calibration.npz", npz(
+    wrong = upload(client, auth, "/v1/datasets", "calibration.npz", npz(
         input=rng.standard_normal((8, 256)).astype(np.float32), state=np.zeros((8, 2, 128), np.float32)))
-    plan = dry_run(planner, auth, {"model_id": model_id, "input_specs": specs, "preset": "int8-static-cpu",
+    plan = dry_run(client, auth, {"model_id": model_id, "input_specs": specs, "preset": "int8-static-cpu",
                                    "datasets": {"eval": fits, "calibration": wrong}}).json()
     by_role = {d["role"]: d for d in plan["datasets"]}
     assert by_role["eval"] == {
@@ -147,48 +142,55 @@ def test_datasets_are_matched_to_the_model_inputs_and_specs(planner, auth, setti
     assert not any(w.startswith("no eval dataset") for w in plan["warnings"])
 
 
-def test_before_inspection_and_for_text_datasets_the_fit_is_said_plainly(planner, auth, onnx_bytes, settings):
-    model_id = upload(planner, auth, "/v1/models", "mlp.onnx", onnx_bytes)
-    texts = upload(planner, auth, "/v1/datasets", "texts.jsonl", b'{"text": "hello"}\n{"text": "world"}\n')
+def test_before_inspection_and_for_text_datasets_the_fit_is_said_plainly(client, auth, onnx_bytes, settings):
+    model_id = upload(client, auth, "/v1/models", "mlp.onnx", onnx_bytes)
+    texts = upload(client, auth, "/v1/datasets", "texts.jsonl", b'{"text": "hello"}\n{"text": "world"}\n')
     body = {"model_id": model_id, "preset": "int8-cpu", "datasets": {"calibration": texts}}
-    plan = dry_run(planner, auth, body).json()
+    plan = dry_run(client, auth, body).json()
     assert plan["model"]["status"] == "uploaded" and plan["datasets"][0]["fits"] is None
     assert plan["warnings"][0].startswith("the model is still being inspected")
     assert plan["evaluation"] == "calibration dataset"
     inspected(settings, model_id, INPUTS)
-    calibration = dry_run(planner, auth, body).json()["datasets"][0]
+    calibration = dry_run(client, auth, body).json()["datasets"][0]
     assert calibration["fits"] is False
     assert calibration["problem"] == ("calibration dataset: a .jsonl text dataset needs a Hugging Face model that "
                                       "ships its tokenizer")
 
 
-def test_a_tune_dry_run_lists_the_candidates_it_would_try(planner, auth, settings, onnx_bytes):
-    model_id = upload(planner, auth, "/v1/models", "mlp.onnx", onnx_bytes)
+def test_a_tune_dry_run_lists_the_candidates_it_would_try(client, auth, settings, onnx_bytes):
+    model_id = upload(client, auth, "/v1/models", "mlp.onnx", onnx_bytes)
     inspected(settings, model_id, INPUTS, params=100)
-    calibration = upload(planner, auth, "/v1/datasets", "c.npz", npz(x=np.zeros((4, 16), np.float32)))
-    plan = dry_run(planner, auth, {"model_id": model_id, "tune": {"max_trials": 3},
+    calibration = upload(client, auth, "/v1/datasets", "c.npz", npz(x=np.zeros((4, 16), np.float32)))
+    plan = dry_run(client, auth, {"model_id": model_id, "tune": {"max_trials": 3},
                                    "datasets": {"calibration": calibration}}).json()
     tune = plan["tune"]
     assert tune["generated"] is True and tune["max_trials"] == 3 and tune["metric"] == "fidelity"
     assert tune["candidates"] == candidate_recipes(None, has_calibration=True, model_kind="onnx", layer_names=[])
     assert plan["recipe"] is None and plan["datasets"][0]["feeds"] == {"input": "array 'x'"}
     user = {"steps": [{"op": "quantize", "method": "dynamic"}]}
-    given = dry_run(planner, auth, {"model_id": model_id, "tune": {"search": [user, user]}}).json()["tune"]
+    given = dry_run(client, auth, {"model_id": model_id, "tune": {"search": [user, user]}}).json()["tune"]
     assert given["generated"] is False  # as given, defaults filled in, repeats dropped
     assert given["candidates"] == [Recipe.model_validate(user).model_dump(mode="json")]
 
 
-def test_a_cuda_dry_run_goes_to_the_gpu_queue_and_an_unreachable_broker_is_unknown(settings, make_key, onnx_bytes):
-    with TestClient(create_app(settings.model_copy(update={"worker_probe_timeout": 0.2}),
-                               housekeeping=False)) as client:
-        auth = make_key()
-        model_id = upload(client, auth, "/v1/models", "mlp.onnx", onnx_bytes)
-        plan = dry_run(client, auth, {"model_id": model_id, "preset": "int8-cpu", "target": {"device": "cuda"}})
-        assert plan.json()["queue"] == {"name": "gpu", "workers": "none", "worker_names": []}
-        assert plan.json()["warnings"][-1] == ("no worker serves the 'gpu' queue now: the job would wait queued until "
-                                               "one starts (`modelpress worker --queues gpu`, on a machine with CUDA)")
-    down = {"worker_probe_timeout": 0.2, "broker_url": "redis://127.0.0.1:1/0", "tenant_requests_per_minute": 0}
-    with TestClient(create_app(settings.model_copy(update=down), housekeeping=False)) as client:
-        plan = dry_run(client, auth, {"model_id": model_id, "preset": "int8-cpu"}).json()
-        assert plan["queue"] == {"name": "cpu", "workers": "unknown", "worker_names": []}
-        assert not any("queue" in warning for warning in plan["warnings"])
+def test_the_queue_is_served_as_the_workers_heartbeats_say(client, auth, settings, onnx_bytes):
+    """The service's own judgement (app.core.presence): a cpu worker that beat just now serves `cpu`, none serves
+    `gpu`, and one whose last beat is older than the heartbeat timeout serves nothing any more."""
+    model_id = upload(client, auth, "/v1/models", "mlp.onnx", onnx_bytes)
+    engine = make_engine(settings.resolved_database_url())
+    with session_scope(make_session_factory(engine)) as session:
+        presence.record(session, "cpu-4242@host", ["cpu"])
+    plan = dry_run(client, auth, {"model_id": model_id, "preset": "int8-cpu"}).json()
+    assert plan["queue"]["name"] == "cpu" and plan["queue"]["workers"] == "available"
+    assert plan["queue"]["last_served_at"] is not None
+    assert not any("queue" in warning for warning in plan["warnings"])
+    cuda = dry_run(client, auth, {"model_id": model_id, "preset": "int8-cpu", "target": {"device": "cuda"}}).json()
+    assert cuda["queue"]["name"] == "gpu" and cuda["queue"]["workers"] == "none"
+    assert cuda["warnings"][-1] == ("no worker serves the 'gpu' queue now: the job would wait queued until one "
+                                    "starts (`modelpress worker --queues gpu`, on a machine with CUDA), and fail "
+                                    f"with no_worker after {settings.queue_timeout:g} s")
+    stale = utcnow() - timedelta(seconds=settings.heartbeat_timeout + 1)
+    with session_scope(make_session_factory(engine)) as session:
+        session.execute(update(QueueHeartbeat).where(QueueHeartbeat.queue == "cpu").values(seen_at=stale))
+    engine.dispose()
+    assert dry_run(client, auth, {"model_id": model_id, "preset": "int8-cpu"}).json()["queue"]["workers"] == "none"

@@ -18,6 +18,7 @@ def test_readyz_is_503_when_database_is_down(tmp_path):
         response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"].startswith("unavailable")
+    assert response.json()["queues_without_workers"] is None
 
 
 def test_readyz_is_503_when_broker_is_down(tmp_path):
@@ -118,3 +119,24 @@ def test_405_lists_every_method_the_path_takes(client, auth, method, path, allow
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "method_not_allowed"
     assert response.headers["allow"] == allowed
+
+
+def test_readyz_lists_the_queues_no_worker_serves(client, no_workers):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from app.core import presence
+    from app.core.db import session_scope, utcnow
+    from app.core.tables import QueueHeartbeat
+
+    ready = client.get("/readyz")
+    assert (ready.status_code, ready.json()["queues_without_workers"]) == (200, ["cpu", "gpu"])
+    with session_scope(no_workers) as session:
+        presence.record(session, "cpu-1@host", ["cpu"])
+    ready = client.get("/readyz")
+    assert (ready.status_code, ready.json()["status"]) == (200, "ready")  # an unserved queue is information
+    assert ready.json()["queues_without_workers"] == ["gpu"]
+    with session_scope(no_workers) as session:  # the worker stopped beating longer ago than heartbeat_timeout
+        session.execute(update(QueueHeartbeat).values(seen_at=utcnow() - timedelta(minutes=2)))
+    assert client.get("/readyz").json()["queues_without_workers"] == ["cpu", "gpu"]

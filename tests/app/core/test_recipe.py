@@ -69,3 +69,13 @@ def test_a_student_is_exactly_one_of_model_id_shrink_and_current() -> None:
     with pytest.raises(ValueError, match=r"recipe.steps.1.op: distill needs a PyTorch model"):
         check_recipe_for_model(recovery, Target(), "onnx")
     check_recipe_for_model(recovery, Target(), "hf")
+
+
+def test_a_format_comes_from_one_export_step() -> None:
+    from app.core.recipe import Recipe
+
+    Recipe.model_validate({"steps": [{"op": "prune", "sparsity": 0.5}, {"op": "export", "formats": ["safetensors"]},
+                                     {"op": "quantize"}, {"op": "export", "formats": ["onnx"]}]})
+    with pytest.raises(ValidationError, match=r"steps.3.formats: 'safetensors' is already exported by step 1"):
+        Recipe.model_validate({"steps": [{"op": "prune", "sparsity": 0.5}, {"op": "export", "formats": ["safetensors"]},
+                                         {"op": "quantize"}, {"op": "export", "formats": ["safetensors"]}]})

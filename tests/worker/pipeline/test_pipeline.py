@@ -138,6 +138,34 @@ def test_prune_then_quantize_with_exports(tmp_path, worker_env, db, add_model, a
     assert any(t.shape[0] == 64 for t in load_file(str(weights)).values())
 
 
+def test_export_before_quantize_delivers_the_sparse_weights_and_the_int8_file(tmp_path, worker_env, db, add_model,
+                                                                              add_job):
+    """One job: the pruned fp32 weights in the sparse layout (written where the export step stands) and the int8
+    ONNX model (the final one)."""
+    path = save_pt2(tmp_path / "m.pt2", 64, 128, 8, batch=4)
+    job_id = add_job(add_model(path, "pt2"), steps=[
+        {"op": "prune", "method": "magnitude", "sparsity": 0.5},
+        {"op": "export", "formats": ["safetensors", "safetensors-dense"]},
+        {"op": "quantize", "method": "dynamic", "dtype": "int8"}], min_fidelity=0.5)
+    run_job(job_id)
+    job = finished(db, job_id)
+    assert sorted(a.format for a in job.artifacts if a.kind == "model") == ["onnx", "safetensors", "safetensors-dense"]
+    assert job.metrics["exports"]["safetensors"]["layout"] == "sparse-bitmask"
+    assert "before quantization" in job.metrics["exports"]["safetensors"]["model"]
+    assert job.metrics["steps"][1]["details"]["written_before_quantize"] == ["safetensors", "safetensors-dense"]
+    from safetensors.torch import load_file
+
+    _, dense = fetch(worker_env, job, tmp_path, fmt="safetensors-dense")
+    weights = [t for name, t in load_file(str(dense)).items() if name.endswith("weight") and t.dim() == 2]
+    assert weights and all(t.dtype == torch.float32 and (t == 0).float().mean() >= 0.45 for t in weights)
+    _, onnx_file = fetch(worker_env, job, tmp_path, fmt="onnx")
+    import onnx
+
+    data = onnx_file.read_bytes()
+    graph = onnx.load_from_string(gzip.decompress(data) if onnx_file.name.endswith(".gz") else data).graph
+    assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
+
+
 def test_onnx_upload_cannot_target_pytorch(tmp_path, worker_env, db, add_model, add_job):
     job_id = add_job(add_model(save_onnx(tmp_path / "m.onnx"), "onnx"), runtime="pytorch")
     run_job(job_id)
