@@ -6,8 +6,8 @@ preset `fast-encoder` (4 of the 6 layers and half the feed-forward neurons, rank
 sentences, distilled with early stopping, then int8), the same student with every layer, and activation-aware
 50% pruning recovered by `distill` current, then int8. Latency (one batch of 16 held-out sentences, padded to
 the longest) and the embedding cosine (mean-pooled over real tokens, against the fp32 original) are measured
-here on the same held-out sentences for every row; `speed` is the reference's p50 over the row's. The sentences are built from
-templates (bench/compression_bench.py), so train and held-out sentences are alike: a best case for recovery.
+here on the same held-out sentences for every row; `speed` is the reference's p50 over the row's. The sentences are
+built from templates (bench/compression_bench.py), so train and held-out sentences are alike: a best case for recovery.
 
     .venv/bin/python bench/student_bench.py [--train 2000] [--epochs 8] [--threads 2] [--only fast]
 """

@@ -1,6 +1,8 @@
 """The running job as the pipeline sees it: progress reports, cancel checks, and a heartbeat thread.
 
-State writes retry through short database outages, so a restarting database does not fail the job.
+State writes retry through short database outages, so a restarting database does not fail the job. Every progress
+report updates the job row; the ones worth it also become progress events (app.core.job_events.ProgressThrottle),
+and one held back by the throttle is written at a later `check`, which the sandbox's parent calls every poll.
 """
 
 import logging
@@ -14,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core import jobs
 from app.core.db import session_scope
+from app.core.job_events import ProgressThrottle, progress_report
 from worker.errors import JobCancelled, JobLost
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class JobContext:
         self.heartbeat_interval = heartbeat_interval
         self.cancel_requested = False
         self.lost = False
+        self.throttle = ProgressThrottle()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -65,17 +69,35 @@ class JobContext:
             self.cancel_requested = self.cancel_requested or cancel
 
     def check(self) -> None:
-        """Stop here if the job was cancelled or taken over by another worker."""
+        """Stop here if the job was cancelled or taken over by another worker (and write a held-back progress
+        event whose time has come)."""
+        report = self.throttle.due(time.monotonic())
+        if report is not None:
+            try:
+                self._write_progress(report, report, attempts=3)
+            except OperationalError as exc:
+                log.warning("progress event for %s not written: %s", self.job_id, exc.orig)
+        self._stop_if_told()
+
+    def _stop_if_told(self) -> None:
         if self.lost:
             raise JobLost(self.job_id)
         if self.cancel_requested:
             raise JobCancelled(self.job_id)
 
-    def progress(self, fraction: float, step: str | None, message: str | None) -> None:
-        self.check()
-        owned, cancel = with_db_retry(
-            self.factory, lambda s: jobs.set_progress(s, self.job_id, self.worker_id, fraction, step, message))
+    def progress(self, fraction: float, step: str | None, message: str | None, *, step_index: int | None = None,
+                 epoch: int | None = None, trial: int | None = None) -> None:
+        """`step` is the stage (load, measure, a recipe op, tune, package, upload); `step_index` the recipe step
+        (from 0), `epoch` the training epoch (from 1), `trial` the tuning trial (from 0)."""
+        self._stop_if_told()
+        report = progress_report(fraction, step, message, step_index=step_index, epoch=epoch, trial=trial)
+        self._write_progress(report, self.throttle.offer(report, time.monotonic()))
+        log.info("job %s %.0f%% %s: %s", self.job_id, fraction * 100, step, message)
+        self._stop_if_told()
+
+    def _write_progress(self, report: dict, event: dict | None, attempts: int = 12) -> None:
+        owned, cancel = with_db_retry(self.factory, lambda s: jobs.set_progress(
+            s, self.job_id, self.worker_id, report["fraction"], report["stage"], report["message"], event),
+            attempts=attempts)
         self.lost = self.lost or not owned
         self.cancel_requested = self.cancel_requested or cancel
-        log.info("job %s %.0f%% %s: %s", self.job_id, fraction * 100, step, message)
-        self.check()

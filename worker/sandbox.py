@@ -40,8 +40,9 @@ CHILD_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 POLL_SECONDS = 0.1
 CANCEL_GRACE_SECONDS = 30.0  # a cancelled child that does not stop by itself is killed after this
 # Imported once by the fork server, so a child starts in milliseconds rather than seconds.
+# (matplotlib too: a child's HOME is its scratch folder, where matplotlib would build its font cache every job)
 PRELOAD = ["torch", "onnxruntime", "worker.sandbox_child", "worker.pipeline.runner", "worker.formats",
-           "worker.formats.hf"]
+           "worker.formats.hf", "worker.reporting.charts"]
 MEMORY_SHARE = 0.75  # of the machine's memory, divided among the worker's job slots
 _start_lock = threading.Lock()
 
@@ -123,14 +124,16 @@ def scrub_paths(text: str, *folders: Path) -> str:
     return text
 
 
-def run(request: Request, *, progress: Callable[[float, str | None, str | None], None] | None = None,
+def run(request: Request, *, progress: Callable[..., None] | None = None,
         check: Callable[[], None] | None = None, on_trial: Callable[[dict[str, Any]], None] | None = None,
-        wall_seconds: float) -> Outcome:
+        on_best: Callable[[dict[str, Any]], None] | None = None, wall_seconds: float) -> Outcome:
     """Run `request` in a fresh sandboxed child and wait for it.
 
-    `progress` receives the child's progress reports (a JobCancelled it raises is relayed to the child as a
-    cancel, a JobLost kills the child and propagates); `check` is called every poll for the same purpose;
-    `on_trial` receives each finished tuning trial as the child reported it (to be checked by the caller).
+    `progress` receives the child's progress reports as (fraction, step, message, step_index=, epoch=, trial=),
+    the counters as the child sent them (app.core.job_events checks them); a JobCancelled it raises is relayed
+    to the child as a cancel, a JobLost kills the child and propagates; `check` is called every poll for the
+    same purpose; `on_trial` receives each finished tuning trial as the child reported it, and `on_best` each
+    "this trial's file is the best so far" (both to be checked by the caller).
     The child is killed past `wall_seconds`, past its memory cap, or when anything here raises (the
     worker's own time limit included), so no child outlives the call.
     """
@@ -160,13 +163,16 @@ def run(request: Request, *, progress: Callable[[float, str | None, str | None],
                 kind = message.get("type") if isinstance(message, dict) else None
                 if kind == "started":
                     watched = int(message["pid"])
-                elif kind in ("progress", "trial"):
+                elif kind in ("progress", "trial", "best"):
                     try:
                         if kind == "progress" and progress is not None:
                             progress(float(message["fraction"]), _text(message.get("step"), 100),
-                                     _text(message.get("message"), 1000))
+                                     _text(message.get("message"), 1000), step_index=message.get("step_index"),
+                                     epoch=message.get("epoch"), trial=message.get("trial"))
                         elif kind == "trial" and on_trial is not None:
                             on_trial(message)
+                        elif kind == "best" and on_best is not None:
+                            on_best(message)
                     except JobCancelled:
                         if cancel_sent_at is None:
                             cancel_sent_at = _send_cancel(parent_conn)

@@ -60,8 +60,8 @@ class Request:
 
 
 class ChildContext:
-    """The job context the pipeline sees in the sandbox: progress and finished tuning trials go to the parent, a
-    cancel comes from it."""
+    """The job context the pipeline sees in the sandbox: progress, finished tuning trials and the best one so far go
+    to the parent, a cancel comes from it."""
 
     def __init__(self, conn: Connection, workdir: Path):
         self.conn, self.workdir = conn, workdir
@@ -72,6 +72,10 @@ class ChildContext:
         deliver the best one so far if the job is stopped before tuning ends."""
         send(self.conn, {"type": "trial", "index": index, "path": _relative(path, self.workdir), **figures})
 
+    def best(self, index: int, path: Path) -> None:
+        """Trial `index`'s file is the best so far: the parent publishes it as the job's provisional artifact."""
+        send(self.conn, {"type": "best", "index": index, "path": _relative(path, self.workdir)})
+
     def check(self) -> None:
         while self.conn.poll():
             message = json.loads(self.conn.recv_bytes())
@@ -80,9 +84,11 @@ class ChildContext:
         if self.cancel_requested:
             raise JobCancelled("cancelled")
 
-    def progress(self, fraction: float, step: str | None, message: str | None) -> None:
+    def progress(self, fraction: float, step: str | None, message: str | None, *, step_index: int | None = None,
+                 epoch: int | None = None, trial: int | None = None) -> None:
         self.check()
-        send(self.conn, {"type": "progress", "fraction": fraction, "step": step, "message": message})
+        send(self.conn, {"type": "progress", "fraction": fraction, "step": step, "message": message,
+                         "step_index": step_index, "epoch": epoch, "trial": trial})
 
 
 def send(conn: Connection, message: dict[str, Any]) -> None:
@@ -127,7 +133,9 @@ def _namespaces() -> bool:
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
-    encode = (lambda value: None if value is None else value.encode())
+    def encode(value: str | None) -> bytes | None:
+        return None if value is None else value.encode()
+
     if _libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)) != 0:
         raise OSError(ctypes.get_errno(), f"mount {target}")
 

@@ -3,7 +3,6 @@ scratch folder, and publishing its outputs back. Everything in between reads and
 it can run where the credentials are not (see worker.tasks for the order).
 """
 
-import hashlib
 import json
 import re
 import tempfile
@@ -23,7 +22,7 @@ from app.core.storage import Storage
 from app.core.storage import keys as storage_keys
 from app.core.tables import Job, Model
 from worker.errors import JobFailure
-from worker.pipeline.files import Files, Output, StagedJob
+from worker.pipeline.files import Files, Output, StagedJob, download_stem, sha256_of
 
 
 def scratch_folder(settings: Settings, prefix: str) -> Path:
@@ -62,22 +61,13 @@ def stage_inputs(factory: sessionmaker[Session], storage: Storage, job: Job, wor
                            model_path=sources["model"][1], model_format=model.format, model_name=model.name,
                            dataset_files=dataset_files, student_files=student_files,
                            min_fidelity=job.min_fidelity, accept_degraded=bool(job.accept_degraded),
-                           input_specs=input_specs.from_json(job.input_specs))
+                           input_specs=input_specs.from_json(job.input_specs), job_id=job.id, model_id=model.id)
     for key, path, _ in sources.values():
         storage.get_file(key, path)
     return staged
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 ARTIFACT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-MAX_STEM_CHARS = 60
 
 
 def artifact_name(name) -> str:
@@ -85,14 +75,6 @@ def artifact_name(name) -> str:
     if not isinstance(name, str) or not ARTIFACT_NAME.fullmatch(name) or ".." in name:
         raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported an output with an invalid name")
     return name
-
-
-def download_stem(model_name: str) -> str:
-    """The model's name as the start of its artifacts' download names: the last path part of what the tenant
-    named it (any OS's separators), without control characters, bounded; `model` if nothing is left."""
-    last = re.split(r"[/\\]", model_name)[-1]
-    stem = "".join(ch for ch in Path(last).stem if ch.isprintable()).strip(" .")
-    return stem[:MAX_STEM_CHARS] or "model"
 
 
 def publish_outputs(storage: Storage, job: Job, staged: StagedJob, outputs: list[Output], metrics: dict[str, Any],
@@ -111,3 +93,20 @@ def publish_outputs(storage: Storage, job: Job, staged: StagedJob, outputs: list
         artifacts.append({"kind": kind, "format": fmt, "filename": f"{stem}-{name}", "size_bytes": path.stat().st_size,
                           "sha256": sha256_of(path), "storage_key": key})
     return artifacts
+
+
+TRIAL_FORMATS = {".onnx": "onnx", ".pt2": "pt2", ".zip": "onnx-seq2seq"}  # a zip: an encoder-decoder's two graphs
+
+
+def publish_provisional(storage: Storage, job: Job, staged: StagedJob, path: Path, index: int) -> dict[str, Any]:
+    """Store a tune job's best trial so far under a key of its own, per trial and attempt (a better trial's file
+    never overwrites one a client may be downloading, nor does a worker that lost the job overwrite the file of the
+    one that took it over); returns its artifact row, for app.core.jobs.record_provisional."""
+    fmt = TRIAL_FORMATS.get(path.suffix)
+    if fmt is None:
+        raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported a trial model of an unknown format")
+    name = f"best-so-far-trial{index}{path.suffix}"
+    key = storage_keys.job_key(job.tenant_id, job.id, f"attempt{job.attempts}-{name}")
+    storage.put_file(key, path)
+    return {"kind": "model", "format": fmt, "filename": f"{download_stem(staged.model_name)}-{name}",
+            "size_bytes": path.stat().st_size, "sha256": sha256_of(path), "storage_key": key}

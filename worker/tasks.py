@@ -35,9 +35,10 @@ log = logging.getLogger(__name__)
 _settings = get_settings()
 # The soft limit raises SoftTimeLimitExceeded in the task, which records `timeout`; the hard limit kills it.
 TIME_LIMITS = {"soft_time_limit": _settings.job_soft_time_limit, "time_limit": _settings.job_time_limit}
-OUTPUT_KINDS = {"model"}
-# onnx-seq2seq: a zip of two graphs; safetensors-dense: the plain layout of a sparse model's weights
-OUTPUT_FORMATS = {"onnx", "pt2", "safetensors", "safetensors-dense", "hf", "onnx-seq2seq"}
+# What the sandbox may deliver, by kind (the JSON report is written here). onnx-seq2seq: a zip of two graphs;
+# safetensors-dense: the plain layout of a sparse model's weights; the card is markdown, the HTML report one page.
+OUTPUT_FORMATS = {"model": {"onnx", "pt2", "safetensors", "safetensors-dense", "hf", "onnx-seq2seq"},
+                  "card": {"md"}, "report": {"html"}}
 
 
 @shared_task(name=TaskName.INSPECT_MODEL, **TIME_LIMITS)
@@ -131,9 +132,29 @@ def run_job(job_id: str) -> None:
                                                                    workdir, settings.resolved_home()))
                 outcome = {"status": JobStatus.FAILED, "error_code": ErrorCode.INTERNAL_ERROR,
                            "error_message": message}
-        with_db_retry(factory, lambda s: jobs.finish(s, job_id, worker_id, **outcome))
+        _finish(factory, storage, job_id, worker_id, outcome)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _finish(factory, storage, job_id: str, worker_id: str, outcome: dict) -> None:
+    """Record the outcome (its artifacts replace the provisional one), then delete the stored files of provisional
+    artifacts the outcome does not keep. A file left by a crash here is an orphan the API's sweep removes."""
+
+    def finish(session) -> list[str]:
+        provisional = jobs.provisional_keys(session, job_id)
+        return provisional if jobs.finish(session, job_id, worker_id, **outcome) else []
+
+    kept = {artifact["storage_key"] for artifact in outcome.get("artifacts") or []}
+    _delete_files(storage, [key for key in with_db_retry(factory, finish) if key not in kept])
+
+
+def _delete_files(storage, keys: list[str]) -> None:
+    for key in keys:
+        try:
+            storage.delete(key)
+        except Exception as exc:  # storage down: the sweep removes unreferenced files later
+            log.warning("could not delete %s: %s", key, exc)
 
 
 def _run(job: Job, workdir: Path, settings: Settings, storage, factory, ctx: JobContext) -> dict:
@@ -142,13 +163,12 @@ def _run(job: Job, workdir: Path, settings: Settings, storage, factory, ctx: Job
     inject_fault(settings, "stage")
     # Training stops in time for the steps after it to finish within the job's soft time limit.
     deadline = time.monotonic() + 0.8 * settings.job_soft_time_limit
-    trials = TrialsSoFar(staged, ctx)
+    trials = TrialsSoFar(job, staged, ctx, workdir, storage, factory)
     result = sandbox.run(sandbox.request(settings, "run_job", workdir, staged=staged, deadline=deadline),
-                         progress=ctx.progress, check=ctx.check, on_trial=trials.add,
+                         progress=ctx.progress, check=ctx.check, on_trial=trials.add, on_best=trials.best_so_far,
                          wall_seconds=settings.job_soft_time_limit)
-    if result.code is not None and trials.best is not None and result.code in (ErrorCode.CANCELLED,
-                                                                                ErrorCode.TIMEOUT):
-        return trials.deliver(job, workdir, storage, result)
+    if result.code is not None and trials.best is not None:  # stopped or failed before tuning ended
+        return trials.deliver(result.code, sandbox.scrub_paths(result.message, workdir, settings.resolved_home()))
     if result.code == ErrorCode.CANCELLED:
         raise JobCancelled(job.id)
     if result.code is not None:
@@ -174,16 +194,17 @@ def _run(job: Job, workdir: Path, settings: Settings, storage, factory, ctx: Job
 
 
 class TrialsSoFar:
-    """The tuning trials the sandbox has finished, as it reported them: shown as progress, and the best one is
-    delivered if the job is cancelled or runs out of time before tuning ends."""
+    """The tuning trials the sandbox has finished, as it reported them (shown as progress), and the best one so far,
+    as the sandbox names it: published at once as the job's provisional artifact, and delivered as its model
+    artifact if the run stops or fails before tuning ends."""
 
-    def __init__(self, staged, ctx: JobContext):
-        self.objective = staged.tune.objective if staged.tune is not None else "size"
-        self.sign = -1 if staged.tune is not None and staged.tune.metric == "perplexity" else 1  # lower is better
+    def __init__(self, job: Job, staged, ctx: JobContext, workdir: Path, storage, factory):
+        self.job, self.staged, self.ctx, self.workdir, self.storage, self.factory = \
+            job, staged, ctx, workdir, storage, factory
         self.extension = "onnx" if staged.target.runtime == "onnxruntime" else "pt2"
-        self.ctx = ctx
         self.trials: list[dict] = []
         self.best: dict | None = None
+        self.provisional: dict | None = None  # the best one's artifact row, once stored and recorded
 
     def add(self, message: dict) -> None:
         try:
@@ -194,31 +215,51 @@ class TrialsSoFar:
         except (KeyError, TypeError, ValueError):
             return  # not a trial this worker can use
         self.trials.append(trial)
-        key = "size_bytes" if self.objective == "size" else "latency_ms"
-        if trial["meets_tolerance"] and (self.best is None or not self.best["meets_tolerance"]
-                                         or trial[key] < self.best[key]):
-            self.best = trial
-        elif self.best is None or (not self.best["meets_tolerance"]
-                                   and self.sign * trial["metric"] > self.sign * self.best["metric"]):
-            self.best = trial
         self.ctx.progress(0.3, "tune", f"trial {trial['index'] + 1} done: {trial['size_bytes']} bytes, p50 "
                                        f"{trial['latency_ms']:.3g} ms, metric {trial['metric']:.4f}"
-                                       + (" (within the tolerance)" if trial["meets_tolerance"] else ""))
+                                       + (" (within the tolerance)" if trial["meets_tolerance"] else ""),
+                          trial=trial["index"])
 
-    def deliver(self, job: Job, workdir: Path, storage, stopped: sandbox.Outcome) -> dict:
-        """End the stopped job with the best trial so far as its model artifact, and the trials in its metrics."""
-        best = self.best
-        path = sandbox.safe_output(workdir, best["path"])
-        seq2seq = path.suffix == ".zip"  # an encoder-decoder's two graphs (worker.formats.onnx_pair)
+    def best_so_far(self, message: dict) -> None:
+        """The sandbox says a finished trial is the best so far: store its file and make it the job's provisional
+        artifact (the previous one's row and file go). A failure here is logged: the job goes on without it."""
+        index = message.get("index")
+        trial = next((t for t in self.trials if t["index"] == index), None)
+        if trial is None:
+            return
+        self.best, self.provisional = trial, None
+        job_id, worker_id = self.job.id, self.ctx.worker_id
+        try:
+            path = sandbox.safe_output(self.workdir, trial["path"])
+            artifact = staging.publish_provisional(self.storage, self.job, self.staged, path, trial["index"])
+            stale = with_db_retry(self.factory, lambda s: jobs.record_provisional(s, job_id, worker_id, artifact))
+        except Exception as exc:  # storage or database down, or the file already gone: no provisional artifact
+            log.warning("job %s: trial %s not published as the best so far: %s", job_id, index, exc)
+            return
+        if stale is None:  # the job is no longer this worker's
+            _delete_files(self.storage, [artifact["storage_key"]])
+            return
+        self.provisional = artifact
+        _delete_files(self.storage, stale)
+
+    def deliver(self, code: ErrorCode, why: str) -> dict:
+        """End the stopped job with the best trial so far as its model artifact (the provisional one, now final),
+        and the trials in its metrics."""
+        best, job = self.best, self.job
+        seq2seq = Path(best["path"]).suffix == ".zip"  # an encoder-decoder's two graphs (worker.formats.onnx_pair)
         name = f"best-trial.{'zip' if seq2seq else self.extension}"
-        key = storage_keys.job_key(job.tenant_id, job.id, name)
-        storage.put_file(key, path)
-        artifact = {"kind": "model", "format": "onnx-seq2seq" if seq2seq else self.extension, "filename": name,
-                    "size_bytes": path.stat().st_size, "sha256": staging.sha256_of(path), "storage_key": key}
-        cancelled = stopped.code == ErrorCode.CANCELLED
-        message = ("cancelled by the user" if cancelled else stopped.message) + \
+        if self.provisional is not None:
+            artifact = {**self.provisional, "filename": name}  # stays where it is stored
+        else:
+            path = sandbox.safe_output(self.workdir, best["path"])
+            key = storage_keys.job_key(job.tenant_id, job.id, name)
+            self.storage.put_file(key, path)
+            artifact = {"kind": "model", "format": "onnx-seq2seq" if seq2seq else self.extension, "filename": name,
+                        "size_bytes": path.stat().st_size, "sha256": staging.sha256_of(path), "storage_key": key}
+        cancelled = code == ErrorCode.CANCELLED
+        message = ("cancelled by the user" if cancelled else why) + \
             f"; the best of {len(self.trials)} finished tuning trials (trial {best['index']}) is delivered"
-        return {"status": JobStatus.CANCELLED if cancelled else JobStatus.FAILED, "error_code": stopped.code,
+        return {"status": JobStatus.CANCELLED if cancelled else JobStatus.FAILED, "error_code": code,
                 "error_message": message, "artifacts": [artifact],
                 "metrics": {"tuning": {"trials": [{k: v for k, v in t.items() if k != "path"} for t in self.trials],
                                        "best": best["index"], "complete": False}, "job_id": job.id,
@@ -231,8 +272,7 @@ def _outputs(reported, workdir: Path) -> list[Output]:
         raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported no output")
     outputs = []
     for item in reported:
-        if not isinstance(item, dict) or item.get("kind") not in OUTPUT_KINDS \
-                or item.get("format") not in OUTPUT_FORMATS:
+        if not isinstance(item, dict) or item.get("format") not in OUTPUT_FORMATS.get(item.get("kind"), ()):
             raise JobFailure(ErrorCode.INTERNAL_ERROR, "the job reported an output of an unknown kind")
         name = staging.artifact_name(item.get("filename"))
         outputs.append(Output(item["kind"], item["format"], sandbox.safe_output(workdir, item.get("path")), name))

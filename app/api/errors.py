@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.constants import REF_PREFIX
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -52,8 +53,12 @@ _DESCRIPTIONS = {400: "Bad request (malformed body, cursor or multipart)",
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries for error statuses, so clients and schema checks know every answer."""
-    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+    """OpenAPI `responses=` entries for error statuses, so clients and schema checks know every answer. The JSON
+    content is named outright: FastAPI would give the error body the media type of the route's own response
+    class, which for the event streams is `text/event-stream`."""
+    json_body = {"application/json": {"schema": {"$ref": f"{REF_PREFIX}ErrorBody"}}}
+    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status], "content": json_body}
+            for status in statuses}
 
 
 def error_response(code: ErrorCode, message: str, headers: dict[str, str] | None = None, *,

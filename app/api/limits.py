@@ -1,8 +1,10 @@
-"""Per-tenant limits: request rate (token bucket), queued + running jobs, stored bytes. 0 in Settings = unlimited.
+"""Per-tenant limits: request rate (token bucket), queued + running jobs, stored bytes, open event streams.
+0 in Settings = unlimited.
 
 The rate limiter sits behind one small interface, `RateLimiter.acquire`. With a Redis broker the buckets
 live in that Redis (a Lua script, so every API process shares them and the refill uses Redis's clock);
-with the embedded filesystem broker there is one API process and the buckets live in it.
+with the embedded filesystem broker there is one API process and the buckets live in it. Event stream slots
+(`StreamSlots`) are shared the same way.
 """
 
 import logging
@@ -110,6 +112,108 @@ def make_rate_limiter(settings: Settings) -> RateLimiter | None:
     if broker_url.startswith(("redis://", "rediss://")):
         return RedisRateLimiter(broker_url, per_minute)
     return LocalRateLimiter(per_minute)
+
+
+class StreamSlots(Protocol):
+    """Open Server-Sent Events streams per tenant. A stream takes a slot before its first byte and frees it when
+    it ends; `renew` (at every heartbeat) keeps a shared slot alive, so a crashed process's slots run out."""
+
+    def acquire(self, tenant_id: str, stream_id: str) -> bool: ...
+
+    def renew(self, tenant_id: str, stream_id: str) -> None: ...
+
+    def release(self, tenant_id: str, stream_id: str) -> None: ...
+
+
+class LocalStreamSlots:
+    """Slots counted in this process (embedded mode: a single API process)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open: dict[str, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, tenant_id: str, stream_id: str) -> bool:
+        with self._lock:
+            streams = self._open.setdefault(tenant_id, set())
+            if len(streams) >= self.limit:
+                return False
+            streams.add(stream_id)
+            return True
+
+    def renew(self, tenant_id: str, stream_id: str) -> None:
+        pass
+
+    def release(self, tenant_id: str, stream_id: str) -> None:
+        with self._lock:
+            streams = self._open.get(tenant_id, set())
+            streams.discard(stream_id)
+            if not streams:
+                self._open.pop(tenant_id, None)
+
+
+# KEYS[1]: the tenant's open streams (a sorted set: stream id -> lease end in ms); ARGV: limit, stream id, lease
+# in ms. Expired leases go first; a stream already holding a slot renews it whatever the count. 1 = held.
+_STREAM_SLOT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[2]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+
+class RedisStreamSlots:
+    """Slots as leases in the broker's Redis, shared by every API process. Fails open when Redis is down."""
+
+    def __init__(self, url: str, limit: int, lease_seconds: float):
+        self.limit, self.lease_ms = limit, int(lease_seconds * 1000)
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        self.script = self.client.register_script(_STREAM_SLOT)
+        self._skip_until = 0.0
+
+    @staticmethod
+    def _key(tenant_id: str) -> str:
+        return f"modelpress:streams:{tenant_id}"
+
+    def _unavailable(self, exc: redis.RedisError) -> None:
+        self._skip_until = time.monotonic() + REDIS_OUTAGE_BACKOFF
+        log.warning("stream slots: Redis unavailable (%s: %s); streams unlimited for %.0f s",
+                    exc.__class__.__name__, exc, REDIS_OUTAGE_BACKOFF)
+
+    def acquire(self, tenant_id: str, stream_id: str) -> bool:
+        if time.monotonic() < self._skip_until:
+            return True
+        try:
+            return self.script(keys=[self._key(tenant_id)], args=[self.limit, stream_id, self.lease_ms]) == 1
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+            return True
+
+    def renew(self, tenant_id: str, stream_id: str) -> None:
+        self.acquire(tenant_id, stream_id)
+
+    def release(self, tenant_id: str, stream_id: str) -> None:
+        try:
+            self.client.zrem(self._key(tenant_id), stream_id)
+        except redis.RedisError as exc:
+            self._unavailable(exc)
+
+
+def make_stream_slots(settings: Settings) -> StreamSlots | None:
+    """None when streams are unlimited (`tenant_max_event_streams` 0). A shared slot's lease outlives three
+    heartbeats, so only a stream that stopped renewing (its process died) loses it."""
+    limit = settings.tenant_max_event_streams
+    if limit == 0:
+        return None
+    broker_url = settings.resolved_broker_url()
+    if broker_url.startswith(("redis://", "rediss://")):
+        return RedisStreamSlots(broker_url, limit, 3 * settings.event_heartbeat_interval + 5)
+    return LocalStreamSlots(limit)
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:

@@ -8,11 +8,12 @@ from fastapi.responses import RedirectResponse
 from fastapi_offline import FastAPIOffline
 
 from app.api.errors import error_responses, install_error_handlers
+from app.api.event_stream import EventFeed
 from app.api.guard import BodyGuard
 from app.api.housekeeping import Housekeeper
-from app.api.limits import make_rate_limiter
+from app.api.limits import make_rate_limiter, make_stream_slots
 from app.api.observability import Metrics, MetricsMiddleware
-from app.api.routes import artifacts, datasets, jobs, keys, models, presets, service, webhooks
+from app.api.routes import artifacts, datasets, events, jobs, keys, models, presets, service, webhooks
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_session_factory
 from app.core.queue import make_celery
@@ -32,6 +33,8 @@ TAGS = [
                                         "and judge jobs on."},
     {"name": "jobs", "description": "Submit compression jobs (a recipe, a preset or a tuning search), follow them, "
                                     "read their reports and artifacts; `dry_run` shows the plan first."},
+    {"name": "events", "description": "Job events as Server-Sent Events (`status`, `progress`, `end`), resumable "
+                                      "with `Last-Event-ID`."},
     {"name": "artifacts", "description": "Download what a job produced: the compressed model and its report."},
     {"name": "presets", "description": "Named recipes for common goals."},
     {"name": "keys", "description": "The tenant's API keys: create, rotate, revoke."},
@@ -74,12 +77,14 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     app.state.storage = open_storage(settings.resolved_storage_url())
     app.state.metrics = Metrics(session_factory)
     app.state.rate_limiter = make_rate_limiter(settings)
+    app.state.stream_slots = make_stream_slots(settings)
+    app.state.event_feed = EventFeed(session_factory, settings.event_poll_interval, settings.event_gap_wait)
     install_error_handlers(app)
     app.include_router(service.router)
     # Every /v1 route authenticates (401), is rate limited (429), validates its input (422) and needs the
     # database (503); route-specific errors are declared on the routes.
-    for router in (models.router, datasets.router, jobs.router, artifacts.router, presets.router, keys.router,
-                   webhooks.router):
+    for router in (models.router, datasets.router, jobs.router, events.router, artifacts.router, presets.router,
+                   keys.router, webhooks.router):
         app.include_router(router, responses=error_responses(401, 422, 429, 503))
     # Inside the metrics middleware (its 401/413/400 answers are counted): the key before any body is read.
     app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, session_factory=session_factory)

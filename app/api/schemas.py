@@ -272,15 +272,17 @@ class ArtifactPublic(BaseModel):
 
     model_config = ConfigDict(from_attributes=True, json_schema_extra={"examples": [
         {"id": ARTIFACT_ID, "kind": "model", "format": "onnx", "filename": "resnet18-int8.onnx",
-         "size_bytes": 11698432, "sha256": SHA256}]})
+         "size_bytes": 11698432, "sha256": SHA256, "provisional": False}]})
 
     id: str = Field(description="the artifact's id, for `GET /v1/artifacts/{id}/download`")
-    kind: str = Field(description="`model` (the compressed model), `report` (the metrics as JSON), or an extra "
-                                  "export")
-    format: str = Field(description="`onnx`, `pt2`, `hf`, `safetensors`, `onnx-seq2seq`, `json`, ...")
+    kind: str = Field(description="`model` (the compressed model, or an extra export), `report` (format `json` or "
+                                  "`html`) or `card` (format `md`)")
+    format: str = Field(description="`onnx`, `pt2`, `hf`, `safetensors`, `onnx-seq2seq`, `json`, `html`, `md`, ...")
     filename: str = Field(description="the name the download is sent under")
     size_bytes: int = Field(description="the file's size")
     sha256: str = Field(description="the file's SHA-256, hex (also the download's ETag)")
+    provisional: bool = Field(default=False, description="a running tune job's best trial so far, replaced by a "
+                                                          "better one and by the final artifacts")
 
 
 class JobPublic(BaseModel):
@@ -305,7 +307,7 @@ class JobPublic(BaseModel):
             "steps": [{"op": "quantize", "seconds": 2.4}],
             "environment": {"device": "cpu", "threads": 1, "runtime": "onnxruntime"}},
         "artifacts": [{"id": ARTIFACT_ID, "kind": "model", "format": "onnx", "filename": "resnet18-int8.onnx",
-                       "size_bytes": 1140224, "sha256": SHA256}],
+                       "size_bytes": 1140224, "sha256": SHA256, "provisional": False}],
         "attempts": 1, "cancel_requested": False, "created_at": CREATED, "started_at": CREATED,
         "finished_at": FINISHED, "deleted_at": None}]})
 

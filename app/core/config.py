@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     tenant_max_storage_bytes: int = Field(default=100 * 1024**3, ge=0,
                                           description="models + datasets + artifacts of one tenant")
     tenant_max_keys: int = Field(default=20, ge=0, description="active API keys of one tenant")
+    tenant_max_event_streams: int = Field(default=20, ge=0, description="open Server-Sent Events streams of one "
+                                                                        "tenant, over all API processes")
+
+    # Server-Sent Events (GET /v1/jobs/{id}/events, /v1/events): how often an API process looks for new events in
+    # the database, how often an idle stream sends a `: ping` comment, and how long a hole in the event ids (an
+    # event committed after a later one) holds the streams back before it is taken for a rolled-back write.
+    event_poll_interval: float = Field(default=0.5, gt=0)
+    event_heartbeat_interval: float = Field(default=15.0, gt=0)
+    event_gap_wait: float = Field(default=2.0, ge=0)
 
     # Request bodies other than uploads (JSON) are refused past this size (413), before they are parsed.
     max_json_bytes: int = Field(default=1024 * 1024, gt=0)

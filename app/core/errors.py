@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     TOO_MANY_JOBS = "too_many_jobs"
     TOO_MANY_KEYS = "too_many_keys"
+    TOO_MANY_STREAMS = "too_many_streams"
     # Uploaded files
     EMPTY_FILE = "empty_file"
     UNSUPPORTED_FORMAT = "unsupported_format"
@@ -126,6 +127,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.TOO_MANY_JOBS: 429,
     ErrorCode.TOO_MANY_KEYS: 429,
+    ErrorCode.TOO_MANY_STREAMS: 429,
     ErrorCode.INTERNAL_ERROR: 500,
     ErrorCode.QUANTIZATION_FAILED: 500,
     ErrorCode.EXPORT_FAILED: 500,

@@ -9,6 +9,12 @@ A terminal job never changes status again; its outputs may later be deleted (`de
 Guards live in the WHERE clauses, so two processes racing on one job cannot both win. Every move to a terminal
 state also puts the job's webhook event (if it has a webhook_url) in the outbox, in the same transaction
 (app.core.webhooks).
+
+A running tune job may hold one provisional artifact, its best trial so far (`record_provisional`); `finish`
+replaces it with the final artifacts, and a job the reaper ends keeps it as a final one.
+
+Each change, and each progress report worth it, is a row of the job's history (app.core.job_events), inserted
+after the transaction's guarded UPDATE of the job: that row lock makes one job's events commit in id order.
 """
 
 from datetime import datetime, timedelta
@@ -21,12 +27,14 @@ from app.core import webhooks
 from app.core.db import utcnow
 from app.core.errors import ErrorCode
 from app.core.ids import new_id
+from app.core.job_events import EventKind, status_snapshot
 from app.core.statuses import TERMINAL, JobStatus
 from app.core.tables import Artifact, Job, JobEvent
 
 
 def _record(session: Session, job_id: str, from_status: str | None, to_status: str, message: str | None = None) -> None:
-    session.add(JobEvent(job_id=job_id, from_status=from_status, to_status=to_status, message=message))
+    session.add(JobEvent(job_id=job_id, kind=EventKind.STATUS, from_status=from_status, to_status=to_status,
+                         message=message, data=status_snapshot(session, job_id)))
 
 
 def create_job(session: Session, **fields: Any) -> Job:
@@ -78,8 +86,9 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> tuple[bool, bool
 
 
 def set_progress(session: Session, job_id: str, worker_id: str, fraction: float, step: str | None,
-                 message: str | None) -> tuple[bool, bool]:
-    """Record progress (it doubles as a heartbeat). Returns (still_owned, cancel_requested)."""
+                 message: str | None, report: dict[str, Any] | None = None) -> tuple[bool, bool]:
+    """Record progress (it doubles as a heartbeat), and `report` (app.core.job_events.progress_report) as a
+    progress event when given. Returns (still_owned, cancel_requested)."""
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
         .values(progress_fraction=max(0.0, min(1.0, fraction)), progress_step=step, progress_message=message,
@@ -88,6 +97,9 @@ def set_progress(session: Session, job_id: str, worker_id: str, fraction: float,
     )
     if result.rowcount != 1:
         return False, False
+    if report is not None:
+        session.add(JobEvent(job_id=job_id, kind=EventKind.PROGRESS, from_status=JobStatus.RUNNING,
+                             to_status=JobStatus.RUNNING, data=report))
     return True, bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 
@@ -96,7 +108,8 @@ def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, *, 
            artifacts: list[dict[str, Any]] | None = None) -> bool:
     """Move a running job owned by `worker_id` to a terminal state, replacing its artifact rows.
 
-    Replacing (not appending) keeps a re-run job's artifacts free of duplicates.
+    Replacing (not appending) keeps a re-run job's artifacts free of duplicates, and leaves no provisional one (the
+    caller deletes the files that `provisional_keys` named and `artifacts` does not reuse).
     """
     assert status.is_terminal()
     now = utcnow()
@@ -120,6 +133,34 @@ def finish(session: Session, job_id: str, worker_id: str, status: JobStatus, *, 
     webhooks.enqueue_job_event(session, job, status, now, error_code, error_message)
     session.flush()
     return True
+
+
+def record_provisional(session: Session, job_id: str, worker_id: str, artifact: dict[str, Any]) -> list[str] | None:
+    """Make `artifact` the running job's one provisional artifact (its best tuning trial so far), removing the
+    previous one. Guarded like a progress report: only the worker that owns the running job records it.
+
+    Returns the storage keys of the files no row refers to any more (to delete once this commits), or None when
+    the job is no longer this worker's to add to (nothing recorded: the caller removes the file it stored).
+    """
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
+        .values(updated_at=utcnow()).execution_options(synchronize_session=False))
+    if result.rowcount != 1:
+        return None
+    replaced = session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.provisional.is_(True))).all()
+    for old in replaced:
+        session.delete(old)
+    session.flush()
+    tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+    session.add(Artifact(id=new_id("art"), tenant_id=tenant_id, job_id=job_id, **{**artifact, "provisional": True}))
+    session.flush()
+    return [old.storage_key for old in replaced if old.storage_key != artifact["storage_key"]]
+
+
+def provisional_keys(session: Session, job_id: str) -> list[str]:
+    """Where the job's provisional artifacts are stored (read before `finish` replaces their rows)."""
+    return list(session.scalars(select(Artifact.storage_key).where(Artifact.job_id == job_id,
+                                                                   Artifact.provisional.is_(True))))
 
 
 def request_cancel(session: Session, job: Job) -> bool:
@@ -165,6 +206,9 @@ def reap_stale(session: Session, stale_before: datetime, max_attempts: int) -> d
         if result.rowcount == 1:
             _record(session, job.id, JobStatus.RUNNING, values["status"], message)
             if kind != "requeued":
+                # the best trial so far of a tune job is all the user gets of it: kept, no longer provisional
+                session.execute(update(Artifact).where(Artifact.job_id == job.id, Artifact.provisional.is_(True))
+                                .values(provisional=False).execution_options(synchronize_session=False))
                 webhooks.enqueue_job_event(session, job, values["status"], now, values.get("error_code"),
                                            values.get("error_message"))
             outcome[kind].append(job.id)

@@ -132,19 +132,30 @@ class Job(Base):
 
 
 class JobEvent(Base):
-    """Every state change of a job, in order: the job's history."""
+    """A job's history, in order: every status change (`kind` "status") and the progress reports worth showing
+    (`kind` "progress", throttled by the worker: app.core.job_events). The id orders a job's events and is the
+    `id:` of the Server-Sent Events (GET /v1/jobs/{id}/events, /v1/events). On SQLite the id is AUTOINCREMENT, so
+    deleting the newest events never hands their ids out again."""
 
     __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16), default="status", server_default="status")
     from_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The job's status after the event (a progress event: the running job's).
     to_status: Mapped[str] = mapped_column(String(16))
     message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # status: the job's changing fields at that moment; progress: the report (app.core.job_events).
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Artifact(Base):
+    """A file a job delivers. A provisional one is a running tune job's best trial so far (app.core.jobs): at most
+    one per job, replaced by a better trial, and gone (or made final) when the job ends."""
+
     __tablename__ = "artifacts"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -156,6 +167,7 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(500))
+    provisional: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")

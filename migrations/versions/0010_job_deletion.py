@@ -1,7 +1,7 @@
 """job deletion and queue heartbeats: when a job's outputs were deleted, and when a worker last served each queue
 
 Revision ID: 0010
-Revises: 0007
+Revises: 0009
 Create Date: 2026-12-20 10:00:00
 """
 
@@ -11,7 +11,7 @@ from alembic import op
 import app.core.db
 
 revision = '0010'
-down_revision = '0007'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 

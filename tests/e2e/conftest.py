@@ -96,7 +96,10 @@ def quantize_through_api(base: str, key: str, model_path: Path, procs: Processes
     assert job["status"] == "succeeded", (job, procs.output())
     report = client.get(f"/v1/jobs/{job_id}/report").json()
     assert report == job["metrics"]
-    artifacts = {a["kind"]: a for a in client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]}
+    listed = client.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    assert sorted((a["kind"], a["format"], a["provisional"]) for a in listed) == [
+        ("card", "md", False), ("model", "onnx", False), ("report", "html", False), ("report", "json", False)]
+    artifacts = {a["kind"]: a for a in listed if a["format"] != "html"}  # the JSON report as "report"
     download = client.get(f"/v1/artifacts/{artifacts['model']['id']}/download")
     assert download.status_code == 200
     assert download.headers["etag"] == f'"{artifacts["model"]["sha256"]}"'

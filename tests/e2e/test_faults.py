@@ -221,7 +221,8 @@ class Service:
 
     def events(self, job_id: str) -> list[str]:
         with self.factory() as session:
-            return list(session.scalars(select(JobEvent.to_status).where(JobEvent.job_id == job_id)
+            return list(session.scalars(select(JobEvent.to_status).where(JobEvent.job_id == job_id,
+                                                                         JobEvent.kind == "status")
                                         .order_by(JobEvent.id)))
 
 

@@ -87,9 +87,10 @@ def test_killed_worker_job_runs_again_elsewhere(tmp_path, processes, redis_url):
         assert job["status"] == "succeeded", job
         assert job["attempts"] == 2
         with factory() as session:
-            assert sorted(a.kind for a in session.query(Artifact).filter_by(job_id=job_id)) == ["model", "report"]
+            assert sorted(a.kind for a in session.query(Artifact).filter_by(job_id=job_id)) == [
+                "card", "model", "report", "report"]  # the report in JSON and HTML
         job_keys = [k for k in client.app.state.storage.list_keys("tenants") if f"/jobs/{job_id}/" in k]
-        assert len(job_keys) == 2
+        assert len(job_keys) == 4
     finally:
         client.close()
         drop_pg_database(database_url)

@@ -103,8 +103,8 @@ def test_a_generated_client_compresses_a_model_end_to_end(generated, processes):
 
         artifacts = list_artifacts.sync(job_id, client=client)
         assert isinstance(artifacts, models.ArtifactsPublic)
-        by_kind = {artifact.kind: artifact for artifact in artifacts.data}
-        assert set(by_kind) == {"model", "report"}
-        report = download_artifact.sync_detailed(by_kind["report"].id, client=client)
+        by_kind = {(artifact.kind, artifact.format_): artifact for artifact in artifacts.data}
+        assert ("model", "onnx") in by_kind and ("report", "json") in by_kind, by_kind
+        report = download_artifact.sync_detailed(by_kind["report", "json"].id, client=client)
         assert report.status_code == 200, report.content
         assert json.loads(report.content) == {**job.metrics.to_dict(), "job_id": job_id, "model_id": model.id}

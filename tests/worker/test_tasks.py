@@ -30,8 +30,9 @@ def test_quantize_job_succeeds_with_faithful_smaller_model(fmt, tmp_path, worker
         assert job.status == "succeeded", (job.error_code, job.error_message)
         assert job.attempts == 1 and job.progress_fraction == 1.0
         metrics = job.metrics
-        artifacts = {a.kind: a for a in job.artifacts}
-        history = [e.to_status for e in session.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id)]
+        artifacts = {a.kind: a for a in job.artifacts if a.format != "html"}  # the JSON report, not the HTML one
+        history = [e.to_status for e in session.query(JobEvent).filter_by(job_id=job_id, kind="status")
+                   .order_by(JobEvent.id)]
     assert history == ["queued", "running", "succeeded"]
     assert metrics["compression_ratio"] > 3.0
     assert metrics["fidelity"]["cosine_mean"] > 0.99 and metrics["fidelity"]["cosine_min"] > 0.98
@@ -72,7 +73,7 @@ def test_a_collapsed_model_fails_the_job_and_stays_downloadable(tmp_path, worker
     assert "below the floor 0.9" in message and "step 0 (prune" in message and "accept_degraded" in message
     assert metrics["fidelity_floor"]["passed"] is False and metrics["degraded"] is True
     assert metrics["fidelity_floor"]["worst_step"]["op"] == "prune"
-    assert kinds == {"model", "report"}  # kept for inspection
+    assert kinds == {"model", "report", "card"}  # kept for inspection
 
 
 def test_accept_degraded_or_a_lower_floor_lets_the_job_succeed(tmp_path, worker_env, db, add_model, add_job):
@@ -107,9 +108,10 @@ def test_rerun_of_a_stale_job_replaces_outputs(tmp_path, worker_env, db, add_mod
     with db() as session:
         job = session.get(Job, job_id)
         assert job.status == "succeeded" and job.attempts == 2
-        assert sorted(a.kind for a in session.query(Artifact).filter_by(job_id=job_id)) == ["model", "report"]
+        assert sorted((a.kind, a.format) for a in session.query(Artifact).filter_by(job_id=job_id)) == [
+            ("card", "md"), ("model", "onnx"), ("report", "html"), ("report", "json")]
     keys = open_storage(worker_env.resolved_storage_url()).list_keys(f"tenants/{job.tenant_id}/jobs")
-    assert len(keys) == 2
+    assert len(keys) == 4
 
 
 def test_finished_or_live_job_is_not_run_twice(tmp_path, worker_env, db, add_model, add_job):
@@ -310,3 +312,42 @@ def test_a_tuning_job_cancelled_midway_delivers_its_best_trial(tmp_path, worker_
     open_storage(worker_env.resolved_storage_url()).get_file(artifact.storage_key, model_file)
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     assert session.run(None, {session.get_inputs()[0].name: np.ones((4, 256), np.float32)})[0].shape == (4, 10)
+
+
+def test_a_tuning_job_shows_its_best_trial_so_far_until_the_final_artifacts_replace_it(
+        tmp_path, worker_env, db, add_model, add_job, db_job_tune, monkeypatch):
+    """The sandbox names each better trial; the worker stores it and records it as the one provisional artifact
+    (the previous one's row and file go); the job's end leaves only final artifacts."""
+    from worker import tasks
+
+    model = add_model(save_onnx(tmp_path / "m.onnx", 64, 128, 8), "onnx")
+    job_id = add_job(model)
+    db_job_tune(job_id, {"metric": "fidelity", "max_loss": 0.02, "objective": "size", "max_trials": 3, "search": [
+        {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "fp16"}]},
+        {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8"}]},
+        {"steps": [{"op": "prune", "method": "magnitude", "sparsity": 0.95}]}]})
+    storage = open_storage(worker_env.resolved_storage_url())
+    folder = f"tenants/{model.tenant_id}/jobs/{job_id}"
+    seen = []
+    publish = tasks.TrialsSoFar.best_so_far
+
+    def publish_and_look(self, message):
+        publish(self, message)
+        with db() as session:
+            rows = [(a.filename, a.provisional, a.storage_key) for a in session.get(Job, job_id).artifacts]
+        seen.append((message["index"], rows, storage.list_keys(folder)))
+
+    monkeypatch.setattr(tasks.TrialsSoFar, "best_so_far", publish_and_look)
+    _run(job_id)
+    assert [index for index, _, _ in seen] == [0, 1]  # int8 beat fp16; the collapsed pruning beat nothing
+    for index, rows, keys in seen:
+        [(filename, provisional, key)] = rows
+        assert provisional and filename == f"m-best-so-far-trial{index}.onnx" and keys == [key]
+    with db() as session:
+        job = session.get(Job, job_id)
+        final = sorted((a.kind, a.format, a.provisional) for a in job.artifacts)
+        assert job.status == "succeeded", (job.error_code, job.error_message)
+    assert final == [("card", "md", False), ("model", "onnx", False), ("report", "html", False),
+                     ("report", "json", False)]
+    keys = storage.list_keys(folder)
+    assert len(keys) == 4 and not any("best-so-far" in key for key in keys)

@@ -16,6 +16,7 @@ from worker.evaluation.inputs import generate_feeds, plan
 from worker.formats.suggestions import OTHER_DIM, suggest
 
 GENERATED_BATCHES = 8
+GENERATED_SEED = 0  # generated inputs are the same on every run (the report's provenance names it)
 DYNAMIC_BATCH = 16
 MAX_EVAL_SAMPLES = 512
 MAX_CALIBRATION_SAMPLES = 256
@@ -149,8 +150,9 @@ def prepare(loaded, files: dict[str, tuple[Path, str]], specs: dict[str, InputSp
         if eval_texts and any(spec["name"] == "decoder_input_ids" for spec in loaded.inputs):
             description["decoder_inputs"] = "the input text shifted right behind decoder_start_token_id"
     else:
-        eval_batches, labels = generate_feeds(loaded.inputs, batches=GENERATED_BATCHES, seed=0, specs=specs), None
-        description.update(inputs="generated", batches=GENERATED_BATCHES, seed=0,
+        eval_batches, labels = generate_feeds(loaded.inputs, batches=GENERATED_BATCHES, seed=GENERATED_SEED,
+                                              specs=specs), None
+        description.update(inputs="generated", batches=GENERATED_BATCHES, seed=GENERATED_SEED,
                            generated=[item.describe() for item in plan(loaded.inputs, specs)],
                            note="no eval dataset given: fidelity is measured on seeded random inputs of the "
                                 "model's input shapes, against the original model's own outputs; no accuracy")
@@ -186,8 +188,8 @@ def inputs_do_not_run(loaded, data: JobData, specs: dict[str, InputSpec]) -> Job
     if data.description.get("inputs") != "generated":
         return JobFailure(ErrorCode.INVALID_DATASET,
                           f"the model does not run on the {data.description['inputs']}'s batches ({shapes}); check "
-                          "that the arrays hold what the model takes, and give input_specs: batch_axis for an input whose "
-                          "batch is not its first axis, a constant value for an input that is a setting")
+                          "that the arrays hold what the model takes, and give input_specs: batch_axis for an input "
+                          "whose batch is not its first axis, a constant value for an input that is a setting")
     made_up = [item for item in plan(loaded.inputs, specs)
                if item.spec is None or (item.spec.shape is None and not item.spec.is_constant)]
     if not made_up:

@@ -19,7 +19,8 @@ Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
 
 def latency_ms(run: Runner, feeds: list[np.ndarray], warmup: int, runs: int,
                check: Callable[[], None] = lambda: None) -> dict:
-    """p50/p95 of single-batch runs after warm-up; `check` is called between runs so a cancel is noticed."""
+    """p50/p95 of single-batch runs after warm-up, and their spread (min, max, mean, standard deviation: how far
+    one run is from another on this machine); `check` is called between runs so a cancel is noticed."""
     for _ in range(warmup):
         run(feeds)
     times = []
@@ -29,8 +30,10 @@ def latency_ms(run: Runner, feeds: list[np.ndarray], warmup: int, runs: int,
         start = time.perf_counter()
         run(feeds)
         times.append((time.perf_counter() - start) * 1000)
-    return {"p50": round(float(np.percentile(times, 50)), 4), "p95": round(float(np.percentile(times, 95)), 4),
-            "runs": runs, "batch_shape": [list(a.shape) for a in feeds]}
+    spread = {"p50": np.percentile(times, 50), "p95": np.percentile(times, 95), "min": np.min(times),
+              "max": np.max(times), "mean": np.mean(times), "stdev": np.std(times)}
+    return {**{name: round(float(value), 4) for name, value in spread.items()}, "runs": runs,
+            "batch_shape": [list(a.shape) for a in feeds]}
 
 
 def _per_sample(batches: list[list[np.ndarray]]) -> np.ndarray:

@@ -32,9 +32,10 @@ class Applied:
     snapshot_layouts: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_recipe(run: JobRun, recipe: Recipe, state: WorkingModel, workdir: Path, measure_steps: bool) -> Applied:
+def apply_recipe(run: JobRun, recipe: Recipe, state: WorkingModel, workdir: Path, measure_steps: bool,
+                 trial: int | None = None) -> Applied:
     """Run the steps in order; with `measure_steps`, measure the model after every step that changes it (a tuning
-    trial measures only its result)."""
+    trial, numbered `trial`, measures only its result)."""
     records: list[dict[str, Any]] = []
     reported: dict[str, Any] = {}
     last: tuple[Path, dict, list] | None = None
@@ -44,8 +45,9 @@ def apply_recipe(run: JobRun, recipe: Recipe, state: WorkingModel, workdir: Path
     snapshot_layouts: dict[str, Any] = {}
     for index, step in enumerate(recipe.steps):
         place = StepPlace(recipe=recipe, index=index, workdir=workdir,
-                          fraction=0.3 + 0.5 * index / len(recipe.steps))
-        run.ctx.progress(place.fraction, step.op, f"step {index + 1}/{len(recipe.steps)}: {step.op}")
+                          fraction=0.3 + 0.5 * index / len(recipe.steps), trial=trial)
+        run.ctx.progress(place.fraction, step.op, f"step {index + 1}/{len(recipe.steps)}: {step.op}",
+                         step_index=index, trial=trial)
         handler = HANDLERS[step.op]
         started = time.perf_counter()
         details = handler.apply(run, state, step, place)

@@ -1,5 +1,8 @@
-"""What a pipeline run reads and writes: the job's inputs as local files, and the files it delivers."""
+"""What a pipeline run reads and writes: the job's inputs as local files, and the files it delivers (and the names
+they are downloaded under, which the worker gives them and the model card quotes)."""
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +27,35 @@ class StagedJob:
     min_fidelity: float | None = None  # the job's fidelity floor (worker.pipeline.floor); None: the default
     accept_degraded: bool = False
     input_specs: dict[str, InputSpec] = field(default_factory=dict)  # how to make or read each input
+    job_id: str | None = None  # named in the model card and the HTML report
+    model_id: str | None = None
 
 
 @dataclass
 class Output:
-    """A file the job delivers: `kind` model or report, in `format`, downloaded as `filename`."""
+    """A file the job delivers: `kind` model, card or report, in `format`, stored as `filename` (downloaded with
+    the model's name before it: `download_stem`)."""
 
     kind: str
     format: str
     path: Path
     filename: str
+
+
+MAX_STEM_CHARS = 60
+
+
+def download_stem(model_name: str) -> str:
+    """The model's name as the start of its artifacts' download names: the last path part of what the tenant
+    named it (any OS's separators), without control characters, bounded; `model` if nothing is left."""
+    last = re.split(r"[/\\]", model_name)[-1]
+    stem = "".join(ch for ch in Path(last).stem if ch.isprintable()).strip(" .")
+    return stem[:MAX_STEM_CHARS] or "model"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -58,12 +58,14 @@ class WorkingModel:
 
 @dataclass
 class StepPlace:
-    """Where a step runs: its recipe and index, the folder for its files, and the job's progress fraction."""
+    """Where a step runs: its recipe and index, the folder for its files, the job's progress fraction, and the
+    tuning trial it belongs to (None outside tuning)."""
 
     recipe: Recipe
     index: int
     workdir: Path
     fraction: float
+    trial: int | None = None
 
 
 class JobRun:

@@ -4,8 +4,9 @@ result and report what was gained and lost.
 The model travels through the steps in torch form (pruning, training, pytorch-target quantization) for .pt2
 and Hugging Face uploads, and in ONNX form once an ONNX Runtime quantizer ran or when the upload was ONNX.
 Baseline, every step and the result are measured by the same code, on the same inputs, with the target
-runtime. Every delivered file is loaded back and run before the job succeeds. Nothing here touches the
-database or the artifact store (worker.staging does, before and after).
+runtime. Every delivered file is loaded back and run before the job succeeds; the report carries its provenance,
+and a model card and an HTML report go with the model (worker.reporting). Nothing here touches the database or
+the artifact store (worker.staging does, before and after).
 """
 
 import platform
@@ -17,11 +18,13 @@ import onnxruntime as ort
 import torch
 
 from app.core.config import Settings
+from worker import reporting
 from worker.context import JobContext
-from worker.pipeline import exports, floor, trials
+from worker.pipeline import exports, floor, provenance, trials
 from worker.pipeline.apply import Applied, apply_recipe
-from worker.pipeline.files import Output, StagedJob
+from worker.pipeline.files import Output, StagedJob, download_stem
 from worker.pipeline.job_run import JobRun
+from worker.reporting.summary import Subject
 
 
 @dataclass
@@ -59,7 +62,15 @@ def run_pipeline(staged: StagedJob, workdir: Path, settings: Settings, ctx: JobC
     layouts = {**applied.snapshot_layouts, **layouts}
     if layouts:
         metrics["exports"] = layouts
-    return PipelineResult(metrics=metrics, outputs=[main, *applied.snapshots, *extra])
+    metrics["provenance"] = provenance.collect(run, baseline, compressed, metrics.get("recipe") or staged.recipe)
+    ctx.progress(0.93, "package", "writing the model card and the HTML report")
+    stem = download_stem(staged.model_name)
+    subject = Subject(model_name=staged.model_name, job_id=staged.job_id, model_id=staged.model_id,
+                      model_file=f"{stem}-{main.filename}", model_format=main.format,
+                      encoding=compressed.get("encoding"),
+                      other_files=[f"{stem}-{o.filename}" for o in [*applied.snapshots, *extra]])
+    documents = reporting.write_documents(metrics, subject, workdir / "documents")
+    return PipelineResult(metrics=metrics, outputs=[main, *applied.snapshots, *extra, *documents])
 
 
 def _report(run: JobRun, baseline: dict[str, Any], baseline_fidelity: dict[str, Any], compressed: dict[str, Any],

@@ -2,6 +2,7 @@
 model) and hand them to the search in worker.pipeline.tuning."""
 
 import copy
+import itertools
 import shutil
 import time
 from functools import cache
@@ -75,15 +76,16 @@ def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelit
         baseline_metric = baseline["perplexity"]
     else:
         baseline_metric = baseline_fidelity
-    applied: dict[int, Applied] = {}
+    applied: dict[int, Applied] = {}  # by trial index, as the search counts trials (a failed one too)
+    numbers = itertools.count()
 
     def run_trial(recipe: dict) -> tuple[int, float, float]:
-        index = len(applied)
+        index = next(numbers)
         trial_dir = run.workdir / f"trial{index}"
         trial_dir.mkdir()
         state = WorkingModel(module=copy.deepcopy(run.loaded.module), onnx_path=run.loaded.onnx_path)
-        run.ctx.progress(0.3, "tune", f"trial {index + 1}: {[s['op'] for s in recipe['steps']]}")
-        result = apply_recipe(run, Recipe.model_validate(recipe), state, trial_dir, measure_steps=False)
+        run.ctx.progress(0.3, "tune", f"trial {index + 1}: {[s['op'] for s in recipe['steps']]}", trial=index)
+        result = apply_recipe(run, Recipe.model_validate(recipe), state, trial_dir, measure_steps=False, trial=index)
         applied[index] = result
         fidelity = run.fidelity(result.outputs)
         result.figures["fidelity"] = fidelity
@@ -96,13 +98,19 @@ def tune(run: JobRun, spec: TuneSpec, baseline: dict[str, Any], baseline_fidelit
                                         <= spec.max_loss})
         return result.figures["size_bytes"], result.figures["latency_ms"]["p50"], metric
 
+    def best_so_far(index: int) -> None:
+        publish = getattr(run.ctx, "best", None)  # the sandbox's context: the parent publishes it as provisional
+        if publish is not None:
+            publish(index, applied[index].path)
+
     outcome = tuning.tune(candidates, run_trial, baseline_metric=baseline_metric, max_loss=spec.max_loss,
                           objective=spec.objective, max_trials=spec.max_trials, time_budget_s=spec.time_budget_s,
                           check=run.ctx.check, lower_is_better=lower_is_better,
-                          estimate=_training_estimate(run))
+                          estimate=_training_estimate(run), on_best=best_so_far)
+    outcome["metric"] = spec.metric
     if outcome["best"] is None:
         raise JobFailure(ErrorCode.TUNING_FAILED, outcome["message"])
-    for index in applied:
+    for index in range(len(outcome["trials"])):
         if index != outcome["best"]:
             shutil.rmtree(run.workdir / f"trial{index}", ignore_errors=True)
     best = applied[outcome["best"]]

@@ -79,14 +79,16 @@ def _best(trials: list[Trial], key: str, baseline_metric: float, max_loss: float
 def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, float]], *, baseline_metric: float,
          max_loss: float, objective: str, max_trials: int, time_budget_s: float | None,
          check: Callable[[], None] = lambda: None, clock: Callable[[], float] = time.monotonic,
-         lower_is_better: bool = False, estimate: Callable[[dict], float] = lambda recipe: 0.0) -> dict:
+         lower_is_better: bool = False, estimate: Callable[[dict], float] = lambda recipe: 0.0,
+         on_best: Callable[[int], None] = lambda index: None) -> dict:
     """Run the candidates in order until they run out, `max_trials` ran, or the time budget is spent (checked
     before each trial: none starts after it). A trial that trains and is expected not to fit the budget left
     (`estimate`: its training seconds, plus the quickest finished trial's seconds for the rest) is skipped and the
     search goes on;
     skipped candidates, and those left when the budget ran out, are listed in `skipped`. A trial that raises is
     recorded as failed; cancellation (from `check`, or a cancel noticed inside the trial) ends the search by
-    propagating."""
+    propagating. `on_best(index)` is called whenever a finished trial becomes the best so far, chosen as the final
+    choice is (so the last call names the final choice)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
     key = OBJECTIVES[objective]
@@ -125,6 +127,8 @@ def tune(candidates: list[dict], run_trial: Callable[[dict], tuple[int, float, f
         trials.append(Trial(recipe=recipe, size_bytes=size_bytes, latency_ms=latency_ms, metric=metric,
                             meets_tolerance=loss(baseline_metric, metric, lower_is_better) <= max_loss,
                             seconds=clock() - trial_started))
+        if _best(trials, key, baseline_metric, max_loss, lower_is_better)[0] == len(trials) - 1:
+            on_best(len(trials) - 1)
 
     best, message = _best(trials, key, baseline_metric, max_loss, lower_is_better)
     won_by = _margin(trials, best, key)

@@ -1,4 +1,5 @@
-"""/v1/artifacts/{id}/download: the bytes of a job's output, with ETag (its sha256) and Range."""
+"""/v1/artifacts/{id}/download: the bytes of a job's output (model, JSON or HTML report, model card), with ETag (its
+sha256) and Range."""
 
 from fastapi import APIRouter, Request, Response
 
@@ -13,7 +14,12 @@ from app.core.tables import Artifact
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
-MEDIA_TYPES = {"json": "application/json"}
+MEDIA_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8", "html": "text/html; charset=utf-8"}
+# Downloads are attachments; should a browser render one anyway (an HTML report opened from a link), it may not
+# guess another type, run a script or load anything: the report needs only its inline styles and SVG.
+DOWNLOAD_HEADERS = {"X-Content-Type-Options": "nosniff",
+                    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                                               "sandbox"}
 
 
 @router.get("/{artifact_id}/download", response_class=Response,
@@ -28,9 +34,11 @@ def download_artifact(artifact_id: ArtifactId, request: Request, tenant: Current
         raise ServiceError(ErrorCode.NOT_FOUND, f"artifact {artifact_id!r} was deleted with the outputs of job "
                                                 f"{artifact.job_id!r} at {artifact.job.deleted_at:%Y-%m-%dT%H:%M:%SZ}")
     try:
-        return stream_object(request, storage, artifact.storage_key, size=artifact.size_bytes,
-                             sha256=artifact.sha256, filename=artifact.filename,
-                             media_type=MEDIA_TYPES.get(artifact.format, "application/octet-stream"))
+        response = stream_object(request, storage, artifact.storage_key, size=artifact.size_bytes,
+                                 sha256=artifact.sha256, filename=artifact.filename,
+                                 media_type=MEDIA_TYPES.get(artifact.format, "application/octet-stream"))
     except ObjectNotFound:
         raise ServiceError(ErrorCode.NOT_FOUND,
                            f"the file of artifact {artifact_id!r} is missing from storage") from None
+    response.headers.update(DOWNLOAD_HEADERS)
+    return response

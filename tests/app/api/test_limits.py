@@ -194,3 +194,38 @@ def test_deleting_a_jobs_outputs_frees_its_quota(limited, settings, make_key, on
         assert storage_used(session, tenant_id(settings, headers)) == len(onnx_bytes)
     engine.dispose()
     assert client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).status_code == 201
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_stream_slots_per_tenant_freed_on_release(shared, request):
+    """Event stream slots: the limit per tenant, a held slot renewed whatever the count, a freed slot reusable."""
+    if shared:
+        slots = limits.RedisStreamSlots(request.getfixturevalue("redis_url"), 2, lease_seconds=60)
+    else:
+        slots = limits.LocalStreamSlots(2)
+    tenant, other = new_id("tenant"), new_id("tenant")
+    assert slots.acquire(tenant, "a") and slots.acquire(tenant, "b")
+    assert not slots.acquire(tenant, "c")
+    assert slots.acquire(other, "a")  # another tenant's slots are its own
+    slots.renew(tenant, "a")
+    slots.release(tenant, "a")
+    assert slots.acquire(tenant, "c")
+    assert not slots.acquire(tenant, "d")
+
+
+def test_shared_stream_slots_expire_when_no_longer_renewed(redis_url):
+    """A process that died holding slots does not hold them past their lease."""
+    import time
+
+    slots = limits.RedisStreamSlots(redis_url, 1, lease_seconds=0.2)
+    tenant = new_id("tenant")
+    assert slots.acquire(tenant, "dead") and not slots.acquire(tenant, "new")
+    time.sleep(0.3)
+    assert slots.acquire(tenant, "new")
+
+
+def test_stream_slots_fail_open_when_redis_is_down(caplog):
+    slots = limits.RedisStreamSlots("redis://127.0.0.1:1/0", 1, lease_seconds=60)
+    with caplog.at_level(logging.WARNING):
+        assert slots.acquire("t", "a") and slots.acquire("t", "b")
+    assert "Redis unavailable" in caplog.text

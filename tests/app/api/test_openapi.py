@@ -46,11 +46,14 @@ def _field_problems(where: str, schema: dict) -> list[str]:
 def undocumented(schema: dict) -> list[str]:
     """Everything in an OpenAPI schema that a reader of /docs would find unexplained."""
     problems = []
+    tags = {tag["name"]: tag.get("description") for tag in schema.get("tags", [])}
     for path, item in schema["paths"].items():
         for method, operation in item.items():
             where = f"{method.upper()} {path}"
             if not operation.get("summary") or not operation.get("description"):
                 problems.append(f"{where}: no summary or description")
+            problems += [f"{where}: tag {tag!r} is not described" for tag in operation.get("tags", [])
+                         if not tags.get(tag)]
             for parameter in operation.get("parameters", []):
                 if not parameter.get("description"):
                     problems.append(f"{where}: parameter {parameter['name']!r} has no description")
@@ -75,9 +78,11 @@ def test_every_operation_parameter_and_field_is_described_with_an_example(docs_c
 
 
 def test_the_walk_finds_what_is_missing():
-    bare = {"paths": {"/x": {"get": {"summary": "X", "parameters": [{"name": "q", "schema": {"type": "string"}}]}}},
+    bare = {"paths": {"/x": {"get": {"summary": "X", "tags": ["x"],
+                                     "parameters": [{"name": "q", "schema": {"type": "string"}}]}}},
             "components": {"schemas": {"Thing": {"description": "a thing", "properties": {"a": {"type": "string"}}}}}}
-    assert undocumented(bare) == ["GET /x: no summary or description", "GET /x: parameter 'q' has no description",
+    assert undocumented(bare) == ["GET /x: no summary or description", "GET /x: tag 'x' is not described",
+                                  "GET /x: parameter 'q' has no description",
                                   "GET /x: parameter 'q' has no example", "Thing.a: no description",
                                   "Thing.a: no example (on the field, or on the schema)"]
 

@@ -98,3 +98,45 @@ def test_reaper_leaves_live_jobs_alone(factory, job_id):
         jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
     with session_scope(factory) as session:
         assert jobs.reap_stale(session, jobs.stale_cutoff(60), 3) == {"requeued": [], "failed": [], "cancelled": []}
+
+
+def _artifact(name: str) -> dict:
+    return {"kind": "model", "format": "onnx", "filename": f"m-{name}", "size_bytes": 1, "sha256": "0" * 64,
+            "storage_key": f"tenants/t/jobs/j/{name}"}
+
+
+def _artifacts(factory, job_id) -> list[tuple[str, bool]]:
+    with factory() as session:
+        return [(a.filename, a.provisional) for a in session.get(Job, job_id).artifacts]
+
+
+def test_a_better_trial_replaces_the_provisional_artifact_and_finish_leaves_none(factory, job_id):
+    with session_scope(factory) as session:
+        jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
+    with session_scope(factory) as session:
+        assert jobs.record_provisional(session, job_id, "w1", _artifact("trial0.onnx")) == []
+    with session_scope(factory) as session:  # the same key again (a re-run's trial 0) is not a file to delete
+        assert jobs.record_provisional(session, job_id, "w1", _artifact("trial0.onnx")) == []
+    with session_scope(factory) as session:
+        assert jobs.record_provisional(session, job_id, "w1", _artifact("trial2.onnx")) == \
+            ["tenants/t/jobs/j/trial0.onnx"]
+    assert _artifacts(factory, job_id) == [("m-trial2.onnx", True)]
+    with session_scope(factory) as session:  # another worker's report is not recorded
+        assert jobs.record_provisional(session, job_id, "w2", _artifact("trial3.onnx")) is None
+        assert jobs.provisional_keys(session, job_id) == ["tenants/t/jobs/j/trial2.onnx"]
+        assert jobs.finish(session, job_id, "w1", jobs.JobStatus.SUCCEEDED, artifacts=[_artifact("final.onnx")])
+    assert _artifacts(factory, job_id) == [("m-final.onnx", False)]
+    with session_scope(factory) as session:  # nor once the job has ended
+        assert jobs.record_provisional(session, job_id, "w1", _artifact("trial4.onnx")) is None
+    assert _artifacts(factory, job_id) == [("m-final.onnx", False)]
+
+
+def test_a_job_the_reaper_ends_keeps_its_best_trial_as_a_final_artifact(factory, job_id):
+    with session_scope(factory) as session:
+        jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
+        jobs.record_provisional(session, job_id, "w1", _artifact("trial1.onnx"))
+        session.execute(update(Job).where(Job.id == job_id).values(attempts=3, heartbeat_at=utcnow() - timedelta(
+            hours=1)))
+    with session_scope(factory) as session:
+        assert jobs.reap_stale(session, jobs.stale_cutoff(60), max_attempts=3)["failed"] == [job_id]
+    assert _artifacts(factory, job_id) == [("m-trial1.onnx", False)]

@@ -21,6 +21,7 @@ from worker.pipeline.steps.training import training_options
 # initialised from the teacher without undoing it, and enough epochs for early stopping to end the training.
 ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2}
 HOLDOUT_FRACTION = 0.1  # of the train samples, held out for early stopping
+HOLDOUT_SEED = 0  # which samples are held out: the same on every run
 
 
 def _student(run: JobRun, teacher, step: DistillStep, train_data: train.TrainData):
@@ -63,7 +64,7 @@ def with_encoder_defaults(run: JobRun, step: DistillStep) -> tuple[DistillStep, 
     return step.model_copy(update=defaults), defaults
 
 
-def _held_out(data: train.TrainData, seed: int = 0) -> tuple[train.TrainData, train.TrainData]:
+def _held_out(data: train.TrainData, seed: int = HOLDOUT_SEED) -> tuple[train.TrainData, train.TrainData]:
     """(train, held-out) split of the train samples: HOLDOUT_FRACTION of them (at least one), drawn at random."""
     samples = len(data.inputs[0])
     if samples < 2:

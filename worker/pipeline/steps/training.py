@@ -17,7 +17,8 @@ def training_options(run: JobRun, step, place: StepPlace) -> dict[str, Any]:
     def on_epoch(epoch: int, record: dict) -> None:
         loss = record.get("train_loss")
         val = f", val loss {record['val_loss']:.4f}" if record.get("val_loss") is not None else ""
-        run.ctx.progress(place.fraction, step.op, f"{step.op} epoch {epoch}/{step.epochs}: train loss {loss:.4f}{val}")
+        run.ctx.progress(place.fraction, step.op, f"{step.op} epoch {epoch}/{step.epochs}: train loss {loss:.4f}{val}",
+                         step_index=place.index, epoch=epoch, trial=place.trial)
 
     return {"device": run.device, "static_batch": size if static else None, "on_epoch": on_epoch,
             "check": run.ctx.check, "deadline": run.deadline}
