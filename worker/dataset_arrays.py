@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import safetensors
 
+from app.core import dataset_fit
 from app.core.errors import ErrorCode
 from app.core.vetting.dataset_files import LABELS, UTF8_BOM, DatasetError, inspect_dataset
 from worker.errors import JobFailure
@@ -144,59 +145,28 @@ def check_labels(labels: np.ndarray | None, model_outputs: list[dict[str, Any]],
                          f"0..{classes - 1})")
 
 
-def _shape_text(dims: tuple | list) -> str:
-    inner = ", ".join(str(d) for d in dims)
-    return f"({inner},)" if len(dims) == 1 else f"({inner})"
-
-
 def match_inputs(data: DatasetArrays, model_inputs: list[dict[str, Any]], role: str,
                  batch_axes: dict[str, int] | None = None) -> list[np.ndarray]:
     """One array per model input, in model order, cast to the input's dtype; samples on axis 0.
 
-    Matched by name; a single-input model and a single-array dataset are matched whatever the names, since
-    that pairing cannot be ambiguous. A sample is the model input without its batch axis (`batch_axes`, from the
-    job's input specs; 0 by default): a state input [2, batch, 128] is stored as [samples, 2, 128].
+    Paired and judged by shape and dtype as a dry run judges the upload's headers (app.core.dataset_fit); then
+    the values are checked as they are cast.
     """
     prefix = f"{role} dataset"
     if not data.inputs:
         raise JobFailure(ErrorCode.INVALID_DATASET,
                          f"{prefix} holds texts (jsonl); the model's inputs need a tokenizer "
                          "to be made from them")
-    if len(model_inputs) == 1 and len(data.inputs) == 1:
-        pairs = [(next(iter(data.inputs)), model_inputs[0])]
-    else:
-        pairs = []
-        for spec in model_inputs:
-            if spec["name"] not in data.inputs:
-                raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: no array for model input {spec['name']!r} "
-                                                            f"(dataset has: {', '.join(data.inputs)}); an input "
-                                                            "that is a constant can be given in input_specs as "
-                                                            "a `value` instead")
-            pairs.append((spec["name"], spec))
-    matched = []
-    for name, spec in pairs:
-        array = data.inputs[name]
-        axis = (batch_axes or {}).get(spec["name"], 0)
-        expected = [dim for position, dim in enumerate(spec["shape"]) if position != axis]
-        fits = array.ndim == len(spec["shape"]) and all(
-            not isinstance(want, int) or want < 0 or want == got for want, got in zip(expected, array.shape[1:]))
-        if not spec["shape"]:
-            raise JobFailure(ErrorCode.INVALID_DATASET,
-                             f"{prefix}: model input {spec['name']!r} is a scalar, with no batch axis to hold one "
-                             f"value per sample: give it in input_specs as a constant `value` (and leave array "
-                             f"{name!r} out of the dataset)")
-        if not fits:
-            where = "" if axis == 0 else f" (its batch axis {axis} left out)"
-            raise JobFailure(ErrorCode.INVALID_DATASET,
-                             f"{prefix}: array {name!r} has shape {_shape_text(array.shape)} "
-                             f"per-sample {_shape_text(array.shape[1:])}, but model input "
-                             f"{spec['name']!r} expects {_shape_text(expected)}{where}")
-        matched.append(_cast(array, spec, name, prefix))
-    return matched
+    try:
+        pairs = dataset_fit.check_fit({name: (array.shape, array.dtype.name) for name, array in data.inputs.items()},
+                                      model_inputs, role, batch_axes)
+    except dataset_fit.Misfit as exc:
+        raise JobFailure(ErrorCode.INVALID_DATASET, str(exc)) from None
+    return [_cast(data.inputs[name], spec, name, prefix) for name, spec in pairs]
 
 
 def _cast(array: np.ndarray, spec: dict[str, Any], name: str, prefix: str) -> np.ndarray:
-    """Casts that keep every value; float data is never truncated into an integer or bool input."""
+    """Casts that keep every value (float data never reaches here for an integer or bool input)."""
     try:
         target = np.dtype(spec["dtype"])
     except TypeError:
@@ -204,9 +174,6 @@ def _cast(array: np.ndarray, spec: dict[str, Any], name: str, prefix: str) -> np
     if target is None or target.kind not in "biuf":
         raise JobFailure(ErrorCode.UNSUPPORTED_MODEL, f"{prefix}: model input {spec['name']!r} takes {spec['dtype']}, "
                                                       "which a dataset cannot feed")
-    if target.kind in "biu" and array.dtype.kind == "f":
-        raise JobFailure(ErrorCode.INVALID_DATASET, f"{prefix}: array {name!r} holds {array.dtype} values, but model "
-                                                    f"input {spec['name']!r} takes {target}; store integer values")
     if target.kind in "iu" and array.dtype.kind in "iu":
         low, high = int(array.min()), int(array.max())
         if low < np.iinfo(target).min or high > np.iinfo(target).max:

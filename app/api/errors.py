@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.constants import REF_PREFIX
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -21,14 +21,23 @@ log = logging.getLogger(__name__)
 
 
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
+    """What went wrong."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"code": "not_found", "message": "model_id: model 'mdl_0193a1b2c3d4e5f60718293a' not found"}]})
+
+    code: str = Field(description="one of the service's error codes, snake_case (docs/api.md, Errors)")
+    message: str = Field(description="for people: what is wrong, naming the field at fault")
 
 
 class ErrorBody(BaseModel):
     """Every error response: `{"error": {"code", "message"}}`."""
 
-    error: ErrorDetail
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"error": {"code": "invalid_request", "message": "recipe.steps.0.quantize.dtype: Input should be 'int8', "
+                                                         "'int4', 'fp16' or 'bf16'"}}]})
+
+    error: ErrorDetail = Field(description="the error's code and message")
 
 
 _DESCRIPTIONS = {400: "Bad request (malformed body, cursor or multipart)",

@@ -221,11 +221,13 @@ def lock_tenant(session: Session, tenant_id: str) -> None:
     session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
 
 
-def check_active_jobs(session: Session, tenant_id: str, limit: int) -> None:
-    """429 `too_many_jobs` when the tenant already has `limit` queued or running jobs. Locks the tenant row."""
+def check_active_jobs(session: Session, tenant_id: str, limit: int, *, lock: bool = True) -> None:
+    """429 `too_many_jobs` when the tenant already has `limit` queued or running jobs. Locks the tenant row (a dry
+    run, which adds no job, only counts)."""
     if limit == 0:
         return
-    lock_tenant(session, tenant_id)
+    if lock:
+        lock_tenant(session, tenant_id)
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant_id, Job.status.in_(ACTIVE)))
     if active >= limit:

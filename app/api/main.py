@@ -4,6 +4,8 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import RedirectResponse
+from fastapi_offline import FastAPIOffline
 
 from app.api.errors import error_responses, install_error_handlers
 from app.api.event_stream import EventFeed
@@ -16,6 +18,29 @@ from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_session_factory
 from app.core.queue import make_celery
 from app.core.storage import open_storage
+
+DOCS_ASSETS = "/docs-assets"
+DESCRIPTION = """Model compression as a service: upload a model, submit a recipe, download a smaller, faster model
+with a report of what was gained and lost.
+
+Every `/v1` route takes an API key: `Authorization: Bearer mp_...`. Errors are `{"error": {"code", "message"}}`
+with the code's HTTP status; the message names the field at fault. Lists take `?limit=` (1-200, default 50) and
+`?cursor=` and answer `{"data": [...], "next_cursor"}`."""
+TAGS = [
+    {"name": "models", "description": "Upload models (`.pt2`, `.onnx`, Hugging Face archives); a worker inspects "
+                                      "each one and marks it `ready` or `invalid`."},
+    {"name": "datasets", "description": "Upload datasets (`.npz`, `.safetensors`, `.jsonl`) to calibrate, train "
+                                        "and judge jobs on."},
+    {"name": "jobs", "description": "Submit compression jobs (a recipe, a preset or a tuning search), follow them, "
+                                    "read their reports and artifacts; `dry_run` shows the plan first."},
+    {"name": "events", "description": "Job events as Server-Sent Events (`status`, `progress`, `end`), resumable "
+                                      "with `Last-Event-ID`."},
+    {"name": "artifacts", "description": "Download what a job produced: the compressed model and its report."},
+    {"name": "presets", "description": "Named recipes for common goals."},
+    {"name": "keys", "description": "The tenant's API keys: create, rotate, revoke."},
+    {"name": "webhooks", "description": "The secret that signs job webhooks, and their deliveries."},
+    {"name": "service", "description": "Liveness, readiness and Prometheus metrics (no API key)."},
+]
 
 
 def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -> FastAPI:
@@ -34,9 +59,17 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
             housekeeper.stop()
         engine.dispose()
 
-    app = FastAPI(title="modelpress", version="1.0", lifespan=lifespan,
-                  description="Model compression as a service: upload a model, submit a recipe, "
-                              "download a smaller, faster model with a report of what was gained and lost.")
+    # /docs (Swagger UI) and /redoc with their scripts, styles and icon served by this service from the
+    # fastapi-offline package under DOCS_ASSETS: the pages work with no internet.
+    app = FastAPIOffline(title="modelpress", version="1.0", lifespan=lifespan, description=DESCRIPTION,
+                         static_url=DOCS_ASSETS, openapi_tags=TAGS,
+                         # operation ids are the route functions' names: `create_job`, not
+                         # `create_job_v1_jobs_post` (generated clients name their functions after them)
+                         generate_unique_id_function=lambda route: route.name,
+                         swagger_ui_parameters={"validatorUrl": None})
+    # Browsers ask for /favicon.ico on their own; it is the icon the docs pages name.
+    app.add_api_route("/favicon.ico", lambda: RedirectResponse(f"{DOCS_ASSETS}/favicon.png", status_code=308),
+                      include_in_schema=False)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory

@@ -73,7 +73,9 @@ def add_dataset(factory: sessionmaker[Session], storage: Storage, settings: Sett
 
 
 def _request_hash(body: JobCreate) -> str:
-    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    """`dry_run` is left out: it never reaches a stored job, and hashes of jobs stored before it existed hold."""
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json", exclude={"dry_run"}), sort_keys=True)
+                          .encode()).hexdigest()
 
 
 def _replay(session: Session, tenant_id: str, key: str, request_hash: str) -> Job | None:
@@ -129,6 +131,22 @@ def _job_input_specs(model: Model, body: JobCreate) -> dict | None:
     return specs
 
 
+def check_submission(session: Session, settings: Settings, tenant_id: str, body: JobCreate, *,
+                     lock: bool = True) -> tuple[Model, dict | None]:
+    """What a submission checks before it writes anything: the webhook target, the model, students and datasets,
+    the input specs, the tenant's job limit. Returns the model and the job's input specs; raises the error a
+    refused submission answers (a dry run answers the same, without locking the tenant's row)."""
+    if body.webhook_url is not None:
+        try:
+            webhooks.check_submitted_url(str(body.webhook_url), settings.webhook_allow_private)
+        except webhooks.TargetRefused as exc:
+            raise ServiceError(ErrorCode.INVALID_REQUEST, f"webhook_url: {exc}") from None
+    model = _check_references(session, tenant_id, body)
+    specs = _job_input_specs(model, body)
+    check_active_jobs(session, tenant_id, settings.tenant_max_active_jobs, lock=lock)
+    return model, specs
+
+
 def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery, settings: Settings,
                tenant_id: str, body: JobCreate, idempotency_key: str | None) -> tuple[Job, bool]:
     """Create the job (committed `queued`), then send it. Returns (job, replayed): with an `Idempotency-Key`
@@ -138,14 +156,7 @@ def submit_job(session: Session, factory: sessionmaker[Session], celery: Celery,
         existing = _replay(session, tenant_id, idempotency_key, request_hash)
         if existing is not None:
             return existing, True
-    if body.webhook_url is not None:
-        try:
-            webhooks.check_submitted_url(str(body.webhook_url), settings.webhook_allow_private)
-        except webhooks.TargetRefused as exc:
-            raise ServiceError(ErrorCode.INVALID_REQUEST, f"webhook_url: {exc}") from None
-    model = _check_references(session, tenant_id, body)
-    specs = _job_input_specs(model, body)
-    check_active_jobs(session, tenant_id, settings.tenant_max_active_jobs)
+    model, specs = check_submission(session, settings, tenant_id, body)
     queue = body.target.queue
     alive_after = utcnow() - timedelta(seconds=settings.heartbeat_timeout)
     unserved = presence.unserved(presence.last_served(session), alive_after)

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
 
 from app.core.recipe import StrictModel, no_control_characters
 
@@ -55,6 +55,13 @@ def _broadcasts(source: list[int], target: list[int]) -> bool:
 
 
 class InputSpec(StrictModel):
+    """How a job makes or reads one model input when its declaration is not enough: concrete dims, a dtype, a
+    range of generated values, the axis datasets are batched along, or a constant."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"shape": [1, 512]}, {"shape": [2, 1, 128],
+                                                                                    "batch_axis": 1},
+                                                              {"value": 16000}, {"range": [0, 30522]}]})
+
     shape: list[Annotated[int, Field(ge=0, le=MAX_DIM)]] | None = Field(
         default=None, max_length=MAX_RANK, description="concrete dims, replacing the model's symbolic ones")
     dtype: SpecDtype | None = Field(default=None, description="the model's own when not given")

@@ -23,6 +23,10 @@ def no_control_characters(value: str) -> str:
     return value
 
 
+# A job's fidelity floor (final output cosine against the original) when neither the job nor its preset sets one:
+# below it the outputs have little to do with the original's (worker.pipeline.floor judges it).
+DEFAULT_MIN_FIDELITY = 0.9
+
 ID_MAX = 40
 NAME_MAX = 200
 PATTERN_MAX = 512
@@ -41,20 +45,45 @@ class StrictModel(BaseModel):
 
 
 class QuantizeStep(StrictModel):
-    op: Literal["quantize"]
+    """Quantize weights (and activations, for `static` and `dynamic`) to a smaller type. Must be the last step
+    that changes the model (only `analyze` and `export` may follow)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"op": "quantize", "method": "auto", "dtype": "int8"},
+        {"op": "quantize", "method": "weight_only", "dtype": "int4", "group_size": 32, "algorithm": "gptq"}]})
+
+    op: Literal["quantize"] = Field(description="the step: quantize")
     # "auto" (the default for int8): static QDQ for convolutional nets, dynamic for transformers and recurrent
     # nets, kept only if faster than fp32 and faithful, else the other tried (worker.compression.int8_auto).
-    method: Literal["auto", "dynamic", "static", "weight_only"] = "auto"
-    dtype: Literal["int8", "int4", "fp16", "bf16"] = "int8"
-    granularity: Literal["per_channel", "per_tensor", "group"] = "per_channel"
-    group_size: int | None = Field(default=None, ge=8, le=4096)
-    exclude: list[LayerPattern] = Field(default_factory=list, max_length=EXCLUDE_MAX)
-    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
-    # Activation smoothing (SmoothQuant-style) before int8: alpha in [0, 1], or "auto" to pick it on the
-    # calibration data. Needs a calibration dataset; onnxruntime target, method dynamic or static.
-    smoothing: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] | None = None
+    method: Literal["auto", "dynamic", "static", "weight_only"] = Field(
+        default="auto", description="`auto` (int8 only): static for convolutional nets, dynamic for transformers and "
+                                    "recurrent nets, chosen by measured latency and fidelity; `dynamic`: int8 "
+                                    "weights, activations quantized at run time; `static`: activations calibrated "
+                                    "on `datasets.calibration`; `weight_only`: weights only (int4 in groups)")
+    dtype: Literal["int8", "int4", "fp16", "bf16"] = Field(
+        default="int8", description="the type weights are stored in; `fp16`/`bf16` are plain casts, `int4` needs "
+                                    "`weight_only`, `bf16` the pytorch target")
+    granularity: Literal["per_channel", "per_tensor", "group"] = Field(
+        default="per_channel", description="one scale per output channel, per tensor, or per group of "
+                                           "`group_size` weights (weight_only)")
+    group_size: int | None = Field(default=None, ge=8, le=4096,
+                                   description="weights per scale for `granularity: group`: a power of two "
+                                               "(default 128); giving it implies groups")
+    exclude: list[LayerPattern] = Field(default_factory=list, max_length=EXCLUDE_MAX,
+                                        description="regular expressions of layer names left unquantized",
+                                        examples=[["^classifier$", "lm_head"]])
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        default="minmax", description="how static int8 picks activation ranges from the calibration data")
+    # Activation smoothing (SmoothQuant-style) before int8. Needs a calibration dataset; onnxruntime target,
+    # method dynamic or static.
+    smoothing: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] | None = Field(
+        default=None, description="activation smoothing before int8 (outlier channels folded into the weights): "
+                                  "alpha in [0, 1], or `auto` to pick it on `datasets.calibration`; onnxruntime "
+                                  "target, `dynamic` or `static`")
     # How weight-only int4 weights are rounded: to nearest, HQQ (no data), GPTQ (needs a calibration dataset).
-    algorithm: Literal["rtn", "gptq", "hqq"] = "rtn"
+    algorithm: Literal["rtn", "gptq", "hqq"] = Field(
+        default="rtn", description="how int4 weights are rounded: to nearest, HQQ (no data needed), or GPTQ "
+                                   "(errors compensated on `datasets.calibration`); onnxruntime target")
 
     @model_validator(mode="after")
     def _consistent(self) -> "QuantizeStep":
@@ -95,13 +124,31 @@ class QuantizeStep(StrictModel):
 
 
 class PruneStep(StrictModel):
-    op: Literal["prune"]
-    method: Literal["magnitude", "activation_aware", "structured"] = "magnitude"
-    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0)
-    threshold: float | None = Field(default=None, ge=0.0)
-    scope: Literal["global", "layer"] = "layer"
-    pattern: Literal["unstructured", "2:4", "channel"] = "unstructured"
-    exclude: list[LayerPattern] = Field(default_factory=list, max_length=EXCLUDE_MAX)
+    """Set weights to zero (or, `structured`, remove whole channels). A sparse model is delivered compressed."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"op": "prune", "method": "magnitude", "sparsity": 0.5},
+        {"op": "prune", "method": "activation_aware", "pattern": "2:4"}]})
+
+    op: Literal["prune"] = Field(description="the step: prune")
+    method: Literal["magnitude", "activation_aware", "structured"] = Field(
+        default="magnitude", description="`magnitude`: the smallest weights; `activation_aware` (Wanda): weight "
+                                         "times input activation on `datasets.calibration`; `structured`: whole "
+                                         "channels, so the model gets narrower (PyTorch models)")
+    sparsity: float | None = Field(default=None, ge=0.0, lt=1.0,
+                                   description="the share of weights (or channels) removed, 0..1; required "
+                                               "unless `threshold` or `pattern: 2:4` says it", examples=[0.5])
+    threshold: float | None = Field(default=None, ge=0.0,
+                                    description="magnitude pruning only: zero every weight whose magnitude is "
+                                                "below this, instead of a sparsity", examples=[0.01])
+    scope: Literal["global", "layer"] = Field(default="layer", description="rank weights within each layer, or "
+                                                                           "across the whole model")
+    pattern: Literal["unstructured", "2:4", "channel"] = Field(
+        default="unstructured", description="`2:4`: two of every four weights (sparsity 0.5); `channel` goes with "
+                                            "`structured`")
+    exclude: list[LayerPattern] = Field(default_factory=list, max_length=EXCLUDE_MAX,
+                                        description="regular expressions of layer names left dense",
+                                        examples=[["^fc3$"]])
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneStep":
@@ -126,20 +173,38 @@ class PruneStep(StrictModel):
 
 
 class AnalyzeStep(StrictModel):
-    op: Literal["analyze"]
-    bins: int = Field(default=32, ge=4, le=256)
+    """Per-layer weight statistics (min, max, mean, std, histogram, sparsity) and a suggested recipe, in the
+    report's `analysis`; the model is not changed."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"op": "analyze", "bins": 32}]})
+
+    op: Literal["analyze"] = Field(description="the step: analyze")
+    bins: int = Field(default=32, ge=4, le=256, description="histogram bins per layer")
 
 
 class Shrink(StrictModel):
-    depth: float = Field(default=1.0, gt=0.0, le=1.0)
-    width: float = Field(default=1.0, gt=0.0, le=1.0)
+    """A student derived from the teacher: fewer layers (`depth`) and/or narrower layers (`width`)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"depth": 0.5}, {"depth": 0.67, "width": 0.5}]})
+
+    depth: float = Field(default=1.0, gt=0.0, le=1.0, description="the share of layers kept (transformers: evenly "
+                                                                  "spaced, initialised from the teacher's)")
+    width: float = Field(default=1.0, gt=0.0, le=1.0, description="the share of hidden units kept (MLP/CNN layers; "
+                                                                  "feed-forward neurons of Hugging Face models)")
 
 
 class Student(StrictModel):
-    model_id: Id | None = None
-    shrink: Shrink | None = None
+    """The model a `distill` step trains: exactly one of an uploaded model, a shrunk copy of the teacher, or the
+    model as the earlier steps left it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"shrink": {"depth": 0.5}}, {"current": True},
+                                                              {"model_id": "mdl_0193a1b2c3d4e5f60718293a"}]})
+
+    model_id: Id | None = Field(default=None, description="an uploaded `.pt2` or Hugging Face model of the tenant")
+    shrink: Shrink | None = Field(default=None, description="derive the student from the teacher")
     # The model as the earlier steps left it (pruning masks kept), taught by the original upload: recovery.
-    current: bool = False
+    current: bool = Field(default=False, description="true: the model as the earlier steps left it (pruning masks "
+                                                     "kept) is the student and the upload the teacher (recovery)")
 
     @model_validator(mode="after")
     def _one(self) -> "Student":
@@ -152,32 +217,54 @@ class Student(StrictModel):
 
 
 class Training(StrictModel):
-    epochs: int = Field(default=3, ge=1, le=1000)
-    lr: float = Field(default=1e-3, gt=0.0, le=1.0)
-    batch_size: int = Field(default=32, ge=1, le=4096)
+    epochs: int = Field(default=3, ge=1, le=1000, description="passes over the train dataset")
+    lr: float = Field(default=1e-3, gt=0.0, le=1.0, description="the learning rate (Adam)")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="samples per training batch")
 
 
 class DistillStep(Training):
-    op: Literal["distill"]
-    student: Student
-    temperature: float = Field(default=2.0, gt=0.0, le=100.0)
-    alpha: float = Field(default=0.5, ge=0.0, le=1.0)
-    hidden_weight: float = Field(default=0.0, ge=0.0, le=100.0)
+    """Train a student to reproduce the model's outputs on `datasets.train` (knowledge distillation)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"op": "distill", "student": {"shrink": {"depth": 0.5}}, "epochs": 3, "temperature": 2.0, "alpha": 0.5}]})
+
+    op: Literal["distill"] = Field(description="the step: distill")
+    student: Student = Field(description="the model that learns")
+    temperature: float = Field(default=2.0, gt=0.0, le=100.0, description="softens both models' outputs in the "
+                                                                          "soft-target loss")
+    alpha: float = Field(default=0.5, ge=0.0, le=1.0, description="weight of the soft-target loss; the hard-label "
+                                                                  "loss gets 1 - alpha (1.0 for unlabelled data)")
+    hidden_weight: float = Field(default=0.0, ge=0.0, le=100.0,
+                                 description="weight of a loss on hidden states (and, for encoders, the pooled "
+                                             "embedding cosine)")
     # Hold out a tenth of the train samples and stop after this many epochs without a lower loss on them.
-    early_stopping: int | None = Field(default=None, ge=1, le=100)
+    early_stopping: int | None = Field(default=None, ge=1, le=100,
+                                       description="hold out a tenth of the train samples and stop after this many "
+                                                   "epochs without a lower loss on them", examples=[2])
 
 
 class FinetuneStep(Training):
-    op: Literal["finetune"]
-    quantization_aware: bool = False
+    """Train the model on `datasets.train` (labels needed), keeping the zeros of earlier pruning."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"op": "finetune", "epochs": 3, "lr": 0.0001}]})
+
+    op: Literal["finetune"] = Field(description="the step: finetune")
+    quantization_aware: bool = Field(default=False, description="train with int8 rounding simulated, so a "
+                                                                "following int8 quantize step loses less")
 
 
 class ExportStep(StrictModel):
-    op: Literal["export"]
+    """Extra artifacts in other formats, each checked to load back and give the same outputs."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"op": "export", "formats": ["onnx", "safetensors"]}]})
+
+    op: Literal["export"] = Field(description="the step: export")
     # safetensors (and hf weights) of a sparse model use compressed-tensors' sparse-bitmask layout;
     # safetensors-dense is the plain layout
-    formats: list[Literal["onnx", "pt2", "hf", "safetensors", "safetensors-dense"]] = Field(min_length=1,
-                                                                                             max_length=5)
+    formats: list[Literal["onnx", "pt2", "hf", "safetensors", "safetensors-dense"]] = Field(
+        min_length=1, max_length=5, description="`safetensors` (and `hf` weights) of a sparse model use "
+                                                "compressed-tensors' sparse-bitmask layout; `safetensors-dense` the "
+                                                "plain one; an ONNX upload exports only `onnx`")
 
 
 Step = Annotated[QuantizeStep | PruneStep | DistillStep | FinetuneStep | AnalyzeStep | ExportStep,
@@ -186,7 +273,13 @@ TRAINING_OPS = ("distill", "finetune")
 
 
 class Recipe(StrictModel):
-    steps: list[Step] = Field(min_length=1, max_length=32)
+    """The steps a job applies, in order."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"steps": [{"op": "quantize", "method": "dynamic", "dtype": "int8"}]},
+        {"steps": [{"op": "prune", "sparsity": 0.5}, {"op": "finetune", "epochs": 2}, {"op": "quantize"}]}]})
+
+    steps: list[Step] = Field(min_length=1, max_length=32, description="1-32 steps, each an object with `op`")
 
     @model_validator(mode="after")
     def _order(self) -> "Recipe":
@@ -206,8 +299,14 @@ class Recipe(StrictModel):
 
 
 class Target(StrictModel):
-    runtime: Literal["onnxruntime", "pytorch"] = "onnxruntime"
-    device: Literal["cpu", "cuda"] = "cpu"
+    """Where the compressed model will run: it is measured there, and its format follows the runtime."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"runtime": "onnxruntime", "device": "cpu"}]})
+
+    runtime: Literal["onnxruntime", "pytorch"] = Field(default="onnxruntime", description="the model artifact is "
+                                                                                          "ONNX, or a `.pt2`")
+    device: Literal["cpu", "cuda"] = Field(default="cpu", description="`cuda` jobs go to the `gpu` queue, served "
+                                                                      "only by workers with a GPU")
 
     @property
     def queue(self) -> Queue:
@@ -216,9 +315,17 @@ class Target(StrictModel):
 
 
 class DatasetRefs(StrictModel):
-    calibration: Id | None = None
-    train: Id | None = None
-    eval: Id | None = None
+    """The tenant's datasets a job uses, by role (dataset ids)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"calibration": "ds_0193a1b2c3d4e5f60718293a",
+                                                               "eval": "ds_0193a1b2c3d4f0e1d2c3b4a5"}]})
+
+    calibration: Id | None = Field(default=None, description="inputs for static int8, smoothing, GPTQ and "
+                                                              "activation-aware pruning (and for judging fidelity "
+                                                              "when there is no eval dataset)")
+    train: Id | None = Field(default=None, description="samples for `distill` and `finetune`")
+    eval: Id | None = Field(default=None, description="inputs the original and compressed models are compared on; "
+                                                      "with labels, accuracy too (without it, generated inputs)")
 
 
 def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRefs) -> None:
@@ -272,10 +379,22 @@ def check_recipe_for_model(recipe: Recipe, target: Target, model_format: str) ->
 class TuneSpec(StrictModel):
     """Accuracy-aware tuning: try candidate recipes, keep the best one within the tolerance."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"metric": "accuracy", "max_loss": 0.01, "objective": "size", "max_trials": 8, "time_budget_s": 900}]})
+
     # perplexity (causal LMs on a .jsonl text eval set): lower is better, max_loss bounds its relative increase
-    metric: Literal["accuracy", "fidelity", "perplexity"] = "fidelity"
-    max_loss: float = Field(default=0.01, ge=0.0, le=1.0)
-    objective: Literal["size", "latency"] = "size"
-    max_trials: int = Field(default=8, ge=1, le=100)
-    time_budget_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600)
-    search: list[Recipe] | None = Field(default=None, min_length=1, max_length=100)
+    metric: Literal["accuracy", "fidelity", "perplexity"] = Field(
+        default="fidelity", description="what a trial is judged on: output cosine against the original, accuracy "
+                                        "(labelled `datasets.eval`), or perplexity (causal LMs, `.jsonl` eval texts; "
+                                        "lower is better)")
+    max_loss: float = Field(default=0.01, ge=0.0, le=1.0, description="the relative loss of the metric allowed "
+                                                                      "against the original")
+    objective: Literal["size", "latency"] = Field(default="size", description="what the best trial minimises among "
+                                                                              "those within `max_loss`")
+    max_trials: int = Field(default=8, ge=1, le=100, description="at most this many candidates are tried, in order")
+    time_budget_s: float | None = Field(default=None, gt=0, le=7 * 24 * 3600,
+                                        description="stop trying candidates once this many seconds are spent",
+                                        examples=[900])
+    search: list[Recipe] | None = Field(default=None, min_length=1, max_length=100,
+                                        description="the candidate recipes, in order; without it (and without a "
+                                                    "recipe) the service generates them from cheap to aggressive")

@@ -4,6 +4,8 @@ from enum import StrEnum
 
 
 class JobStatus(StrEnum):
+    """`queued` -> `running` -> `succeeded` | `failed` | `cancelled` (a queued job may be cancelled at once)."""
+
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"

@@ -65,6 +65,8 @@ USER_AGENT = "modelpress-webhooks/1.0"
 
 
 class WebhookStatus(StrEnum):
+    """`pending` (being tried), `delivered` (an attempt got a 2xx) or `failed` (given up)."""
+
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"

@@ -549,4 +549,5 @@ def test_the_ui_files_carry_the_content_security_policy_and_the_favicon_answers(
         response = httpx.get(f"{service.base}{path}")
         assert response.status_code == 200, path
         assert "default-src 'self'" in response.headers["content-security-policy"]
-    assert httpx.get(f"{service.base}/favicon.ico").headers["content-type"] == "image/svg+xml"
+    icon = httpx.get(f"{service.base}/favicon.ico", follow_redirects=True)
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/")

@@ -70,7 +70,8 @@ def test_compress_in_ci_prints_plain_lines_the_report_and_saves_the_artifacts(se
         assert label in rows, result.stdout
     assert any(line.startswith("fidelity: cosine_mean ") for line in table)
     saved = sorted(Path(line.removeprefix("saved ")).name for line in table if line.startswith("saved "))
-    assert saved == sorted(p.name for p in (tmp_path / "out").iterdir()) and len(saved) == 2
+    assert saved == sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert saved == ["mlp-compressed.onnx", "mlp-model-card.md", "mlp-report.html", "mlp-report.json"]
     report_file = next((tmp_path / "out").glob("*.json"))
     assert json.loads(report_file.read_text())["job_id"] == job_id
 
@@ -99,7 +100,7 @@ def test_compress_on_a_terminal_shows_bars_and_finished_stages(service, model_fi
     assert "━" in shown  # rich's bars: the upload's, the job's, the downloads'
     assert "✓" in shown and "succeeded" in shown  # a line per finished stage, then the outcome
     assert "uploading mlp.pt2" in shown and "latency p50 (ms)" in shown
-    assert len(list((tmp_path / "out").iterdir())) == 2
+    assert len(list((tmp_path / "out").iterdir())) == 4  # model, JSON and HTML report, model card
 
 
 def test_a_recipe_the_service_refuses_exits_2_with_its_code_and_message(service, model_file, tmp_path) -> None:

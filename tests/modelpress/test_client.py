@@ -55,7 +55,8 @@ def test_upload_submit_wait_download(client, finished, model_file, eval_file) ->
     assert report["baseline"]["accuracy"] is not None
 
     paths = finished["paths"]
-    assert sorted(a.kind for a in job.artifacts) == ["model", "report"]
+    assert sorted((a.kind, a.format) for a in job.artifacts) == [("card", "md"), ("model", "onnx"), ("report", "html"),
+                                                                 ("report", "json")]
     for artifact in job.artifacts:
         path = next(p for p in paths if p.name == artifact.filename)
         assert hashlib.sha256(path.read_bytes()).hexdigest() == artifact.sha256

@@ -8,7 +8,8 @@ eval data the accuracy may also drop at most MAX_ACCURACY_DROP (absolute) from t
 
 from typing import Any
 
-DEFAULT_MIN_FIDELITY = 0.9  # output cosine: below it the outputs have little to do with the original's
+from app.core.recipe import DEFAULT_MIN_FIDELITY
+
 MAX_ACCURACY_DROP = 0.05
 
 

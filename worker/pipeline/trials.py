@@ -11,16 +11,8 @@ from typing import Any
 import torch
 
 from app.core.errors import ErrorCode
-from app.core.model_limits import check_recipe_for_info
-from app.core.recipe import (
-    TRAINING_OPS,
-    DatasetRefs,
-    DistillStep,
-    Recipe,
-    TuneSpec,
-    check_recipe_for_model,
-    check_recipe_for_target,
-)
+from app.core.recipe import TRAINING_OPS, DatasetRefs, DistillStep, Recipe, TuneSpec
+from app.core.tuning import job_candidates
 from worker.errors import JobFailure
 from worker.evaluation import data as job_data
 from worker.pipeline import tuning
@@ -36,27 +28,13 @@ PASSES_PER_SAMPLE = 4
 def _candidates(run: JobRun, spec: TuneSpec) -> list[dict]:
     """The user's recipes (the job's recipe first) or generated ones, less those the target or model refuses."""
     staged = run.staged
-    user = ([staged.recipe] if staged.recipe else []) + list(spec.search or [])
     module = run.loaded.module
     layer_names = [n for n, m in (module.named_modules() if module is not None else [])
                    if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    generated = tuning.candidate_recipes([r.model_dump(mode="json") for r in user] or None,
-                                         has_calibration=run.data.calibration is not None,
-                                         model_kind="onnx" if staged.model_format == "onnx" else "torch",
-                                         layer_names=layer_names, has_train=run.data.train is not None,
-                                         objective=spec.objective)
-    datasets = DatasetRefs(**{role: "given" for role in staged.dataset_files})
-    candidates = []
-    for recipe in generated:
-        try:
-            parsed = Recipe.model_validate(recipe)
-            check_recipe_for_target(parsed, run.target, datasets)
-            check_recipe_for_model(parsed, run.target, staged.model_format)
-            check_recipe_for_info(parsed, run.target, staged.model_format, run.loaded.info)
-            candidates.append(recipe)
-        except ValueError:
-            continue  # a generated candidate this model or target cannot take
-    return candidates
+    return job_candidates(([staged.recipe] if staged.recipe else []) + list(spec.search or []), target=run.target,
+                          datasets=DatasetRefs(**{role: "given" for role in staged.dataset_files}),
+                          model_format=staged.model_format, info=run.loaded.info, layer_names=layer_names,
+                          objective=spec.objective)
 
 
 def _training_estimate(run: JobRun):

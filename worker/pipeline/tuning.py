@@ -5,21 +5,17 @@ This module is only the search: the pipeline supplies `run_trial(recipe) -> (siz
 (metric: accuracy or fidelity cosine, higher is better; or perplexity, lower is better: `lower_is_better`), so
 the search can be tested without running models.
 
-Candidate recipes are plain recipes (what `app.core.recipe.Recipe` accepts) and say nothing about the target:
-the pipeline drops those its target or model format refuses (`check_recipe_for_target`,
-`check_recipe_for_model`), e.g. static int8 for target.runtime 'pytorch'; one that fails anyway is recorded as
-a failed trial and the search goes on.
+The candidates come from app.core.tuning (the same list a dry run shows): plain recipes (what
+`app.core.recipe.Recipe` accepts), less those the job's target or model refuses; one that fails anyway is
+recorded as a failed trial and the search goes on.
 """
 
-import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from app.core.recipe import DistillStep, PruneStep, QuantizeStep, Recipe, Shrink, Student
 from worker.errors import JobCancelled, JobLost
 
 OBJECTIVES = {"size": "size_bytes", "latency": "latency_ms"}
@@ -35,77 +31,6 @@ class Trial:
     meets_tolerance: bool
     error: str | None = None
     seconds: float = 0.0
-
-
-def _int8(granularity: str = "per_channel") -> QuantizeStep:
-    return QuantizeStep(op="quantize", method="dynamic", dtype="int8", granularity=granularity)
-
-
-def _int8_auto() -> QuantizeStep:
-    return QuantizeStep(op="quantize", method="auto", dtype="int8")
-
-
-def _distill(student: Student) -> DistillStep:
-    """On the teacher's outputs alone (train data may have no labels), stopping when held-out loss stops falling;
-    lr and epochs are the step's defaults (for Hugging Face models on unlabelled text, the encoder defaults)."""
-    return DistillStep(op="distill", student=student, alpha=1.0, early_stopping=2)
-
-
-def _prune(method: str, sparsity: float, exclude: list[str]) -> PruneStep:
-    return PruneStep(op="prune", method=method, sparsity=sparsity, scope="layer", exclude=exclude)
-
-
-def _unique(recipes: list[dict]) -> list[dict]:
-    seen, unique = set(), []
-    for recipe in recipes:
-        key = json.dumps(recipe, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            unique.append(recipe)
-    return unique
-
-
-def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model_kind: str,
-                      layer_names: list[str], has_train: bool = False, objective: str = "size") -> list[dict]:
-    """The user's `search` recipes when given (in their order, exact repeats dropped), else generated ones from
-    cheap and safe to aggressive, so a small `max_trials` still tries the likeliest winners first.
-
-    Generated pruning keeps the last layer in `layer_names` (the output head, in graph order: the layer most
-    sensitive to pruning and a small share of the weights) dense. Activation-aware pruning needs calibration
-    data and a PyTorch model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is
-    offered for PyTorch models (`model_kind` other than "onnx"), where it is the smallest file for the pytorch
-    target. For latency with train data, a PyTorch model also gets, right after plain int8, the likeliest faster
-    models: preset fast-encoder's student (two thirds of the layers, half the width) distilled on the train data,
-    and (with calibration data) activation-aware 50% pruning recovered by distillation, both then int8. Generated
-    recipes are built as Recipe objects and reported with the fields they set.
-    """
-    if search:
-        return _unique([dict(recipe) for recipe in search])
-    head = [f"^{re.escape(layer_names[-1])}$"] if len(layer_names) > 1 else []
-    torch_model = model_kind != "onnx"
-    recipes = [Recipe(steps=[_int8()])]
-    if has_train and torch_model and objective == "latency":
-        recipes.append(Recipe(steps=[_distill(Student(shrink=Shrink(depth=0.67, width=0.5))), _int8_auto()]))
-        if has_calibration:
-            recipes.append(Recipe(steps=[_prune("activation_aware", 0.5, head), _distill(Student(current=True)),
-                                         _int8_auto()]))
-    if has_calibration:  # the most faithful int8 at int8's size (onnxruntime target only)
-        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="dynamic", dtype="int8",
-                                                  granularity="per_channel", smoothing="auto")]))
-    recipes += [Recipe(steps=[_int8("per_tensor")]), Recipe(steps=[_prune("magnitude", 0.3, head), _int8()])]
-    if has_calibration and torch_model:
-        recipes.append(Recipe(steps=[_prune("activation_aware", 0.5, head), _int8()]))
-    if has_calibration:
-        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="static", dtype="int8",
-                                                  granularity="per_channel")]))
-    recipes.append(Recipe(steps=[_prune("magnitude", 0.5, head), _int8()]))
-    if torch_model and has_calibration:  # int4's size, GPTQ's fidelity (onnxruntime target only)
-        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4",
-                                                  group_size=32, algorithm="gptq")]))
-    if torch_model:
-        recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="weight_only", dtype="int4",
-                                                  granularity="group", group_size=32)]))
-    return _unique([recipe.model_dump(mode="json", exclude_unset=True) for recipe in recipes])
 
 
 def loss(baseline_metric: float, metric: float, lower_is_better: bool = False) -> float:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from app.api.deps import CurrentTenant, SessionDep, StorageDep
 from app.api.downloads import stream_object
 from app.api.errors import error_responses
+from app.api.params import ArtifactId
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
 from app.core.storage import ObjectNotFound
@@ -24,8 +25,10 @@ DOWNLOAD_HEADERS = {"X-Content-Type-Options": "nosniff",
 @router.get("/{artifact_id}/download", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
                        **error_responses(404, 416)})
-def download_artifact(artifact_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
+def download_artifact(artifact_id: ArtifactId, request: Request, tenant: CurrentTenant, session: SessionDep,
                       storage: StorageDep) -> Response:
+    """An artifact's bytes with `Content-Disposition`, `ETag` (its sha256), `Range` (206) and `If-None-Match`
+    (304)."""
     artifact = get_owned(session, Artifact, artifact_id, tenant.id, "artifact")
     if artifact.job.deleted_at is not None:
         raise ServiceError(ErrorCode.NOT_FOUND, f"artifact {artifact_id!r} was deleted with the outputs of job "

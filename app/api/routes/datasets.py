@@ -1,8 +1,7 @@
 """/v1/datasets: streaming upload (validated before it is stored), list, get, delete."""
 
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
@@ -10,7 +9,8 @@ from app.api import services
 from app.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.api.errors import error_responses
 from app.api.limits import receive_upload_within_quota
-from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.pagination import page, paginate
+from app.api.params import Cursor, DatasetId, Limit
 from app.api.schemas import DatasetPublic, DatasetsPublic
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
@@ -30,7 +30,13 @@ def get_owned_dataset(session, tenant, dataset_id: str) -> Dataset:
              openapi_extra={
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"}}}}}}})
+        "description": "the dataset file, and an optional name",
+        "properties": {
+            "file": {"type": "string", "format": "binary",
+                     "description": "`.npz` or `.safetensors` of named input arrays (optional `labels`), or `.jsonl` "
+                                    "with `{\"text\": ..., \"label\": ...}` lines"},
+            "name": {"type": "string", "description": "a name for the dataset (default: the file's name)",
+                     "examples": ["calibration-256"]}}}}}}})
 async def upload_dataset(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
                          settings: SettingsDep, storage: StorageDep) -> Dataset:
     """Upload an `.npz`, `.safetensors` or `.jsonl` dataset; it is validated before anything is stored."""
@@ -45,21 +51,24 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
 
 
 @router.get("", response_model=DatasetsPublic, responses=error_responses(400))
-def list_datasets(tenant: CurrentTenant, session: SessionDep,
-                  limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None) -> dict:
+def list_datasets(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None) -> dict:
+    """The tenant's datasets, newest first."""
     query = select(Dataset).where(Dataset.tenant_id == tenant.id)
     rows, next_cursor = page(session.scalars(paginate(query, Dataset.id, limit, cursor)).all(), limit)
     return {"data": rows, "next_cursor": next_cursor}
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))
-def get_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep) -> Dataset:
+def get_dataset(dataset_id: DatasetId, tenant: CurrentTenant, session: SessionDep) -> Dataset:
+    """A dataset: its format, samples, labels and arrays."""
     return get_owned_dataset(session, tenant, dataset_id)
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response,
                responses=error_responses(404, 409))
-def delete_dataset(dataset_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, tenant: CurrentTenant, session: SessionDep,
+                   storage: StorageDep) -> Response:
+    """Delete a dataset and its file; 409 `dataset_in_use` while a queued or running job uses it."""
     dataset = get_owned_dataset(session, tenant, dataset_id)
     # Job.datasets is JSON ({"calibration": id, ...}); a tenant's unfinished jobs are few, so match them here
     # rather than with dialect-specific JSON operators.

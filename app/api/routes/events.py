@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.deps import CurrentTenant, SettingsDep
 from app.api.errors import error_responses
 from app.api.event_stream import Batch, EventStreamResponse, Source, Window, event_stream, parse_last_event_id, sse
+from app.api.params import JobId
 from app.api.routes.jobs import job_public
 from app.api.schemas import JobPublic
 from app.core.config import Settings
@@ -30,7 +31,7 @@ PAGE = 500
 END = "end"
 
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", description=(
-    "resume after this event id (sent back by EventSource clients on reconnect)"))]
+    "resume after this event id (sent back by EventSource clients on reconnect)"), examples=["42"])]
 _STREAM = {200: {"description": "`text/event-stream`: events `status`, `progress` and (per job) `end`; a `: ping` "
                                 "comment every MODELPRESS_EVENT_HEARTBEAT_INTERVAL seconds",
                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
@@ -134,7 +135,7 @@ async def _stream(request: Request, tenant_id: str, source: Source, cursor: int 
 
 @router.get("/jobs/{job_id}/events", status_code=200, response_class=EventStreamResponse,
             responses={**_STREAM, **error_responses(400, 404)})
-async def job_events(job_id: str, request: Request, tenant: CurrentTenant, settings: SettingsDep,
+async def job_events(job_id: JobId, request: Request, tenant: CurrentTenant, settings: SettingsDep,
                      last_event_id: LastEventId = None):
     """The job's events from its start (or after `Last-Event-ID`), then live: `status` on every status change
     (data: the job, as GET /v1/jobs/{id} shows it), `progress` (data: stage, step_index, fraction, epoch, trial,

@@ -3,20 +3,28 @@ webhook deliveries."""
 
 import hashlib
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from app.api import services
+from app.api import plans, services
 from app.api.conditional import etag_matches
 from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.api.errors import error_responses
-from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.pagination import page, paginate
+from app.api.params import Cursor, JobId, Limit
 from app.api.routes.webhooks import job_deliveries
-from app.api.schemas import ArtifactsPublic, JobCreate, JobPublic, JobsPublic, JobWebhookDeliveriesPublic
+from app.api.schemas import (
+    ArtifactsPublic,
+    JobCreate,
+    JobPlan,
+    JobPublic,
+    JobsPublic,
+    JobWebhookDeliveriesPublic,
+)
 from app.core import jobs
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
@@ -47,12 +55,24 @@ def get_owned_job(session, tenant, job_id: str) -> Job:
     return get_owned(session, Job, job_id, tenant.id, "job")
 
 
-@router.post("", status_code=201, response_model=JobPublic, responses=error_responses(400, 404, 409))
+@router.post("", status_code=201, response_model=JobPublic, responses={
+    200: {"model": JobPlan, "description": "`dry_run`: the job's plan; nothing was created"},
+    **error_responses(400, 404, 409)})
 def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                      session_factory: SessionFactoryDep, celery: CeleryDep, settings: SettingsDep,
-                     idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JSONResponse:
+                     idempotency_key: Annotated[str | None, Header(
+                         max_length=200, description="the same key and body within 24 h return the first job "
+                                                     "instead of creating another (a different body: 409)",
+                         examples=["8d3f0c2e-build-1432"])] = None) -> JSONResponse:
     """Submit a job: 201 with the job, committed `queued` and sent to a worker (or, for a replayed
-    `Idempotency-Key`, the first job it created, with `Idempotent-Replayed: true`)."""
+    `Idempotency-Key`, the first job it created, with `Idempotent-Replayed: true`).
+
+    With `"dry_run": true`: 200 with the plan (the recipe resolved, a tune job's candidates, the datasets matched
+    to the model's inputs, the queue and whether a worker serves it, warnings) and nothing created; a job that
+    would be refused gets the same error. A dry run ignores `Idempotency-Key`."""
+    if body.dry_run:
+        plan = plans.plan_job(session, settings, tenant.id, body)
+        return JSONResponse(jsonable_encoder(plan), status_code=200)
     job, replayed = services.submit_job(session, session_factory, celery, settings, tenant.id, body,
                                         idempotency_key)
     return JSONResponse(jsonable_encoder(job_public(job)), status_code=201,
@@ -60,9 +80,11 @@ def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
 
 
 @router.get("", response_model=JobsPublic, responses=error_responses(400))
-def list_jobs(tenant: CurrentTenant, session: SessionDep,
-              limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None,
-              status: JobStatus | None = None, model_id: str | None = None) -> JobsPublic:
+def list_jobs(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None,
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+              model_id: Annotated[str | None, Query(description="only the jobs of this model",
+                                                    examples=["mdl_0193a1b2c3d4e5f60718293a"])] = None) -> JobsPublic:
+    """The tenant's jobs, newest first."""
     query = select(Job).where(Job.tenant_id == tenant.id)
     if status:
         query = query.where(Job.status == status.value)
@@ -74,7 +96,7 @@ def list_jobs(tenant: CurrentTenant, session: SessionDep,
 
 @router.get("/{job_id}", response_model=JobPublic,
             responses={304: {"description": "not modified"}, **error_responses(404)})
-def get_job(job_id: str, request: Request, tenant: CurrentTenant, session: SessionDep) -> Response:
+def get_job(job_id: JobId, request: Request, tenant: CurrentTenant, session: SessionDep) -> Response:
     """Sends an ETag; a poller that sends it back in If-None-Match gets a body-less 304 until the job changes."""
     body = json.dumps(jsonable_encoder(job_public(get_owned_job(session, tenant, job_id))),
                       separators=(",", ":")).encode()
@@ -85,7 +107,9 @@ def get_job(job_id: str, request: Request, tenant: CurrentTenant, session: Sessi
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=error_responses(404, 409))
-def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+def cancel_job(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> JobPublic:
+    """Cancel a job: a queued job ends `cancelled` at once, a running one at its next check
+    (`cancel_requested` meanwhile); 409 `job_finished` for a job that already ended."""
     job = get_owned_job(session, tenant, job_id)
     if not jobs.request_cancel(session, job):
         raise ServiceError(ErrorCode.JOB_FINISHED, f"job {job_id!r} already finished with status {job.status!r}")
@@ -95,7 +119,7 @@ def cancel_job(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobPu
 
 
 @router.delete("/{job_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
-def delete_job(job_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+def delete_job(job_id: JobId, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
     """Delete a finished job's outputs from storage (freeing the tenant's quota); the job stays, with `deleted_at`
     and no artifacts. 204, again for a job already deleted; 409 `job_active` while it is queued or running."""
     job = get_owned_job(session, tenant, job_id)
@@ -107,8 +131,11 @@ def delete_job(job_id: str, tenant: CurrentTenant, session: SessionDep, storage:
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/report", responses=error_responses(404))
-def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
+@router.get("/{job_id}/report", responses={200: {"description": "the report (free-form JSON: docs/api.md, "
+                                                                  "Metrics)"}, **error_responses(404)})
+def get_report(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> dict[str, Any]:
+    """The job's metrics: sizes, latency, fidelity, accuracy and each step before and after; 404 until the job
+    has one."""
     job = get_owned_job(session, tenant, job_id)
     if not job.metrics:
         raise ServiceError(ErrorCode.NOT_FOUND, f"job {job_id!r} has no report yet (status {job.status!r})")
@@ -116,12 +143,13 @@ def get_report(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=error_responses(404))
-def list_artifacts(job_id: str, tenant: CurrentTenant, session: SessionDep) -> dict:
+def list_artifacts(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> dict:
+    """The files the job produced: the model (and extra exports) and the report."""
     return {"data": live_artifacts(get_owned_job(session, tenant, job_id))}
 
 
 @router.get("/{job_id}/webhook-deliveries", response_model=JobWebhookDeliveriesPublic, responses=error_responses(404))
-def list_webhook_deliveries(job_id: str, tenant: CurrentTenant, session: SessionDep) -> JobWebhookDeliveriesPublic:
+def list_webhook_deliveries(job_id: JobId, tenant: CurrentTenant, session: SessionDep) -> JobWebhookDeliveriesPublic:
     """The job's webhook event (none without a `webhook_url`, or before it finished) with its attempts."""
     job = get_owned_job(session, tenant, job_id)
     return JobWebhookDeliveriesPublic(data=job_deliveries(session, tenant.id, job.id))

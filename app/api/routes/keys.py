@@ -2,13 +2,14 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Request
 from sqlalchemy import select
 
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep
 from app.api.errors import error_responses
 from app.api.limits import lock_tenant
-from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.pagination import page, paginate
+from app.api.params import Cursor, KeyId, Limit
 from app.api.schemas import KeyCreate, KeyCreated, KeyPublic, KeyRotate, KeysPublic
 from app.core import auth
 from app.core.db import utcnow
@@ -56,8 +57,7 @@ def check_key_limit(session, tenant_id: str, limit: int, adding: int, hint: str 
 
 
 @router.get("", response_model=KeysPublic, responses=error_responses(400))
-def list_keys(tenant: CurrentTenant, session: SessionDep,
-              limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None) -> KeysPublic:
+def list_keys(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None) -> KeysPublic:
     """The tenant's keys, revoked ones included; never a secret or a hash."""
     query = select(ApiKey).where(ApiKey.tenant_id == tenant.id)
     rows, next_cursor = page(session.scalars(paginate(query, ApiKey.id, limit, cursor)).all(), limit)
@@ -66,7 +66,8 @@ def list_keys(tenant: CurrentTenant, session: SessionDep,
 
 @router.post("", status_code=201, response_model=KeyCreated, responses=error_responses(400, 409))
 def create_key(request: Request, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep,
-               body: Annotated[KeyCreate | None, Body()] = None) -> KeyCreated:
+               body: Annotated[KeyCreate | None, Body(description="optional: a label and an expiry")] = None,
+               ) -> KeyCreated:
     """A new key for the caller's tenant (up to `MODELPRESS_TENANT_MAX_KEYS` active keys, else 429); `key` is
     shown in this response only. Only a key without expiry may create keys."""
     refuse_expiring_caller(request, session)
@@ -77,7 +78,7 @@ def create_key(request: Request, tenant: CurrentTenant, session: SessionDep, set
 
 
 @router.post("/{key_id}/revoke", response_model=KeyPublic, responses=error_responses(404, 409))
-def revoke_key(key_id: str, request: Request, tenant: CurrentTenant, session: SessionDep) -> KeyPublic:
+def revoke_key(key_id: KeyId, request: Request, tenant: CurrentTenant, session: SessionDep) -> KeyPublic:
     """The key answers 401 from now on; revoking the key of this very request is allowed. Only a key without
     expiry may revoke keys."""
     refuse_expiring_caller(request, session)
@@ -89,8 +90,8 @@ def revoke_key(key_id: str, request: Request, tenant: CurrentTenant, session: Se
 
 @router.post("/{key_id}/rotate", status_code=201, response_model=KeyCreated,
              responses=error_responses(400, 404, 409))
-def rotate_key(key_id: str, request: Request, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep,
-               body: Annotated[KeyRotate | None, Body()] = None) -> KeyCreated:
+def rotate_key(key_id: KeyId, request: Request, tenant: CurrentTenant, session: SessionDep, settings: SettingsDep,
+               body: Annotated[KeyRotate | None, Body(description="optional: a grace period")] = None) -> KeyCreated:
     """A replacement key, shown once; the old key stops at once, or after `grace_seconds` (both work until then).
     Only a key without expiry may rotate keys; with a grace period the replacement counts against the limit."""
     refuse_expiring_caller(request, session)

@@ -11,7 +11,8 @@ from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep
 from app.api.downloads import stream_object
 from app.api.errors import error_responses
 from app.api.limits import receive_upload_within_quota
-from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.pagination import page, paginate
+from app.api.params import Cursor, Limit, ModelId
 from app.api.schemas import ModelPublic, ModelsPublic
 from app.core import input_specs
 from app.core.errors import ErrorCode, ServiceError
@@ -32,10 +33,18 @@ def get_owned_model(session, tenant, model_id: str) -> Model:
 @router.post("", status_code=201, response_model=ModelPublic, responses=error_responses(400, 413, 415), openapi_extra={
     "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file"],
-        "properties": {"file": {"type": "string", "format": "binary"}, "name": {"type": "string"},
-                       "format": {"type": "string", "enum": list(detect.SUPPORTED_FORMATS)},
-                       "input_specs": {"type": "string", "description": "JSON: the default input specs of jobs "
-                                                                       "on this model"}}}}}}})
+        "description": "the model file, and optional fields",
+        "properties": {
+            "file": {"type": "string", "format": "binary",
+                     "description": "a `.pt2` (torch.export), `.onnx`, or a zip or tar.gz of a Hugging Face model "
+                                    "directory (config.json and *.safetensors)"},
+            "name": {"type": "string", "description": "a name for the model (default: the file's name)",
+                     "examples": ["resnet18"]},
+            "format": {"type": "string", "enum": list(detect.SUPPORTED_FORMATS),
+                       "description": "the format you expect; detected from the content either way (415 "
+                                      "`format_mismatch` if it disagrees)", "examples": ["onnx"]},
+            "input_specs": {"type": "string", "description": "JSON: the default input specs of jobs on this model",
+                            "examples": ['{"input": {"shape": [1, 3, 224, 224]}}']}}}}}}})
 async def upload_model(request: Request, tenant: CurrentTenant, session_factory: SessionFactoryDep,
                        settings: SettingsDep, storage: StorageDep, celery: CeleryDep) -> Model:
     """Upload a `.pt2` (torch.export), `.onnx` or Hugging Face archive; a worker inspects it and sets it ready or
@@ -60,9 +69,10 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
 
 
 @router.get("", response_model=ModelsPublic, responses=error_responses(400))
-def list_models(tenant: CurrentTenant, session: SessionDep,
-                limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None,
-                status: str | None = None) -> dict:
+def list_models(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None,
+                status: Annotated[str | None, Query(description="only models in this status: `uploaded`, `ready` "
+                                                                "or `invalid`", examples=["ready"])] = None) -> dict:
+    """The tenant's models, newest first."""
     query = select(Model).where(Model.tenant_id == tenant.id)
     if status:
         query = query.where(Model.status == status)
@@ -71,15 +81,17 @@ def list_models(tenant: CurrentTenant, session: SessionDep,
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))
-def get_model(model_id: str, tenant: CurrentTenant, session: SessionDep) -> Model:
+def get_model(model_id: ModelId, tenant: CurrentTenant, session: SessionDep) -> Model:
+    """A model: its status and, once inspected, what it takes and gives (`info`)."""
     return get_owned_model(session, tenant, model_id)
 
 
 @router.get("/{model_id}/download", response_class=Response,
             responses={200: {"content": {"application/octet-stream": {}}}, 206: {"description": "partial"},
                        **error_responses(404, 416)})
-def download_model(model_id: str, request: Request, tenant: CurrentTenant, session: SessionDep,
+def download_model(model_id: ModelId, request: Request, tenant: CurrentTenant, session: SessionDep,
                    storage: StorageDep) -> Response:
+    """The uploaded file, as stored (ETag: its sha256; `Range` and `If-None-Match` are honoured)."""
     model = get_owned_model(session, tenant, model_id)
     extension = model.storage_key.rsplit("/", 1)[-1].partition(".")[2]  # pt2, onnx, zip, tar.gz or tar
     stem = model.name.removesuffix(f".{extension}") if model.name.endswith(f".{extension}") \
@@ -93,7 +105,9 @@ def download_model(model_id: str, request: Request, tenant: CurrentTenant, sessi
 
 
 @router.delete("/{model_id}", status_code=204, response_class=Response, responses=error_responses(404, 409))
-def delete_model(model_id: str, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+def delete_model(model_id: ModelId, tenant: CurrentTenant, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete a model and its file; 409 `model_in_use` while a queued or running job uses it. Its jobs keep their
+    history."""
     model = get_owned_model(session, tenant, model_id)
     active = session.scalar(select(Job.id).where(Job.model_id == model.id,
                                                  Job.status.in_(ACTIVE)).limit(1))

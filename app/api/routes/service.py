@@ -13,6 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.api.errors import error_responses
 from app.api.guard import bearer_token
+from app.api.schemas import HealthPublic, ReadinessPublic
 from app.core import presence
 from app.core.db import utcnow
 from app.core.errors import ErrorCode, ServiceError
@@ -21,8 +22,9 @@ from app.core.queue import check_broker
 router = APIRouter(tags=["service"])
 
 
-@router.get("/healthz")
+@router.get("/healthz", response_model=HealthPublic)
 def healthz() -> dict:
+    """The process is alive (it checks nothing else)."""
     return {"status": "ok"}
 
 
@@ -41,7 +43,8 @@ def _queues_without_workers(request: Request) -> list[str] | None:
         return None
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadinessPublic,
+            responses={503: {"model": ReadinessPublic, "description": "a dependency is unavailable"}})
 async def readyz(request: Request) -> JSONResponse:
     """503 unless the database, broker and storage answer. `queues_without_workers` lists the queues no worker
     serves (their jobs wait, then fail `no_worker`); it never makes the API unready: the API itself works."""

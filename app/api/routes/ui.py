@@ -72,9 +72,3 @@ def index_slash() -> Response:
 @router.get("/ui/{name}")
 def asset(name: str, request: Request) -> Response:
     return serve(request, name)
-
-
-@router.get("/favicon.ico")
-def favicon(request: Request) -> Response:
-    """Browsers ask for it on any page of the origin (the API's JSON too): the dashboard's icon, never a 404."""
-    return serve(request, "favicon.svg")

@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.api.deps import CurrentTenant, SessionDep
 from app.api.errors import error_responses
-from app.api.pagination import MAX_LIMIT, page, paginate
+from app.api.pagination import page, paginate
+from app.api.params import Cursor, Limit
 from app.api.schemas import WebhookAttemptPublic, WebhookDeliveriesPublic, WebhookDeliveryPublic, WebhookSecretPublic
 from app.core import webhooks
 from app.core.db import utcnow
@@ -57,9 +58,10 @@ def rotate_secret(tenant: CurrentTenant, session: SessionDep) -> WebhookSecretPu
 
 
 @router.get("/deliveries", response_model=WebhookDeliveriesPublic, responses=error_responses(400))
-def list_deliveries(tenant: CurrentTenant, session: SessionDep,
-                    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 50, cursor: str | None = None,
-                    status: webhooks.WebhookStatus | None = None) -> WebhookDeliveriesPublic:
+def list_deliveries(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None,
+                    status: Annotated[webhooks.WebhookStatus | None,
+                                      Query(description="only events in this delivery status")] = None,
+                    ) -> WebhookDeliveriesPublic:
     """The tenant's webhook events, newest first, each with its attempts."""
     query = select(WebhookEvent).where(WebhookEvent.tenant_id == tenant.id) \
         .options(selectinload(WebhookEvent.attempt_log))

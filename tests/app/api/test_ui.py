@@ -25,8 +25,7 @@ def client(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path, media_type", [("/ui", "text/html"), ("/ui/app.js", "text/javascript"),
-                                              ("/ui/style.css", "text/css"), ("/ui/favicon.svg", "image/svg+xml"),
-                                              ("/favicon.ico", "image/svg+xml")])
+                                              ("/ui/style.css", "text/css"), ("/ui/favicon.svg", "image/svg+xml")])
 def test_each_file_is_served_with_its_type_and_a_strict_policy(client, path, media_type):
     response = client.get(path)
     assert response.status_code == 200
@@ -46,6 +45,11 @@ def test_the_slash_form_redirects_and_unknown_names_are_404(client):
         response = client.get(f"/ui/{name}")
         assert response.status_code == 404, name
         assert response.json()["error"]["code"] == "not_found"
+
+
+def test_browsers_asking_for_favicon_ico_get_an_icon(client):
+    response = client.get("/favicon.ico")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("image/")
 
 
 def test_the_dashboard_is_not_part_of_the_api_schema(client):

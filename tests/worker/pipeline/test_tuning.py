@@ -2,9 +2,8 @@ import json
 
 import pytest
 
-from app.core.recipe import Recipe
 from worker.errors import JobCancelled, JobFailure
-from worker.pipeline.tuning import candidate_recipes, tune
+from worker.pipeline.tuning import tune
 
 BASELINE = 0.90  # 1% tolerance: a metric of 0.891 or more meets it
 RESULTS = {  # recipe id -> (size_bytes, latency_ms, metric)
@@ -142,50 +141,6 @@ def test_unknown_objective_is_refused():
         search(objective="accuracy")
 
 
-def steps(recipe):
-    return [(s["op"], s["method"], s.get("dtype"), s.get("sparsity"), s.get("granularity")) for s in recipe["steps"]]
-
-
-def test_generated_candidates_go_from_safe_to_aggressive():
-    recipes = candidate_recipes(None, has_calibration=True, model_kind="pt2", layer_names=["0", "2", "4"])
-    int8 = ("quantize", "dynamic", "int8", None, "per_channel")
-    assert [steps(r) for r in recipes] == [
-        [int8],
-        [int8],  # with smoothing
-        [("quantize", "dynamic", "int8", None, "per_tensor")],
-        [("prune", "magnitude", None, 0.3, None), int8],
-        [("prune", "activation_aware", None, 0.5, None), int8],
-        [("quantize", "static", "int8", None, "per_channel")],
-        [("prune", "magnitude", None, 0.5, None), int8],
-        [("quantize", "weight_only", "int4", None, "group")],  # GPTQ
-        [("quantize", "weight_only", "int4", None, "group")],
-    ]
-    assert recipes[-1]["steps"][0]["group_size"] == 32 and "algorithm" not in recipes[-1]["steps"][0]
-    assert recipes[-2]["steps"][0]["algorithm"] == "gptq"
-    assert recipes[1]["steps"][0]["smoothing"] == "auto"
-    assert all(r["steps"][0]["exclude"] == ["^4$"] for r in recipes if r["steps"][0]["op"] == "prune")  # the head
-    assert len({json.dumps(r, sort_keys=True) for r in recipes}) == len(recipes)
-    for recipe in recipes:
-        Recipe.model_validate(recipe)
-
-
-def test_candidates_depend_on_calibration_and_model_kind():
-    onnx = candidate_recipes(None, has_calibration=True, model_kind="onnx", layer_names=["node_a", "node_b"])
-    methods = [[s["method"] for s in r["steps"]] for r in onnx]
-    assert ["activation_aware", "dynamic"] not in methods and ["weight_only"] not in methods
-    assert ["static"] in methods
-    plain = candidate_recipes(None, has_calibration=False, model_kind="pt2", layer_names=["fc"])
-    methods = [[s["method"] for s in r["steps"]] for r in plain]
-    assert methods == [["dynamic"], ["dynamic"], ["magnitude", "dynamic"], ["magnitude", "dynamic"], ["weight_only"]]
-    assert plain[2]["steps"][0]["exclude"] == []  # a single layer is not kept out of its own pruning
-
-
-def test_user_search_recipes_come_as_given():
-    user = [{"steps": [{"op": "quantize", "dtype": "fp16"}]}, {"steps": [{"op": "quantize"}]},
-            {"steps": [{"op": "quantize", "dtype": "fp16"}]}]
-    assert candidate_recipes(user, has_calibration=True, model_kind="pt2", layer_names=["a", "b"]) == user[:2]
-
-
 def test_perplexity_is_lower_is_better_and_max_loss_bounds_its_relative_increase():
     perplexities = {"int8": (400, 1.0, 20.5), "int4": (200, 1.0, 21.5), "int2": (100, 1.0, 40.0)}
     result = tune([{"id": key} for key in perplexities], lambda recipe: perplexities[recipe["id"]],
@@ -215,17 +170,3 @@ def test_a_trial_that_would_not_fit_the_budget_left_is_skipped_and_the_search_go
     assert result["skipped"] == [{"recipe": {"id": "b"}, "reason": "expected to take 40 s, 15 s of the time "
                                                                    "budget left"}]
     assert "1 candidates skipped for the time budget" in result["message"]
-
-
-def test_latency_with_train_data_tries_a_student_and_recovered_pruning_right_after_int8():
-    recipes = candidate_recipes(None, has_calibration=True, model_kind="hf", layer_names=["a", "head"],
-                                has_train=True, objective="latency")
-    ops = [[step["op"] for step in recipe["steps"]] for recipe in recipes]
-    assert ops[:3] == [["quantize"], ["distill", "quantize"], ["prune", "distill", "quantize"]]
-    assert recipes[1]["steps"][0]["student"] == {"shrink": {"depth": 0.67, "width": 0.5}}
-    assert recipes[2]["steps"][1]["student"] == {"current": True}
-    assert recipes[2]["steps"][0]["method"] == "activation_aware"
-    for objective, has_train in (("size", True), ("latency", False)):
-        assert not any(step["op"] == "distill" for recipe in candidate_recipes(
-            None, has_calibration=True, model_kind="hf", layer_names=["a", "head"], has_train=has_train,
-            objective=objective) for step in recipe["steps"])
