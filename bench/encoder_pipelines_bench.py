@@ -214,7 +214,7 @@ def sparse_rows(results: dict[str, dict]) -> list[str]:
         if not (sparse and dense):
             continue
         with safe_open(str(sparse), "pt") as fh:
-            config = json.loads(fh.metadata()["sparsity_config"])
+            config = json.loads(fh.metadata()["quantization_config"])["sparsity_config"]
         dense_tensors = load_file(str(dense))
         read_back = dict(BitmaskCompressor(config=BitmaskConfig(**config)).decompress(str(sparse)))
         identical = all(torch.equal(read_back.get(k, dense_tensors[k]), t) for k, t in dense_tensors.items())
