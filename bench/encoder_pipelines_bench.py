@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 import compression_bench as bench  # noqa: E402
-from peer_bench import Wrapper, feeds_for, interleaved, wait_for  # noqa: E402
+from peer_bench import export_original, feeds_for, interleaved, wait_for  # noqa: E402
 
 
 def _recovered(pattern: str) -> dict:
@@ -168,13 +168,7 @@ def _seconds(job: dict) -> float:
 def peer_int8(model_dir: Path, work: Path) -> Path:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    model = transformers.AutoModel.from_pretrained(model_dir).eval()
-    fp32 = work / "peer.onnx"
-    ids = torch.ones((2, 8), dtype=torch.int64)
-    axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "hidden")}
-    with torch.no_grad():
-        torch.onnx.export(Wrapper(model), (ids, ids), str(fp32), input_names=["input_ids", "attention_mask"],
-                          output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    fp32 = export_original(model_dir, work / "peer.onnx")
     int8 = work / "peer-int8.onnx"
     quantize_dynamic(str(fp32), str(int8), per_channel=True, weight_type=QuantType.QInt8)
     return int8

@@ -87,14 +87,19 @@ class Reader(CalibrationDataReader):
         return next(self.items, None)
 
 
-def peer_models(model_dir: Path, work: Path, calibration: list[dict]) -> dict[str, Path]:
+def export_original(model_dir: Path, fp32: Path) -> Path:
+    """The original model as a user exports it: the legacy exporter, ids and mask in, the last hidden state out."""
     model = transformers.AutoModel.from_pretrained(model_dir).eval()
-    fp32 = work / "peer.onnx"
     ids = torch.ones((2, 8), dtype=torch.int64)
     axes = {name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "hidden")}
     with torch.no_grad():
         torch.onnx.export(Wrapper(model), (ids, ids), str(fp32), input_names=["input_ids", "attention_mask"],
                           output_names=["hidden"], dynamic_axes=axes, opset_version=17, dynamo=False)
+    return fp32
+
+
+def peer_models(model_dir: Path, work: Path, calibration: list[dict]) -> dict[str, Path]:
+    fp32 = export_original(model_dir, work / "peer.onnx")
     dynamic = work / "peer-int8.onnx"
     quantize_dynamic(str(fp32), str(dynamic), per_channel=True, weight_type=QuantType.QInt8)
     prepared = work / "peer-prepared.onnx"
