@@ -93,3 +93,27 @@ def settings(request, sqlite_home, tmp_path) -> Settings:
                         max_upload_bytes=5 * 1024 * 1024)
     return Settings(home=tmp_path, database_url=request.getfixturevalue("pg_url"),
                     storage_url=(tmp_path / "artifacts").as_uri(), max_upload_bytes=5 * 1024 * 1024)
+
+
+@pytest.fixture
+def factory(settings):
+    """A session factory on the test's database."""
+    from app.core.db import make_engine, make_session_factory
+
+    engine = make_engine(settings.resolved_database_url())
+    yield make_session_factory(engine)
+    engine.dispose()
+
+
+@pytest.fixture
+def job_id(factory) -> str:
+    """A queued job of a new tenant, with nothing to run."""
+    from app.core import jobs
+    from app.core.auth import create_api_key
+    from app.core.db import session_scope
+    from app.core.ids import new_id
+
+    with session_scope(factory) as session:
+        tenant, _ = create_api_key(session, new_id("tenant"))
+        return jobs.create_job(session, tenant_id=tenant.id, model_id="mdl_x", recipe={"steps": []}, datasets={},
+                               target={}, queue="cpu").id

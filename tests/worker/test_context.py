@@ -7,27 +7,15 @@ import pytest
 from sqlalchemy import select
 
 from app.core import jobs
-from app.core.auth import create_api_key
-from app.core.db import make_engine, make_session_factory, session_scope
-from app.core.ids import new_id
+from app.core.db import session_scope
 from app.core.tables import Job, JobEvent
 from worker import context
 from worker.context import JobContext
 
 
 @pytest.fixture
-def factory(settings):
-    engine = make_engine(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def running_job(factory):
+def running_job(factory, job_id):
     with session_scope(factory) as session:
-        tenant, _ = create_api_key(session, new_id("tenant"))
-        job_id = jobs.create_job(session, tenant_id=tenant.id, model_id="mdl_x", recipe={"steps": []}, datasets={},
-                                 target={}, queue="cpu").id
         jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
     return job_id
 

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from app.api.event_stream import MAX_LAST_EVENT_ID, EventFeed, SettledIds, parse_last_event_id, sse
 from app.core import jobs
 from app.core.auth import create_api_key
-from app.core.db import make_engine, make_session_factory, session_scope
+from app.core.db import session_scope
 from app.core.errors import ServiceError
 from app.core.ids import new_id
 from app.core.job_events import progress_report
@@ -61,13 +61,6 @@ def test_an_event_is_an_id_a_kind_and_one_line_of_compact_json():
     wire = sse(7, "progress", {"message": "line one\nline two", "fraction": 0.5})
     assert wire == b'id: 7\nevent: progress\ndata: {"message":"line one\\nline two","fraction":0.5}\n\n'
     assert json.loads(wire.decode().split("data: ", 1)[1])["message"] == "line one\nline two"
-
-
-@pytest.fixture
-def factory(settings):
-    engine = make_engine(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
 
 
 def _running_job(factory) -> str:

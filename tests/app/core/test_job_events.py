@@ -3,12 +3,11 @@ rows the state machine writes (status changes with the job as it was, progress r
 
 import math
 
-import pytest
 from sqlalchemy import select
 
 from app.core import jobs
 from app.core.auth import create_api_key
-from app.core.db import make_engine, make_session_factory, session_scope
+from app.core.db import session_scope
 from app.core.ids import new_id
 from app.core.job_events import ProgressThrottle, events_with_jobs, job_events_after, progress_report
 from app.core.statuses import JobStatus
@@ -66,21 +65,6 @@ def test_a_fast_loop_writes_a_few_rows_a_second():
     # One second of reports, every one of them new (the message changes): the first, then one per interval.
     assert len(written) == 4 and written[0]["message"] == "batch 0"
     assert [w["fraction"] for w in written] == sorted(w["fraction"] for w in written)
-
-
-@pytest.fixture
-def factory(settings):
-    engine = make_engine(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def job_id(factory):
-    with session_scope(factory) as session:
-        tenant, _ = create_api_key(session, new_id("tenant"))
-        return jobs.create_job(session, tenant_id=tenant.id, model_id="mdl_x", recipe={"steps": []}, datasets={},
-                               target={}, queue="cpu").id
 
 
 def _events(factory, job_id) -> list[JobEvent]:

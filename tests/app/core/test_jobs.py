@@ -2,29 +2,11 @@
 
 from datetime import timedelta
 
-import pytest
 from sqlalchemy import select, update
 
 from app.core import jobs
-from app.core.auth import create_api_key
-from app.core.db import make_engine, make_session_factory, session_scope, utcnow
-from app.core.ids import new_id
+from app.core.db import session_scope, utcnow
 from app.core.tables import Job, JobEvent
-
-
-@pytest.fixture
-def factory(settings):
-    engine = make_engine(settings.resolved_database_url())
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-@pytest.fixture
-def job_id(factory):
-    with session_scope(factory) as session:
-        tenant, _ = create_api_key(session, new_id("tenant"))
-        return jobs.create_job(session, tenant_id=tenant.id, model_id="mdl_x", recipe={"steps": []}, datasets={},
-                               target={}, queue="cpu").id
 
 
 def _status(factory, job_id):
