@@ -2,7 +2,9 @@ import pytest
 
 ROUTES = [("get", "/v1/models"), ("post", "/v1/models"), ("get", "/v1/models/x"), ("get", "/v1/models/x/download"),
           ("delete", "/v1/models/x"), ("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", "/v1/jobs/x"),
-          ("post", "/v1/jobs/x/cancel"), ("get", "/v1/jobs/x/report"), ("get", "/v1/jobs/x/artifacts"),
+          ("post", "/v1/jobs/x/cancel"), ("delete", "/v1/jobs/x"),
+          ("get", "/v1/jobs/x/events"), ("get", "/v1/events"),
+          ("get", "/v1/jobs/x/report"), ("get", "/v1/jobs/x/artifacts"),
           ("get", "/v1/artifacts/x/download"), ("get", "/v1/datasets"), ("post", "/v1/datasets"),
           ("get", "/v1/datasets/x"), ("delete", "/v1/datasets/x"), ("get", "/v1/presets"), ("get", "/v1/keys"),
           ("post", "/v1/keys"), ("post", "/v1/keys/x/revoke"), ("post", "/v1/keys/x/rotate"),

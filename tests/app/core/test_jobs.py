@@ -66,7 +66,7 @@ def test_reaper_requeues_then_gives_up(factory, job_id):
         with session_scope(factory) as session:
             outcome = jobs.reap_stale(session, jobs.stale_cutoff(60), max_attempts=2)
         expected = "requeued" if attempt == 1 else "failed"
-        assert outcome[expected] == [job_id]
+        assert job_id in outcome[expected]  # the database is shared: other tests' running jobs go stale too
     job = _status(factory, job_id)
     assert job.status == "failed" and job.error_code == "worker_lost" and "2 times" in job.error_message
     with factory() as session:
@@ -79,7 +79,9 @@ def test_reaper_leaves_live_jobs_alone(factory, job_id):
     with session_scope(factory) as session:
         jobs.claim(session, job_id, "w1", jobs.stale_cutoff(60))
     with session_scope(factory) as session:
-        assert jobs.reap_stale(session, jobs.stale_cutoff(60), 3) == {"requeued": [], "failed": [], "cancelled": []}
+        outcome = jobs.reap_stale(session, jobs.stale_cutoff(60), 3)
+    assert all(job_id not in reaped for reaped in outcome.values())
+    assert _status(factory, job_id).status == "running"
 
 
 def _artifact(name: str) -> dict:
@@ -120,5 +122,5 @@ def test_a_job_the_reaper_ends_keeps_its_best_trial_as_a_final_artifact(factory,
         session.execute(update(Job).where(Job.id == job_id).values(attempts=3, heartbeat_at=utcnow() - timedelta(
             hours=1)))
     with session_scope(factory) as session:
-        assert jobs.reap_stale(session, jobs.stale_cutoff(60), max_attempts=3)["failed"] == [job_id]
+        assert job_id in jobs.reap_stale(session, jobs.stale_cutoff(60), max_attempts=3)["failed"]
     assert _artifacts(factory, job_id) == [("m-trial1.onnx", False)]

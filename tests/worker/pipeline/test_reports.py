@@ -26,7 +26,7 @@ class Recorder:
         self.trials: list[int] = []
         self.announced: list[tuple[int, Path, int]] = []  # the best so far: trial, file, its size then
 
-    def progress(self, fraction, step, message):
+    def progress(self, fraction, step, message, **counters):
         pass
 
     def check(self):
