@@ -277,6 +277,10 @@ def main() -> None:
               f"{peer1 / p1:.2f}x | {cosines[name].mean():.4f} | {cosines[name].min():.4f} | {seconds} |")
     for name, result in results.items():
         for step in result["steps"]:
+            if step.get("op") == "quantize" and step.get("details", {}).get("method") == "auto":
+                d = step["details"]
+                tried = ", ".join(f"{c['name']} cosine {c.get('cosine')} {c.get('speedup')}x" for c in d["candidates"])
+                print(f"{name}: int8 auto kept {d['kept']} ({tried})")
             if step.get("op") == "distill":
                 d = step.get("details", {})
                 print(f"{name}: distill fidelity before {step.get('fidelity_before')} after {step.get('fidelity')}; "

@@ -208,3 +208,62 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path: Path, classifier_dir: Path) -
     with torch.inference_mode():
         expected = hf.module(*inputs)[0].numpy()
     assert np.abs(got - expected).max() < 1e-4
+
+
+def _sentence_archive(folder: Path, modules: object, pooling: dict | None, path: str = "1_Pooling") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules))
+    if pooling is not None:
+        (folder / path).mkdir(parents=True, exist_ok=True)
+        (folder / path / "config.json").write_text(json.dumps(pooling))
+    return folder
+
+
+POOLING_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean"),
+    ({"pooling_mode_cls_token": True}, "cls"),
+    ({"pooling_mode_max_tokens": True}, "max"),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, None),  # two modes: not one embedding
+    ({"pooling_mode_mean_sqrt_len_tokens": True}, None),  # a mode not computed here
+    ({"pooling_mode_mean_tokens": "yes"}, None),
+])
+def test_a_sentence_transformers_archive_names_its_pooling(tmp_path: Path, config: dict, expected: str | None) -> None:
+    from worker.formats.hf import sentence_pooling
+
+    assert sentence_pooling(_sentence_archive(tmp_path / "m", POOLING_MODULES, config)) == expected
+
+
+@pytest.mark.parametrize("modules, path", [
+    ([{"path": "../outside", "type": "sentence_transformers.models.Pooling"}], "../outside"),  # leaves the archive
+    ({"path": "1_Pooling"}, "1_Pooling"),  # not a list
+    ([{"path": 3, "type": "sentence_transformers.models.Pooling"}], "1_Pooling"),
+    (POOLING_MODULES * 2, "1_Pooling"),  # two pooling modules
+])
+def test_a_hostile_or_odd_modules_file_means_no_pooling(tmp_path: Path, modules: object, path: str) -> None:
+    from worker.formats.hf import sentence_pooling
+
+    folder = _sentence_archive(tmp_path / "inner" / "m", modules, {"pooling_mode_mean_tokens": True}, path)
+    assert sentence_pooling(folder) is None
+    (folder / "modules.json").write_text("[" * 100_000)  # not JSON a parser should recurse into
+    assert sentence_pooling(folder) is None
+    assert sentence_pooling(tmp_path / "nothing") is None
+
+
+def test_a_sentence_encoder_upload_says_how_it_pools(tmp_path: Path) -> None:
+    folder = tmp_path / "encoder"
+    transformers.BertModel(transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32)).save_pretrained(folder)
+    _sentence_archive(folder, POOLING_MODULES, {"pooling_mode_mean_tokens": True})
+    described = inspect_hf(pack(folder, tmp_path / "encoder.zip"), tmp_path / "work")
+    assert described["architecture"]["sentence_pooling"] == "mean"
+    assert "sentence_pooling" not in inspect_hf(pack(_without_modules(folder), tmp_path / "plain.zip"),
+                                                tmp_path / "work2")["architecture"]
+
+
+def _without_modules(folder: Path) -> Path:
+    (folder / "modules.json").unlink()
+    return folder

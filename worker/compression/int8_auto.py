@@ -3,14 +3,15 @@
 Convolutional nets run fastest as static QDQ (ONNX Runtime fuses the Conv chain into QLinearConv); dynamic int8
 turns every Conv into ConvInteger plus a float rescale, 4-12x slower than fp32 on every CNN of
 bench/cnn_int8_bench.py. Transformers and recurrent nets get dynamic int8 (their MatMuls quantized per row at run
-time). Each candidate is timed against the fp32 model on the job's first eval batch (interleaved, so a busy
-machine slows both alike) and its outputs compared on all of them; the next candidate is tried until one is
-faster than fp32 and faithful (output cosine >= FAITHFUL_COSINE). The last candidate of every plan,
-"weights_int8", stores the weights in int8 and computes in float (quantize.store_weights_int8): ONNX Runtime folds
-the decoding at load, so it runs as fast as fp32 from a file about 4x smaller. It is kept when no int8 computation
-beats fp32 (small depthwise nets such as the OCR angle classifier of issue 11, where the dequantize/quantize pairs
-cost more than the int8 convolutions save). If it is not faithful either, the fastest faithful candidate is
-delivered (else the most faithful) with a warning.
+time); a transformer whose dynamic int8 is faster than fp32 but under the line is tried next with the products that
+cost its output most left in float ("dynamic_partial"). Each candidate is timed against the fp32 model on the job's
+first eval batch (interleaved, so a busy machine slows both alike) and its outputs compared on all of them; the
+next candidate is tried until one is faster than fp32 and faithful (output cosine >= FAITHFUL_COSINE). The last
+candidate of every plan, "weights_int8", stores the weights in int8 and computes in float
+(quantize.store_weights_int8): ONNX Runtime folds the decoding at load, so it runs as fast as fp32 from a file
+about 4x smaller. It is kept when no int8 computation beats fp32 (small depthwise nets such as the OCR angle
+classifier of issue 11, where the dequantize/quantize pairs cost more than the int8 convolutions save). If it is
+not faithful either, the fastest faithful candidate is delivered (else the most faithful) with a warning.
 """
 
 import shutil
@@ -42,8 +43,13 @@ MATMUL_OPS = {"MatMul", "Gemm", "Attention", "MultiHeadAttention"}
 # the OCR angle classifier 0.52x against 0.72x); "static" quantizes only the weight-bearing ops (on the OCR
 # recognizer, whose attention layers follow the convolutions, it stayed faithful where static_conv did not).
 PLANS = {"convolutional": ("static_conv", "static_conv_depthwise", "static", "dynamic", "weights_int8"),
-         "transformer": ("dynamic", "static", "weights_int8"),
+         "transformer": ("dynamic", "dynamic_partial", "static", "weights_int8"),
          "recurrent": ("dynamic", "static", "weights_int8")}
+# "dynamic_partial" is dynamic int8 with the products that cost the output most left in float
+# (quantize.onnx_dynamic_int8_partial), tried only when plain dynamic int8 was faster than fp32 but under the line:
+# on 300 sentences of real prose all-MiniLM-L6-v2's dynamic int8 measured output cosine 0.9896, its first layer's
+# feed-forward output in float 0.9914 at 1.08x the size. Its scan scores each run on this many samples at most.
+PARTIAL_SCAN_SAMPLES = 64
 # "weights_int8" runs the fp32 graph once ONNX Runtime has folded its decoding, so its measured speedup is fp32
 # against itself: on this shared 2-core machine such pairs measure 0.9-1.1x, and 0.73x in a busy spell. It counts
 # as "not slower" above this, or when ONNX Runtime's optimized graph of it has the fp32 graph's ops (`folded`).
@@ -132,6 +138,23 @@ def decide(candidates: list[Candidate]) -> tuple[int, str, str | None]:
         f"cosine {kept.cosine:.4f} and {kept.speedup:.2f}x the speed of fp32")
 
 
+def _worth_partial(candidates: list[Candidate]) -> bool:
+    """Plain dynamic int8 was measured faster than fp32 but under the faithful line."""
+    dynamic = next((c for c in candidates if c.name == "dynamic"), None)
+    return bool(dynamic and dynamic.error is None and not dynamic.faithful and dynamic.speedup
+                and dynamic.speedup > 1.0)
+
+
+def _scan_batches(batches: list[list[np.ndarray]]) -> int:
+    """How many of the eval batches hold the first PARTIAL_SCAN_SAMPLES samples (one at least)."""
+    seen = 0
+    for index, batch in enumerate(batches):
+        seen += batch[0].shape[0]
+        if seen >= PARTIAL_SCAN_SAMPLES:
+            return index + 1
+    return len(batches)
+
+
 def paired_latency(fp32_path: Path, candidate_path: Path, feeds: list[np.ndarray], threads: int, warmup: int,
                    runs: int) -> tuple[float, float]:
     """Median ms of fp32 and candidate on one batch, timed in alternating rounds."""
@@ -171,9 +194,13 @@ def outputs_of(path: Path, batches: list[list[np.ndarray]], threads: int) -> lis
 
 
 def _quantize(name: str, source: Path, destination: Path, *, granularity: str, exclude: list[str],
-              calibration_method: str, calibration: list[list[np.ndarray]]) -> dict:
+              calibration_method: str, calibration: list[list[np.ndarray]],
+              score: Callable[[Path, bool], float], line: float) -> dict:
     if name == "dynamic":
         return quantize.onnx_dynamic_int8(source, destination, granularity=granularity, exclude=exclude)
+    if name == "dynamic_partial":
+        return quantize.onnx_dynamic_int8_partial(source, destination, granularity=granularity, exclude=exclude,
+                                                  score=score, line=line)
     if name == "weights_int8":
         return quantize.onnx_weights_int8(source, destination, exclude=exclude)
     return quantize.onnx_static_int8(source, destination, granularity=granularity, exclude=exclude,
@@ -185,11 +212,12 @@ def _quantize(name: str, source: Path, destination: Path, *, granularity: str, e
 def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str], calibration_method: str,
               calibration: list[list[np.ndarray]] | None, eval_batches: list[list[np.ndarray]], eval_inputs: str,
               threads: int, warmup: int, runs: int, check: Callable[[], None] = lambda: None,
-              eval_masks: list[np.ndarray] | None = None) -> dict:
+              eval_masks: list[np.ndarray] | None = None, eval_pooling: str | None = None) -> dict:
     """int8 by family and measurement (module docstring). `calibration` is the calibration dataset's batches, or
     None to calibrate on `eval_batches` (described by `eval_inputs`, e.g. "generated"); `eval_masks` leave padded
     token positions out of the cosine, as the job's own fidelity does (counted, they pushed every int8 candidate of
-    all-MiniLM-L6-v2 under the faithful line). `check` is called before each candidate, so a cancel is noticed."""
+    all-MiniLM-L6-v2 under the faithful line); `eval_pooling` judges a sentence encoder on its sentence embedding
+(measure.sentence_embeddings), as the job does. `check` is called before each candidate, so a cancel is noticed."""
     family, counts = model_family(source)
     plan = PLANS[family]
     line = GENERATED_FAITHFUL_COSINE if eval_inputs == "generated" else FAITHFUL_COSINE
@@ -199,6 +227,15 @@ def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: lis
         calibrated_on = {"data": f"the job's evaluation inputs ({eval_inputs})",
                          "samples": int(sum(b[0].shape[0] for b in eval_batches))}
     reference = outputs_of(source, eval_batches, threads)
+    scan = _scan_batches(eval_batches)
+
+    def score(path: Path, every_batch: bool) -> float:
+        check()
+        batches = eval_batches if every_batch else eval_batches[:scan]
+        masks = None if eval_masks is None else eval_masks[:len(batches)]
+        return round(fidelity(reference[:len(batches)], outputs_of(path, batches, threads), masks,
+                              eval_pooling)["cosine_mean"], 6)
+
     candidates: list[Candidate] = []
     results: dict[str, tuple[Path, dict]] = {}
     failures: list[JobFailure] = []
@@ -206,15 +243,18 @@ def auto_int8(source: Path, destination: Path, *, granularity: str, exclude: lis
     for name in plan:
         if name == "static_conv_depthwise" and not has_depthwise:
             continue
+        if name == "dynamic_partial" and not _worth_partial(candidates):
+            continue
         check()
         path = destination.with_suffix(f".{name}.onnx")
         candidate = Candidate(name, faithful_line=line)
         candidates.append(candidate)
         try:
             details = _quantize(name, source, path, granularity=granularity, exclude=exclude,
-                                calibration_method=calibration_method, calibration=calibration or eval_batches)
+                                calibration_method=calibration_method, calibration=calibration or eval_batches,
+                                score=score, line=line)
             outputs = outputs_of(path, eval_batches, threads)
-            candidate.cosine = round(fidelity(reference, outputs, eval_masks)["cosine_mean"], 6)
+            candidate.cosine = round(fidelity(reference, outputs, eval_masks, eval_pooling)["cosine_mean"], 6)
             fp32_ms, candidate_ms = paired_latency(source, path, eval_batches[0], threads, warmup, runs)
             if name == "weights_int8":
                 candidate.folded = loaded_ops(path, path.parent) == loaded_ops(source, path.parent)

@@ -15,7 +15,7 @@ import logging
 import platform
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,6 +58,10 @@ SMOOTHING_ALPHAS = (0.6, 0.7, 0.8, 0.9, 1.0)
 # GPTQ with a zero point per block: all-MiniLM-L6-v2 int4 g32 embedding cosine 0.99772, symmetric 0.99670, for
 # 0.3% more bytes.
 GPTQ_SYMMETRIC = False
+# Dynamic int8 with some products in float (onnx_dynamic_int8_partial): the weight MatMuls are scanned in this many
+# runs, and at most this many runs are left in float (a quarter: past that, the speed int8 buys is mostly gone).
+PARTIAL_GROUPS = 12
+PARTIAL_MOST_GROUPS = 3
 CASTS = ("fp16", "bf16")  # dtypes reached by casting the weights, not by quantizing them
 
 
@@ -127,17 +131,59 @@ def _failure(what: str, exc: Exception) -> JobFailure:
 def onnx_dynamic_int8(source: Path, destination: Path, *, granularity: str, exclude: list[str]) -> dict:
     with _prepared(source, destination) as prepared:
         excluded = excluded_nodes(prepared, exclude)
-        weights = _reduce_range()
-        # ONNX Runtime rewrites Gemm as MatMul + Add before quantizing, naming the MatMul "<gemm name>_MatMul".
-        try:
-            quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8,
-                             per_channel=granularity == "per_channel", reduce_range=weights["reduce_range"],
-                             nodes_to_exclude=excluded + [f"{n}_MatMul" for n in excluded],
-                             extra_options={"MatMulConstBOnly": True})
-        except Exception as exc:
-            raise _failure("ONNX Runtime dynamic quantization", exc) from None
+        weights = _dynamic_int8(prepared, destination, granularity, excluded)
     return {"method": "dynamic", "dtype": "int8", "granularity": granularity, "excluded_nodes": excluded,
             **weights, "tool": "onnxruntime.quantization.quantize_dynamic"}
+
+
+def _dynamic_int8(prepared: Path, destination: Path, granularity: str, excluded: list[str]) -> dict:
+    weights = _reduce_range()
+    # ONNX Runtime rewrites Gemm as MatMul + Add before quantizing, naming the MatMul "<gemm name>_MatMul".
+    try:
+        quantize_dynamic(str(prepared), str(destination), weight_type=QuantType.QInt8,
+                         per_channel=granularity == "per_channel", reduce_range=weights["reduce_range"],
+                         nodes_to_exclude=excluded + [f"{n}_MatMul" for n in excluded],
+                         extra_options={"MatMulConstBOnly": True})
+    except Exception as exc:
+        raise _failure("ONNX Runtime dynamic quantization", exc) from None
+    return weights
+
+
+def onnx_dynamic_int8_partial(source: Path, destination: Path, *, granularity: str, exclude: list[str],
+                              score: Callable[[Path, bool], float], line: float, groups: int = PARTIAL_GROUPS,
+                              most: int = PARTIAL_MOST_GROUPS) -> dict:
+    """Dynamic int8 with the weight products whose int8 costs the output most left in float. The weight MatMuls,
+    in graph order, are cut into `groups` runs; each run is left in float in turn and the model scored
+    (`score(path, False)`: output cosine on a few batches); then the runs that helped most are left in float one
+    more at a time (`score(path, True)`: on every batch) until the cosine reaches `line`, `most` runs at most.
+    Why: int8 error made early in a transformer travels through every later layer, so which products matter is a
+    property of the whole graph, not of one layer's error (on all-MiniLM-L6-v2 the first layer's feed-forward
+    output is the one; its own product error is below the median)."""
+    with _prepared(source, destination) as prepared:
+        excluded = excluded_nodes(prepared, exclude)
+        candidates = [n for n in weight_matmuls(prepared) if n not in excluded]
+        size = max(1, -(-len(candidates) // groups))
+        runs = [candidates[i:i + size] for i in range(0, len(candidates), size)]
+        trial = destination.with_suffix(".trial.onnx")
+        scanned = []
+        try:
+            for run in runs:
+                _dynamic_int8(prepared, trial, granularity, excluded + run)
+                scanned.append({"first": run[0], "last": run[-1], "nodes": len(run), "cosine": score(trial, False)})
+        finally:
+            trial.unlink(missing_ok=True)
+        in_float: list[str] = []
+        cosine = None
+        for index in sorted(range(len(runs)), key=lambda i: -scanned[i]["cosine"])[:most]:
+            in_float += runs[index]
+            weights = _dynamic_int8(prepared, destination, granularity, excluded + in_float)
+            cosine = score(destination, True)
+            if cosine >= line:
+                break
+    return {"method": "dynamic", "dtype": "int8", "granularity": granularity, "excluded_nodes": excluded,
+            "kept_in_float": in_float, "weight_matmuls": len(candidates), "cosine": cosine,
+            "sensitivity": sorted(scanned, key=lambda r: -r["cosine"]), **weights,
+            "tool": "onnxruntime.quantization.quantize_dynamic"}
 
 
 class _Batches(CalibrationDataReader):
@@ -155,6 +201,15 @@ def activation_matmuls(model_path: Path) -> list[str]:
     constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
                                                        for o in n.output}
     return [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in constants]
+
+
+def weight_matmuls(model_path: Path) -> list[str]:
+    """MatMuls and Gemms with a constant weight, in graph order: the products dynamic int8 quantizes."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                       for o in n.output}
+    return [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+            and n.input[1] in constants]
 
 
 def fuse_static_matmuls(model: onnx.ModelProto) -> int:

@@ -106,12 +106,21 @@ class _Objective:
                              f"teacher's {list(teacher.shape)}: they must match to distill")
         if student.dim() == 3:
             pooled_cosine = F.cosine_similarity(_mean_pool(student, mask), _mean_pool(teacher, mask), dim=-1)
-            return F.mse_loss(student, teacher) + (1 - pooled_cosine).mean()
+            return _real_token_mse(student, teacher, mask) + (1 - pooled_cosine).mean()
         if student.dim() != 2:
             return F.mse_loss(student, teacher)
         t = self.temperature
         return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
                         reduction="batchmean", log_target=True) * t * t
+
+
+def _real_token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE of [batch, seq, hidden] states over the tokens the mask marks: what an encoder computes at padding is
+    never used, so the student spends nothing on matching it."""
+    if mask is None:
+        return F.mse_loss(student, teacher)
+    weights = (mask != 0).to(student.dtype).unsqueeze(-1)
+    return ((student - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1]).clamp(min=1)
 
 
 def _mean_pool(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -265,7 +274,7 @@ def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Obje
         for start in range(0, end, size):
             check()
             index = order[start:start + size]
-            inputs, labels = _batch(data, index, device)
+            inputs, labels = _batch(data, index, device, None if static else objective.mask_input)
             teacher_out = None
             if teacher is not None:
                 with torch.no_grad():
@@ -303,9 +312,19 @@ def _tensors(data: TrainData, role: str) -> Tensors:
     return inputs, torch.from_numpy(data.labels.astype(np.int64))
 
 
-def _batch(tensors: Tensors, index: torch.Tensor, device: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+def _batch(tensors: Tensors, index: torch.Tensor, device: str,
+           mask_input: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The samples at `index`; with `mask_input` (an encoder's attention mask), cut to the batch's longest text:
+    a text dataset is padded to its longest text, and on real prose most batches would otherwise spend most of
+    their time on padding (the outputs at real tokens do not change)."""
     inputs, labels = tensors
-    return [t[index].to(device) for t in inputs], None if labels is None else labels[index].to(device)
+    picked = [t[index] for t in inputs]
+    if mask_input is not None and picked[mask_input].dim() == 2:
+        mask = picked[mask_input]
+        real = torch.nonzero(mask.any(dim=0)).flatten()
+        length = int(real[-1]) + 1 if len(real) else 1
+        picked = [t[:, :length] if t.dim() >= 2 and t.shape[:2] == mask.shape else t for t in picked]
+    return [t.to(device) for t in picked], None if labels is None else labels[index].to(device)
 
 
 def _outputs(result: torch.Tensor | tuple | list) -> list[torch.Tensor]:
@@ -324,7 +343,7 @@ def _evaluate(student: nn.Module, teacher: nn.Module | None, objective: _Objecti
             count = len(index)
             if static and count < size:
                 index = torch.cat([index, index[:1].repeat(size - count)])
-            inputs, labels = _batch(data, index, device)
+            inputs, labels = _batch(data, index, device, None if static else objective.mask_input)
             labels = None if labels is None else labels[:count]
             student_out = [o[:count] for o in _outputs(student(*inputs))]
             teacher_out = None if teacher is None else [o[:count] for o in _outputs(teacher(*inputs))]

@@ -56,10 +56,33 @@ def _real_positions(batches: list[list[np.ndarray]], masks: list[np.ndarray | No
     return [[real(o, mask) for o in batch] for batch, mask in zip(batches, masks, strict=True)]
 
 
+def sentence_embeddings(batches: list[list[np.ndarray]], masks: list[np.ndarray | None] | None,
+                        pooling: str) -> list[list[np.ndarray]]:
+    """Each batch's first output [batch, sequence, hidden] pooled over its real tokens into [batch, hidden], the
+    way sentence-transformers makes the embedding ("mean", "cls" or "max")."""
+    pooled = []
+    for index, batch in enumerate(batches):
+        states = np.asarray(batch[0], np.float64)
+        mask = masks[index] if masks is not None and masks[index] is not None else np.ones(states.shape[:2])
+        real = (np.asarray(mask) != 0)[..., None]
+        if pooling == "cls":
+            pooled.append([states[:, 0]])
+        elif pooling == "max":
+            pooled.append([np.where(real, states, -np.inf).max(axis=1)])
+        else:
+            pooled.append([(states * real).sum(axis=1) / np.maximum(real.sum(axis=1), 1)])
+    return pooled
+
+
 def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]],
-             masks: list[np.ndarray | None] | None = None) -> dict[str, Any]:
+             masks: list[np.ndarray | None] | None = None, pooling: str | None = None) -> dict[str, Any]:
     """Output cosine per sample (all outputs flattened), relative L2 and top-1 agreement; with `masks` (one
-    attention mask per batch), padded positions of per-token outputs are left out."""
+    attention mask per batch), padded positions of per-token outputs are left out. With `pooling`, what is compared
+    is the sentence embedding pooled from the first output (sentence_embeddings), not the token states."""
+    if pooling is not None:
+        reference, candidate = sentence_embeddings(reference, masks, pooling), sentence_embeddings(candidate, masks,
+                                                                                                  pooling)
+        masks = None
     if masks is not None:
         reference, candidate = _real_positions(reference, masks), _real_positions(candidate, masks)
     ref, cand = _per_sample(reference), _per_sample(candidate)
@@ -67,7 +90,7 @@ def fidelity(reference: list[list[np.ndarray]], candidate: list[list[np.ndarray]
     cosine = np.where(norms > 0, (ref * cand).sum(axis=1) / np.maximum(norms, 1e-30), 1.0)
     rel_l2 = float(np.linalg.norm(ref - cand) / max(np.linalg.norm(ref), 1e-30))
     top1 = None
-    if reference[0][0].ndim == 2 and reference[0][0].shape[1] > 1:  # looks like [batch, classes]
+    if pooling is None and reference[0][0].ndim == 2 and reference[0][0].shape[1] > 1:  # looks like [batch, classes]
         agree = [np.mean(np.argmax(r[0], 1) == np.argmax(c[0], 1)) for r, c in zip(reference, candidate)]
         top1 = round(float(np.mean(agree)), 6)
     return {"cosine_mean": round(float(cosine.mean()), 6), "cosine_min": round(float(cosine.min()), 6),

@@ -50,6 +50,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 # The files of an uploaded directory that are extracted at all (weights: *.safetensors besides these).
 USED_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors.index.json", "pytorch_model.bin",
                         "special_tokens_map.json", "added_tokens.json", "merges.txt", "README.md", "LICENSE",
+                        # a sentence-transformers archive: its modules (how it pools) and their settings
+                        "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                         *TOKENIZER_FILES})
 # Files of the uploaded directory that save_hf does not carry over: old weights and code.
 NOT_CARRIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf",
@@ -80,6 +82,7 @@ class HFModel:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     task: str | None = None  # CAUSAL_LM_TASK, SEQ2SEQ_TASK, or None for other models
+    pooling: str | None = None  # a sentence-transformers archive's pooling ("mean", "cls", "max"), else None
 
     def example_inputs(self, batch: int = 2, seq: int = 16, seed: int = 0,
                        decoder_seq: int | None = None) -> tuple[torch.Tensor, ...]:
@@ -148,10 +151,41 @@ def load_hf(archive: Path, workdir: Path, max_unpacked_bytes: int | None = None)
     if task == SEQ2SEQ_TASK:  # the outputs follow the decoder's length
         for described in outputs:
             described["shape"] = ["decoder_sequence" if dim == "sequence" else dim for dim in described["shape"]]
+    pooling = sentence_pooling(model_dir) if output_names[0] == "last_hidden_state" else None
     return HFModel(model=model, config=config, model_dir=model_dir, tokenizer_dir=tokenizer_dir,
                    tokenizer=tokenizer, input_names=input_names, output_names=output_names,
                    module=TextModelAdapter(model, input_names, output_names, extra).eval(),
-                   inputs=inputs, outputs=outputs, task=task)
+                   inputs=inputs, outputs=outputs, task=task, pooling=pooling)
+
+
+POOLING_MODES = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max"}
+POOLING_MODULE = "sentence_transformers.models.Pooling"
+
+
+def sentence_pooling(model_dir: Path) -> str | None:
+    """How a sentence-transformers archive turns token states into the sentence embedding its users use: its
+    modules.json names a Pooling module whose config.json turns on one mode we compute ("mean", "cls", "max").
+    None when the archive is no such thing, names a path outside itself, or pools some other way."""
+    try:
+        modules = _read_json_document(model_dir / "modules.json")
+    except (FileNotFoundError, JobFailure):
+        return None
+    entries = modules if isinstance(modules, list) else []
+    folders = [e.get("path") for e in entries if isinstance(e, dict) and e.get("type") == POOLING_MODULE]
+    if len(folders) != 1 or not isinstance(folders[0], str):
+        return None
+    config_path = (model_dir / folders[0] / "config.json").resolve()
+    if not config_path.is_relative_to(model_dir.resolve()) or not config_path.is_file():
+        return None
+    try:
+        config = _read_json(config_path)
+    except JobFailure:
+        return None
+    modes = [mode for key, mode in POOLING_MODES.items() if config.get(key) is True]
+    others = [key for key, value in config.items()
+              if key.startswith("pooling_mode_") and key not in POOLING_MODES and value is True]
+    return modes[0] if len(modes) == 1 and not others else None
 
 
 def _task(model: transformers.PreTrainedModel, config: dict[str, Any], forward_params) -> str | None:
@@ -194,6 +228,8 @@ def describe(hf: HFModel) -> dict[str, Any]:
             architecture[field] = value
     if hf.task is not None:
         architecture["task"] = hf.task
+    if hf.pooling is not None:
+        architecture["sentence_pooling"] = hf.pooling
     return {"params": sum(p.numel() for p in parameters),
             "nonzero_params": sum(int(torch.count_nonzero(p)) for p in parameters),
             "inputs": hf.inputs, "outputs": hf.outputs, "architecture": architecture,
@@ -316,13 +352,17 @@ def _default_unpack_limit() -> int:
     return UNPACK_FACTOR * Settings.model_fields["max_upload_bytes"].default
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json_document(path: Path) -> Any:
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise JobFailure(ErrorCode.INVALID_CONFIG, f"{path.name} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        document = json.loads(path.read_bytes())
+        return json.loads(path.read_bytes())
     except (ValueError, RecursionError) as exc:
         raise JobFailure(ErrorCode.INVALID_CONFIG, f"{path.name} is not valid JSON ({exc})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    document = _read_json_document(path)
     if not isinstance(document, dict):
         raise JobFailure(ErrorCode.INVALID_CONFIG, f"{path.name} is not a JSON object")
     return document

@@ -192,9 +192,21 @@ class JobRun:
         position = names.index("attention_mask")
         return [batch[position] for batch in self.data.eval_batches]
 
+    @property
+    def eval_pooling(self) -> str | None:
+        """A sentence-transformers archive's pooling: its fidelity is judged on the sentence embedding."""
+        return self.loaded.hf.pooling if self.loaded.hf is not None else None
+
     def fidelity(self, outputs: list) -> dict[str, Any]:
-        """How closely outputs follow the original model's on the same inputs, padded token positions left out."""
-        return measure.fidelity(self.reference, outputs, self.eval_masks)
+        """How closely outputs follow the original model's on the same inputs, padded token positions left out; for
+        a sentence encoder, on the sentence embedding its users take (the token states' cosine said beside it)."""
+        judged = measure.fidelity(self.reference, outputs, self.eval_masks, self.eval_pooling)
+        if self.eval_pooling is not None:
+            tokens = measure.fidelity(self.reference, outputs, self.eval_masks)
+            judged.update(on=f"sentence embedding ({self.eval_pooling} pooling, from the archive's "
+                             "sentence-transformers config)", token_cosine_mean=tokens["cosine_mean"],
+                          token_cosine_min=tokens["cosine_min"])
+        return judged
 
     def check_runs(self, path: Path, runtime: str) -> None:
         """Load a delivered file back and run one batch: nothing is delivered that does not run."""

@@ -170,3 +170,29 @@ def test_a_matmul_net_without_data_is_judged_on_the_looser_line(tmp_path):
     details = auto(save_onnx(tmp_path / "mlp.onnx"), tmp_path / "q.onnx",
                    [[np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)]])
     assert details["faithful_cosine"] == 0.95
+
+
+def test_dynamic_int8_under_the_line_but_faster_is_tried_again_with_products_in_float(tmp_path, monkeypatch):
+    import worker.compression.int8_auto as int8_auto
+
+    monkeypatch.setattr(int8_auto, "FAITHFUL_COSINE", 0.9999999)  # every int8 candidate misses it
+    monkeypatch.setattr(int8_auto, "paired_latency", lambda *args: (2.0, 1.0))  # and all are twice as fast
+    source = save_onnx(tmp_path / "mlp.onnx", 64, 128, 8)
+    batches = [[np.random.default_rng(i).standard_normal((4, 64)).astype(np.float32)] for i in range(2)]
+    details = auto_int8(source, tmp_path / "q.onnx", granularity="per_channel", exclude=[],
+                        calibration_method="minmax", calibration=None, eval_batches=batches,
+                        eval_inputs="eval dataset", threads=1, warmup=1, runs=5)
+    names = [c["name"] for c in details["candidates"]]
+    assert names[:2] == ["dynamic", "dynamic_partial"]
+    partial = details["candidates"][1]
+    assert "error" not in partial and partial["cosine"] >= details["candidates"][0]["cosine"]
+
+
+def test_products_in_float_are_tried_only_after_a_faster_unfaithful_dynamic_int8():
+    from worker.compression.int8_auto import _worth_partial
+
+    assert _worth_partial([Candidate("dynamic", speedup=1.6, cosine=0.9896)])
+    assert not _worth_partial([Candidate("dynamic", speedup=1.6, cosine=0.995)])  # faithful: kept as it is
+    assert not _worth_partial([Candidate("dynamic", speedup=0.8, cosine=0.98)])  # slower: nothing to keep
+    assert not _worth_partial([Candidate("dynamic", error="does not run")])
+    assert not _worth_partial([Candidate("static_conv", speedup=1.6, cosine=0.98)])

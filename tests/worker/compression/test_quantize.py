@@ -256,3 +256,53 @@ def test_int8_weight_storage_leaves_weights_read_elsewhere_in_float():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])], [w])
     model = helper.make_model(graph)
     assert store_weights_int8(model) == 0 and [t.name for t in model.graph.initializer] == ["w"]
+
+
+def _matmul_chain(path, layers=4, width=16):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((width, width)).astype(np.float32), f"w{i}")
+               for i in range(layers)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i - 1}", f"w{i}"], [f"h{i}" if i < layers - 1 else "y"],
+                              name=f"mm{i}") for i in range(layers)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, width])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, width])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _in_float(path) -> set[str]:
+    return {n.name for n in onnx.load(str(path)).graph.node if n.op_type == "MatMul"}
+
+
+def test_partial_dynamic_int8_leaves_the_products_that_cost_most_in_float(tmp_path):
+    from worker.compression.quantize import onnx_dynamic_int8_partial, weight_matmuls
+
+    source = _matmul_chain(tmp_path / "chain.onnx")
+    assert weight_matmuls(source) == ["mm0", "mm1", "mm2", "mm3"]
+    scored = []
+
+    def score(path, every_batch):  # pretends mm1's int8 costs the output most, mm3's next
+        scored.append(every_batch)
+        kept = _in_float(path)
+        return 0.97 + 0.02 * ("mm1" in kept) + 0.005 * ("mm3" in kept)
+
+    details = onnx_dynamic_int8_partial(source, tmp_path / "q.onnx", granularity="per_channel", exclude=[],
+                                        score=score, line=0.994, groups=4, most=3)
+    assert scored == [False] * 4 + [True, True]  # a scan of each run, then mm1, then mm1 and mm3 in float
+    assert details["kept_in_float"] == ["mm1", "mm3"] and details["cosine"] == 0.995
+    assert [r["first"] for r in details["sensitivity"]][:2] == ["mm1", "mm3"]
+    assert _in_float(tmp_path / "q.onnx") == {"mm1", "mm3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.onnx", "q.onnx"]
+
+
+def test_partial_dynamic_int8_stops_at_the_most_runs_and_honours_exclude(tmp_path):
+    from worker.compression.quantize import onnx_dynamic_int8_partial
+
+    source = _matmul_chain(tmp_path / "chain.onnx", layers=6)
+    details = onnx_dynamic_int8_partial(source, tmp_path / "q.onnx", granularity="per_channel", exclude=["^mm0$"],
+                                        score=lambda path, every: 0.9, line=0.99, groups=5, most=2)
+    assert details["excluded_nodes"] == ["mm0"] and len(details["kept_in_float"]) == 2
+    assert details["weight_matmuls"] == 5 and details["cosine"] == 0.9
+    assert _in_float(tmp_path / "q.onnx") == {"mm0", *details["kept_in_float"]}

@@ -41,7 +41,8 @@ def test_shrink_transformer_takes_every_other_layer_and_distills(tmp_path):
         teacher.classifier.weight.mul_(100)  # logits that differ between inputs, something to distill
     hf = hf_model(teacher, ["logits"], tmp_path)
     student, details = shrink_student(hf.module, 0.5, 1.0, hf=hf)
-    assert details == {"layers": {"teacher": 4, "student": 2}, "init": "teacher layers [0, 2]"}
+    assert details == {"layers": {"teacher": 4, "student": 2, "chosen": [0, 2], "by": "even spacing"},
+                       "init": "teacher layers [0, 2]"}  # no samples to measure on
     assert student.model.config.num_hidden_layers == 2 and len(student.model.bert.encoder.layer) == 2
     for mine, theirs in ((0, 0), (1, 2)):
         assert same_weights(student.model.bert.encoder.layer[mine].state_dict(),
@@ -103,7 +104,7 @@ def test_encoder_hidden_states_are_matched_by_mse(tmp_path):
     torch.manual_seed(0)
     hf = hf_model(BertModel(BertConfig(**BERT)).eval(), ["last_hidden_state"], tmp_path)
     student, details = shrink_student(hf.module, 0.25, 1.0, hf=hf)
-    assert details["layers"] == {"teacher": 4, "student": 1}
+    assert details["layers"] == {"teacher": 4, "student": 1, "chosen": [0], "by": "even spacing"}
     result = distill(hf.module, student, TrainData(tokens(64, 0), None), TrainData(tokens(32, 1), None),
                      TrainConfig(epochs=2, lr=1e-3, batch_size=16, alpha=1.0))
     assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
@@ -134,3 +135,21 @@ def test_narrow_exported_student_distills_back_close_to_its_teacher(task, teache
     narrowed = accuracy(student, x_test, y_test)
     distill(graph, student, TrainData(task["train"].inputs, None), task["val"], TrainConfig(epochs=3, alpha=1.0))
     assert accuracy(student, x_test, y_test) > max(narrowed + 0.08, accuracy(teacher, x_test, y_test) - 0.06)
+
+
+def test_with_samples_the_layers_whose_removal_costs_least_are_removed(tmp_path):
+    """A layer that adds almost nothing (its output projection zeroed) is the first removed; the student
+    keeps the rest, and the removals say what each cost."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(**BERT)).eval()
+    hf = hf_model(teacher, ["last_hidden_state"], tmp_path)
+    with torch.no_grad():
+        teacher.encoder.layer[1].output.dense.weight.mul_(0)  # layer 1 adds nothing but its bias: removable
+    student, details = shrink_student(hf.module, 0.75, 1.0, hf=hf, samples=tokens(16, 0), mask_input=1)
+    layers = details["layers"]
+    assert layers["by"] == "removal measured on the train samples" and layers["chosen"] == [0, 2, 3]
+    assert layers["removals"][0]["removed"] == 1 and 0 < layers["removals"][0]["cosine"] <= 1
+    assert same_weights(student.model.encoder.layer[1].state_dict(), teacher.encoder.layer[2].state_dict())
+    assert len(teacher.encoder.layer) == 4 and teacher.config.num_hidden_layers == 4  # the teacher is untouched

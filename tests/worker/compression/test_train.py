@@ -235,8 +235,8 @@ def test_fake_quant_training_survives_low_bit_quantization():
 
 
 def test_an_encoder_is_matched_on_its_pooled_embedding_over_real_tokens_only():
-    """The encoder loss (hidden-state MSE + 1 - cosine of mean-pooled embeddings) pools only where the attention
-    mask is set: what padding positions hold does not change the pooled term."""
+    """The encoder loss (hidden-state MSE + 1 - cosine of mean-pooled embeddings) looks only where the attention
+    mask is set: what padding positions hold changes neither term."""
     from worker.compression.train import _Objective
 
     torch.manual_seed(0)
@@ -246,8 +246,13 @@ def test_an_encoder_is_matched_on_its_pooled_embedding_over_real_tokens_only():
     loss = objective([student], [teacher], None, [torch.zeros(2, 5), mask])
     padded = student.clone()
     padded[0, 3:] = 100.0
-    mse_change = torch.nn.functional.mse_loss(padded, teacher) - torch.nn.functional.mse_loss(student, teacher)
-    assert torch.isclose(objective([padded], [teacher], None, [torch.zeros(2, 5), mask]), loss + mse_change)
+    assert torch.isclose(objective([padded], [teacher], None, [torch.zeros(2, 5), mask]), loss)
+    real = mask.bool()
+    mse = ((student - teacher)[real] ** 2).mean()
+    pooled = torch.nn.functional.cosine_similarity(
+        (student * mask[..., None]).sum(1) / mask.sum(1, keepdim=True),
+        (teacher * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+    assert torch.isclose(loss, mse + (1 - pooled).mean())
     assert objective([teacher], [teacher], None, [torch.zeros(2, 5), mask]) < 1e-6
 
 
@@ -283,3 +288,19 @@ def test_an_encoder_distils_on_unlabelled_tokens_with_masks_kept():
     assert gap() < 0.7 * before
     for name, mask in masks.items():
         assert not student.get_submodule(name).weight[mask == 0].any()
+
+
+def test_an_encoder_batch_is_cut_to_its_longest_text():
+    from worker.compression.train import _batch
+
+    ids = torch.arange(24).reshape(4, 6)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]])
+    inputs, _ = _batch(([ids, mask], None), torch.tensor([0, 1]), "cpu", mask_input=1)
+    assert [list(t.shape) for t in inputs] == [[2, 3], [2, 3]] and torch.equal(inputs[0], ids[:2, :3])
+    inputs, _ = _batch(([ids, mask], None), torch.tensor([0, 2]), "cpu", mask_input=1)
+    assert inputs[0].shape == (2, 6)  # the longest text fills the row
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 1, 1]])  # left padding: nothing to cut at the end
+    inputs, _ = _batch(([ids[:2], left], None), torch.tensor([0, 1]), "cpu", mask_input=1)
+    assert inputs[0].shape == (2, 6)
+    inputs, _ = _batch(([ids, mask], None), torch.tensor([0, 1]), "cpu")
+    assert inputs[0].shape == (2, 6)  # no mask named: as stored

@@ -31,3 +31,25 @@ def test_masks_leave_other_outputs_alone():
     expected = (1 + 4 - 9 + 4) / (np.sqrt(14 + 4) * np.sqrt(14 + 4))  # logits in full, then the 2 real tokens
     assert result["cosine_mean"] == pytest.approx(expected)
     assert result["top1_agreement"] == 0.0
+
+
+def test_a_sentence_encoder_is_judged_on_its_pooled_embedding():
+    from worker.evaluation.measure import sentence_embeddings
+
+    rng = np.random.default_rng(0)
+    states = rng.standard_normal((2, 4, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1], [1, 1, 0, 0]])
+    [[mean]] = sentence_embeddings([[states]], [mask], "mean")
+    np.testing.assert_allclose(mean[1], states[1, :2].mean(axis=0), rtol=1e-6)  # padding left out
+    [[cls]] = sentence_embeddings([[states]], [mask], "cls")
+    np.testing.assert_array_equal(cls, states[:, 0])
+    [[top]] = sentence_embeddings([[states]], [mask], "max")
+    np.testing.assert_allclose(top[1], states[1, :2].max(axis=0), rtol=1e-6)
+    # token states that move while their mean stays: the tokens' cosine drops, the embedding's does not
+    moved = states.copy()
+    moved[:, 0] += 1.0
+    moved[:, 1] -= 1.0
+    tokens = fidelity([[states]], [[moved]], [mask])
+    pooled = fidelity([[states]], [[moved]], [mask], pooling="mean")
+    assert tokens["cosine_mean"] < 0.9 and pooled["cosine_mean"] == pytest.approx(1.0)
+    assert pooled["top1_agreement"] is None  # an embedding has no classes

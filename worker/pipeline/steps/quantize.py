@@ -30,6 +30,7 @@ def apply(run: JobRun, state: WorkingModel, step: QuantizeStep, place: StepPlace
                 source, output, granularity=step.granularity, exclude=step.exclude,
                 calibration_method=step.calibration_method, calibration=run.data.calibration,
                 eval_batches=run.data.eval_batches, eval_masks=run.eval_masks,
+                eval_pooling=run.eval_pooling,
                 eval_inputs=run.data.description.get("inputs", "generated"),
                 threads=run.settings.eval_threads, warmup=run.settings.latency_warmup,
                 runs=run.settings.latency_runs, check=run.ctx.check)
