@@ -10,13 +10,13 @@ import re
 from typing import Any
 
 from app.core.model_limits import check_recipe_for_info
+from app.core.presets import FAST_ENCODER_STUDENT
 from app.core.recipe import (
     DatasetRefs,
     DistillStep,
     PruneStep,
     QuantizeStep,
     Recipe,
-    Shrink,
     Student,
     Target,
     check_recipe_for_model,
@@ -62,7 +62,7 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
     data and a PyTorch model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is
     offered for PyTorch models (`model_kind` other than "onnx"), where it is the smallest file for the pytorch
     target. For latency with train data, a PyTorch model also gets, right after plain int8, the likeliest faster
-    models: preset fast-encoder's student (two thirds of the layers, half the width) distilled on the train data,
+    models: preset fast-encoder's student (half of the layers, chosen by measurement) distilled on the train data,
     and (with calibration data) activation-aware 50% pruning recovered by distillation, both then int8. Generated
     recipes are built as Recipe objects and reported with the fields they set.
     """
@@ -72,7 +72,7 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
     torch_model = model_kind != "onnx"
     recipes = [Recipe(steps=[_int8()])]
     if has_train and torch_model and objective == "latency":
-        recipes.append(Recipe(steps=[_distill(Student(shrink=Shrink(depth=0.67, width=0.5))), _int8_auto()]))
+        recipes.append(Recipe(steps=[_distill(FAST_ENCODER_STUDENT), _int8_auto()]))
         if has_calibration:
             recipes.append(Recipe(steps=[_prune("activation_aware", 0.5, head), _distill(Student(current=True)),
                                          _int8_auto()]))

@@ -16,6 +16,21 @@ def encoder_archive(tmp_path):
 
 
 @pytest.fixture
+def sentence_archive(tmp_path):
+    """The tiny encoder as a sentence-transformers model: mean pooling over real tokens."""
+    import json
+
+    folder = tmp_path / "tiny-sentence-encoder"
+    save_tiny_bert(folder, num_labels=None)
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    return pack(folder, tmp_path / "tiny-sentence-encoder.zip")
+
+
+@pytest.fixture
 def bert_archive(tmp_path):
     folder = tmp_path / "tiny-bert"
     save_tiny_bert(folder, num_labels=3)
@@ -141,12 +156,11 @@ def test_pruning_recovered_by_distillation_into_the_current_model(tmp_path, work
     assert set(back) == set(plain) and all(torch.equal(back[key], plain[key]) for key in plain)
 
 
-def test_fast_encoder_preset_distills_a_narrower_student_on_unlabelled_texts(tmp_path, worker_env, db, add_model,
-                                                                            add_job, add_text_dataset,
-                                                                            encoder_archive):
+def test_fast_encoder_preset_distills_a_shallower_student_judged_on_its_sentence_embedding(
+        tmp_path, worker_env, db, add_model, add_job, add_text_dataset, sentence_archive):
     from app.core.presets import preset_recipe
 
-    row = add_model(encoder_archive, "hf")
+    row = add_model(sentence_archive, "hf")
     train_id = add_text_dataset(row, tmp_path / "train.jsonl", count=60, labelled=False)
     steps = preset_recipe("fast-encoder").model_dump(mode="json")["steps"]
     job_id = add_job(row, steps=steps, datasets={"train": train_id}, accept_degraded=True)
@@ -154,8 +168,10 @@ def test_fast_encoder_preset_distills_a_narrower_student_on_unlabelled_texts(tmp
     metrics = finished(db, job_id).metrics
     distill_step, quantize_step = metrics["steps"]
     details = distill_step["details"]
-    assert details["feed_forward"]["neurons_per_block"] == {"before": 64, "after": 32}
-    assert details["feed_forward"]["ranked_by"] == "activations on the train samples"
+    layers = details["layers"]
+    assert (layers["teacher"], layers["student"], layers["by"]) == (2, 1, "removal measured on the train samples")
+    assert [r["removed"] for r in layers["removals"]] == [i for i in (0, 1) if i not in layers["chosen"]]
+    assert "feed_forward" not in details  # full width
     assert details["student_params"] < details["teacher_params"]
     stopping = details["early_stopping"]
     assert (stopping["train_samples"], stopping["held_out_samples"], stopping["patience"]) == (54, 6, 2)
@@ -163,6 +179,10 @@ def test_fast_encoder_preset_distills_a_narrower_student_on_unlabelled_texts(tmp
     assert details["stopped"] in (None, "early_stopping") and details["best_epoch"] >= 1
     assert all(epoch["val_loss"] is not None for epoch in details["epochs"])  # the held-out texts
     assert quantize_step["op"] == "quantize" and metrics["compression_ratio"] > 1
+    for fidelity in (metrics["fidelity"], distill_step["fidelity"], quantize_step["fidelity"]):
+        assert fidelity["on"].startswith("sentence embedding (mean pooling")
+        assert -1 <= fidelity["token_cosine_mean"] <= 1 and fidelity["top1_agreement"] is None
+    assert metrics["fidelity_floor"]["cosine_mean"] == metrics["fidelity"]["cosine_mean"]
 
 
 def test_tune_for_latency_with_train_texts_lists_a_student_it_has_no_time_for(tmp_path, worker_env, db, add_model,
