@@ -14,6 +14,7 @@ from typing import Any
 from worker.reporting.summary import (
     Subject,
     chosen_recipe,
+    cosine_name,
     number,
     plain,
     recipe_line,
@@ -108,7 +109,7 @@ def model_card(metrics: dict[str, Any], subject: Subject) -> str:
     lines = [_front_matter(metrics, subject, recipe), "", f"# {name}, compressed", "",
              f"{name} compressed by modelpress" + (f" (job {md(subject.job_id)})" if subject.job_id else "") + ": "
              f"{times(metrics.get('compression_ratio'), 'smaller', 'larger')}, "
-             f"{times(metrics.get('speedup'), 'faster', 'slower')} at p50, output cosine "
+             f"{times(metrics.get('speedup'), 'faster', 'slower')} at p50, {cosine_name(metrics.get('fidelity'))} "
              f"{number((metrics.get('fidelity') or {}).get('cosine_mean'))} to the original.", "",
              "## Method", ""]
     for index, step in enumerate((recipe or {}).get("steps") or [], 1):

@@ -11,6 +11,7 @@ from worker.reporting.summary import (
     LATENCY_SPREAD,
     Subject,
     chosen_recipe,
+    cosine_name,
     number,
     plain,
     points,
@@ -106,7 +107,7 @@ def html_report(metrics: dict[str, Any], subject: Subject) -> str:
     seen = points(metrics)
     title = f"{plain(subject.model_name)}: compression report"
     summary = (f"{times(metrics.get('compression_ratio'), 'smaller', 'larger')}, "
-               f"{times(metrics.get('speedup'), 'faster', 'slower')} at p50, output cosine "
+               f"{times(metrics.get('speedup'), 'faster', 'slower')} at p50, {cosine_name(metrics.get('fidelity'))} "
                f"{number((metrics.get('fidelity') or {}).get('cosine_mean'))} to the original")
     body = [f"<h1>{e(subject.model_name)}</h1>",
             f'<p class="sub">job {e(subject.job_id or "-")} &middot; model {e(subject.model_id or "-")} &middot; '

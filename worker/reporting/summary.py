@@ -80,6 +80,12 @@ def recipe_line(recipe: dict[str, Any] | None) -> str:
     return " then ".join(step_line(step) for step in steps if isinstance(step, dict)) or "no steps"
 
 
+def cosine_name(fidelity: dict[str, Any] | None) -> str:
+    """What the cosine compares: a sentence encoder's embedding (worker.pipeline.job_run), else the outputs."""
+    judged = (fidelity or {}).get("on")
+    return "sentence-embedding cosine" if isinstance(judged, str) and judged.startswith("sentence") else "output cosine"
+
+
 def fidelity_of(figures: dict[str, Any] | None) -> float | None:
     value = (figures or {}).get("cosine_mean")
     return value if isinstance(value, (int, float)) else None
@@ -131,8 +137,10 @@ def result_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             ("latency p95 (ms)", number(before_ms.get("p95")), number(after_ms.get("p95")), ""),
             ("latency min-max (ms)", f"{number(before_ms.get('min'))}-{number(before_ms.get('max'))}",
              f"{number(after_ms.get('min'))}-{number(after_ms.get('max'))}", ""),
-            ("output cosine to the original (mean)", "1", number(fidelity.get("cosine_mean")), ""),
-            ("output cosine (worst sample)", "1", number(fidelity.get("cosine_min")), "")]
+            (f"{cosine_name(fidelity)} to the original (mean)", "1", number(fidelity.get("cosine_mean")), ""),
+            (f"{cosine_name(fidelity)} (worst sample)", "1", number(fidelity.get("cosine_min")), "")]
+    if fidelity.get("token_cosine_mean") is not None:
+        rows.append(("token-state cosine (mean)", "1", number(fidelity["token_cosine_mean"]), ""))
     if fidelity.get("top1_agreement") is not None:
         rows.append(("top-1 agreement", "1", number(fidelity["top1_agreement"]), ""))
     if baseline.get("accuracy") is not None or compressed.get("accuracy") is not None:

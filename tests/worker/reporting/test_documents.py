@@ -178,3 +178,17 @@ def test_write_documents_gives_the_card_and_the_page(tmp_path):
     assert (card.kind, card.format, card.filename) == ("card", "md", "model-card.md")
     assert (page.kind, page.format, page.filename) == ("report", "html", "report.html")
     assert page.path.read_text().startswith("<!DOCTYPE html>") and card.path.read_text().startswith("---\n")
+
+
+def test_a_sentence_encoder_is_reported_on_its_embedding_with_the_token_states_beside_it():
+    judged = {"cosine_mean": 0.93, "cosine_min": 0.6, "rel_l2": 0.3, "top1_agreement": None,
+              "on": "sentence embedding (mean pooling, from the archive's sentence-transformers config)",
+              "token_cosine_mean": 0.71, "token_cosine_min": 0.2}
+    card = model_card(metrics(fidelity=judged), subject("minilm"))
+    assert "sentence-embedding cosine 0.93 to the original" in card
+    assert "| sentence-embedding cosine to the original (mean) | 1 | 0.93 |  |" in card
+    assert "| token-state cosine (mean) | 1 | 0.71 |  |" in card
+    page = html_report(metrics(fidelity=judged), subject("minilm"))
+    assert "sentence-embedding cosine 0.93 to the original" in page
+    assert "output cosine" not in model_card(metrics(fidelity=judged), subject("minilm"))
+    assert "output cosine 0.99 to the original" in model_card(metrics(), subject("resnet"))
