@@ -79,10 +79,6 @@ def _worker_command(queues: str, concurrency: int) -> list[str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     if _refuse_without_worker_extra("serve"):
         return 2
-    import uvicorn
-
-    from app.api.main import create_app
-
     # Pin MODELPRESS_HOME to an absolute path so the API and the embedded worker agree on it.
     os.environ["MODELPRESS_HOME"] = str(get_settings().resolved_home())
     get_settings.cache_clear()
@@ -95,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         print(f"modelpress serving on http://{args.host}:{args.port} (docs at /docs), data in {settings.home}",
               flush=True)
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        _run_api(args.host, args.port, args.workers)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -106,12 +102,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
+    _run_api(args.host, args.port, args.workers)
+    return 0
+
+
+def _run_api(host: str, port: int, workers: int) -> None:
+    """uvicorn with `workers` API processes, each building the app from the MODELPRESS_* environment (so the
+    processes share one configuration); rate buckets and stream slots are shared by them (app.api.limits)."""
     import uvicorn
 
-    from app.api.main import create_app
+    uvicorn.run("app.api.main:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
-    return 0
+
+def default_api_workers() -> int:
+    """One API process per CPU, at most 4: polls are cheap and a process serves thousands a second."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -191,6 +196,13 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpress", description="Model compression as a service: the server.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -199,11 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--concurrency", type=int, default=1, help="jobs the embedded worker runs at once")
+    serve.add_argument("--workers", type=positive_int, default=default_api_workers(),
+                       help="API processes (default: one per CPU, at most 4)")
     serve.set_defaults(func=cmd_serve)
 
     api = sub.add_parser("api", help="run the API only")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=positive_int, default=1, help="API processes (default 1)")
     api.set_defaults(func=cmd_api)
 
     worker = sub.add_parser("worker", help="run a Celery worker")

@@ -9,11 +9,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.key_cache import Caller, KeyCache
 from app.core import auth
 from app.core.config import Settings
 from app.core.errors import ErrorCode, ServiceError
 from app.core.storage import Storage
-from app.core.tables import Tenant
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -68,31 +68,55 @@ def refuse_nul_bytes(request: Request) -> None:
                                f"{name.replace(chr(0), '?') or '(unnamed)'}: must not contain NUL characters")
 
 
-def get_current_tenant(request: Request, session: SessionDep,
-                       credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
-    """Authenticate the key, then take one token of the tenant's request rate: every /v1 route is limited.
-
-    The key's id is left in `request.state.api_key_id` for routes that depend on which key is calling."""
-    if credentials is None or not credentials.credentials.strip():
-        raise ServiceError(ErrorCode.UNAUTHORIZED, MISSING_KEY, UNAUTHORIZED_HEADERS)
-    row = auth.authenticate(session, credentials.credentials.strip())
-    if row is None:
-        raise ServiceError(ErrorCode.UNAUTHORIZED, INVALID_KEY, UNAUTHORIZED_HEADERS)
-    refuse_nul_bytes(request)
+def charge_rate(request: Request, tenant_id: str) -> None:
+    """Take one token of the tenant's request rate, or answer 429 with Retry-After."""
     limiter = request.app.state.rate_limiter
     if limiter is not None:
-        wait = limiter.acquire(row.tenant_id)
+        wait = limiter.acquire(tenant_id)
         if wait > 0:
             raise ServiceError(ErrorCode.RATE_LIMITED, "too many requests for this tenant; retry after the number of "
                                                        "seconds in the Retry-After header",
-                           {"Retry-After": str(max(1, math.ceil(wait)))})
-    auth.touch(session, row)
-    tenant = row.tenant
-    request.state.api_key_id = row.id
-    # End the read transaction: the request must not sit on a pooled connection while it streams an upload
-    # or waits for other work (that exhausted the pool under load and stalled every request).
-    session.commit()
-    return tenant
+                               {"Retry-After": str(max(1, math.ceil(wait)))})
 
 
-CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+def authenticate(request: Request, session: Session, credentials: HTTPAuthorizationCredentials | None) -> Caller:
+    """The caller of the request's key: from the key cache when it was verified a moment ago, else from the
+    database (then cached). The key's id is left in `request.state.api_key_id` for routes that depend on it."""
+    if credentials is None or not credentials.credentials.strip():
+        raise ServiceError(ErrorCode.UNAUTHORIZED, MISSING_KEY, UNAUTHORIZED_HEADERS)
+    key = credentials.credentials.strip()
+    key_cache: KeyCache = request.app.state.key_cache
+    caller = key_cache.lookup(key)
+    if caller is None:
+        row = auth.authenticate(session, key)
+        if row is None:
+            raise ServiceError(ErrorCode.UNAUTHORIZED, INVALID_KEY, UNAUTHORIZED_HEADERS)
+        auth.touch(session, row)
+        caller = Caller(id=row.tenant_id, key_id=row.id)
+        key_cache.store(key, caller, row.expires_at)
+        # End the read transaction: the request must not sit on a pooled connection while it streams an upload
+        # or waits for other work (that exhausted the pool under load and stalled every request).
+        session.commit()
+    refuse_nul_bytes(request)
+    request.state.api_key_id = caller.key_id
+    return caller
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def get_current_tenant(request: Request, session: SessionDep, credentials: Credentials) -> Caller:
+    """Authenticate, then take one token of the tenant's request rate: every /v1 route is limited."""
+    caller = authenticate(request, session, credentials)
+    charge_rate(request, caller.id)
+    return caller
+
+
+def get_conditional_tenant(request: Request, session: SessionDep, credentials: Credentials) -> Caller:
+    """Authenticate only: a GET that answers `If-None-Match` with 304 is free (as on GitHub's API), so its route
+    calls `charge_rate` itself once it knows it sends a body."""
+    return authenticate(request, session, credentials)
+
+
+CurrentTenant = Annotated[Caller, Depends(get_current_tenant)]
+ConditionalTenant = Annotated[Caller, Depends(get_conditional_tenant)]

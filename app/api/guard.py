@@ -7,7 +7,8 @@ pure ASGI middleware sits in front of the routes for every `/v1` request that ca
 multipart uploads (their routes authenticate first and stream the body to disk under their own limits):
 
 1. no `Authorization: Bearer` key: 401 at once;
-2. a key that does not authenticate: 401 (one indexed look-up; the route's dependency checks it again);
+2. a key that does not authenticate: 401 (the key cache, else one indexed look-up; the route's dependency checks
+   it again);
 3. a declared `Content-Length` past the cap: 413 `too_large` at once;
 4. the body is read, counting bytes (a chunked body is refused with 413 as soon as it passes the cap);
 5. a JSON body must parse as strict JSON: `NaN`, `Infinity`, `-Infinity` and numbers too large for a float are
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.deps import INVALID_KEY, MISSING_KEY, UNAUTHORIZED_HEADERS
 from app.api.errors import error_response
+from app.api.key_cache import KeyCache
 from app.core import auth
 from app.core.errors import ErrorCode
 
@@ -105,8 +107,8 @@ class _Disconnected(Exception):
 
 
 class BodyGuard:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, session_factory: sessionmaker[Session]):
-        self.app, self.max_bytes, self.session_factory = app, max_bytes, session_factory
+    def __init__(self, app: ASGIApp, *, max_bytes: int, session_factory: sessionmaker[Session], key_cache: KeyCache):
+        self.app, self.max_bytes, self.session_factory, self.key_cache = app, max_bytes, session_factory, key_cache
         self._uploads: list[tuple[str, re.Pattern]] | None = None
 
     def _is_upload(self, scope: Scope) -> bool:
@@ -160,6 +162,8 @@ class BodyGuard:
                 "(MODELPRESS_MAX_JSON_BYTES)")
 
     def _authenticates(self, token: str) -> bool:
+        if self.key_cache.lookup(token) is not None:
+            return True
         with self.session_factory() as session:
             return auth.authenticate(session, token) is not None
 

@@ -1,16 +1,20 @@
 """Per-tenant limits: request rate (token bucket), queued + running jobs, stored bytes, open event streams.
 0 in Settings = unlimited.
 
-The rate limiter sits behind one small interface, `RateLimiter.acquire`. With a Redis broker the buckets
-live in that Redis (a Lua script, so every API process shares them and the refill uses Redis's clock);
-with the embedded filesystem broker there is one API process and the buckets live in it. Event stream slots
-(`StreamSlots`) are shared the same way.
+The rate limiter sits behind one small interface, `RateLimiter.acquire`. With a Redis broker the
+buckets live in that Redis (a Lua script, so every API process shares them and the refill uses Redis's clock);
+with the embedded filesystem broker they are small files under MODELPRESS_HOME/limits, locked with flock, so the
+API processes of one machine (`modelpress serve --workers N`) share them. Event stream slots (`StreamSlots`)
+are shared the same way.
 """
 
+import fcntl
 import logging
-import threading
 import time
-from typing import Protocol
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import redis
 from fastapi import Request
@@ -37,25 +41,42 @@ class RateLimiter(Protocol):
         ...
 
 
-class LocalRateLimiter:
-    """Token buckets in this process (embedded mode: a single API process)."""
+@contextmanager
+def _locked(path: Path) -> Iterator[BinaryIO]:
+    """The file at `path`, created if missing, held under an exclusive flock."""
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        yield handle
 
-    def __init__(self, per_minute: int):
+
+class FileRateLimiter:
+    """Token buckets as files (`<tenant>.bucket`: tokens and wall-clock time), shared by the API processes of one
+    machine (embedded mode)."""
+
+    def __init__(self, folder: Path, per_minute: int):
+        self.folder = folder
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
+        folder.mkdir(parents=True, exist_ok=True)
 
     def acquire(self, tenant_id: str) -> float:
-        now = time.monotonic()
-        with self._lock:
-            tokens, at = self._buckets.get(tenant_id, (self.capacity, now))
-            tokens = min(self.capacity, tokens + (now - at) * self.rate)
+        # tenant ids are ours (`ten_` and hex), never a path
+        with _locked(self.folder / f"{tenant_id}.bucket") as handle:
+            now = time.time()
+            try:
+                tokens, at = (float(part) for part in handle.read().split())
+            except ValueError:  # new (empty) or torn: a full bucket
+                tokens, at = self.capacity, now
+            tokens = min(self.capacity, tokens + max(0.0, now - at) * self.rate)
+            wait = 0.0
             if tokens >= 1:
-                self._buckets[tenant_id] = (tokens - 1, now)
-                return 0.0
-            self._buckets[tenant_id] = (tokens, now)
-            return (1 - tokens) / self.rate
+                tokens -= 1
+            else:
+                wait = (1 - tokens) / self.rate
+            handle.truncate(0)
+            handle.write(f"{tokens!r} {now!r}".encode())
+            return wait
 
 
 # KEYS[1]: the tenant's bucket; ARGV[1]: capacity; ARGV[2]: tokens per second. Returns the wait as a string
@@ -111,7 +132,7 @@ def make_rate_limiter(settings: Settings) -> RateLimiter | None:
     broker_url = settings.resolved_broker_url()
     if broker_url.startswith(("redis://", "rediss://")):
         return RedisRateLimiter(broker_url, per_minute)
-    return LocalRateLimiter(per_minute)
+    return FileRateLimiter(settings.resolved_home() / "limits" / "rate", per_minute)
 
 
 class StreamSlots(Protocol):
@@ -125,31 +146,39 @@ class StreamSlots(Protocol):
     def release(self, tenant_id: str, stream_id: str) -> None: ...
 
 
-class LocalStreamSlots:
-    """Slots counted in this process (embedded mode: a single API process)."""
+class FileStreamSlots:
+    """Slots as lease files (`<tenant>/<stream>`, renewed by touching them), shared by the API processes of one
+    machine (embedded mode); a lease not renewed for `lease_seconds` (its process died) is free again."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._open: dict[str, set[str]] = {}
-        self._lock = threading.Lock()
+    def __init__(self, folder: Path, limit: int, lease_seconds: float):
+        self.folder, self.limit, self.lease_seconds = folder, limit, lease_seconds
+        folder.mkdir(parents=True, exist_ok=True)
 
     def acquire(self, tenant_id: str, stream_id: str) -> bool:
-        with self._lock:
-            streams = self._open.setdefault(tenant_id, set())
-            if len(streams) >= self.limit:
+        streams = self.folder / tenant_id
+        streams.mkdir(exist_ok=True)
+        with _locked(self.folder / f"{tenant_id}.lock"):
+            now = time.time()
+            held = 0
+            for lease in streams.iterdir():
+                try:
+                    if now - lease.stat().st_mtime > self.lease_seconds:
+                        lease.unlink()
+                    else:
+                        held += 1
+                except FileNotFoundError:
+                    pass
+            mine = streams / stream_id
+            if not mine.exists() and held >= self.limit:
                 return False
-            streams.add(stream_id)
+            mine.touch()
             return True
 
     def renew(self, tenant_id: str, stream_id: str) -> None:
-        pass
+        (self.folder / tenant_id / stream_id).touch()
 
     def release(self, tenant_id: str, stream_id: str) -> None:
-        with self._lock:
-            streams = self._open.get(tenant_id, set())
-            streams.discard(stream_id)
-            if not streams:
-                self._open.pop(tenant_id, None)
+        (self.folder / tenant_id / stream_id).unlink(missing_ok=True)
 
 
 # KEYS[1]: the tenant's open streams (a sorted set: stream id -> lease end in ms); ARGV: limit, stream id, lease
@@ -210,10 +239,11 @@ def make_stream_slots(settings: Settings) -> StreamSlots | None:
     limit = settings.tenant_max_event_streams
     if limit == 0:
         return None
+    lease = 3 * settings.event_heartbeat_interval + 5
     broker_url = settings.resolved_broker_url()
     if broker_url.startswith(("redis://", "rediss://")):
-        return RedisStreamSlots(broker_url, limit, 3 * settings.event_heartbeat_interval + 5)
-    return LocalStreamSlots(limit)
+        return RedisStreamSlots(broker_url, limit, lease)
+    return FileStreamSlots(settings.resolved_home() / "limits" / "streams", limit, lease)
 
 
 def lock_tenant(session: Session, tenant_id: str) -> None:

@@ -11,8 +11,11 @@ from app.api.errors import error_responses, install_error_handlers
 from app.api.event_stream import EventFeed
 from app.api.guard import BodyGuard
 from app.api.housekeeping import Housekeeper
+from app.api.key_cache import KeyCache
 from app.api.limits import make_rate_limiter, make_stream_slots
 from app.api.observability import Metrics, MetricsMiddleware
+from app.api.poll_fast_path import PollFastPath
+from app.api.response_cache import ResponseCache
 from app.api.routes import artifacts, datasets, events, jobs, keys, models, presets, service, ui, webhooks
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_session_factory
@@ -77,6 +80,8 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     app.state.storage = open_storage(settings.resolved_storage_url())
     app.state.metrics = Metrics(session_factory)
     app.state.rate_limiter = make_rate_limiter(settings)
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+    app.state.response_cache = ResponseCache(settings.response_cache_bytes)
     app.state.stream_slots = make_stream_slots(settings)
     app.state.event_feed = EventFeed(session_factory, settings.event_poll_interval, settings.event_gap_wait)
     install_error_handlers(app)
@@ -87,8 +92,12 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
     for router in (models.router, datasets.router, jobs.router, events.router, artifacts.router, presets.router,
                    keys.router, webhooks.router):
         app.include_router(router, responses=error_responses(401, 422, 429, 503))
-    # Inside the metrics middleware (its 401/413/400 answers are counted): the key before any body is read.
-    app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, session_factory=session_factory)
+    # Inside the metrics middleware (their answers are counted): status polls answered before routing, and the key
+    # checked before any body is read.
+    app.add_middleware(PollFastPath, session_factory=session_factory, key_cache=app.state.key_cache,
+                       response_cache=app.state.response_cache, rate_limiter=app.state.rate_limiter)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, session_factory=session_factory,
+                       key_cache=app.state.key_cache)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return app

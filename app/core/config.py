@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     event_heartbeat_interval: float = Field(default=15.0, gt=0)
     event_gap_wait: float = Field(default=2.0, ge=0)
 
+    # Polling: a verified API key is trusted this long (seconds) without asking the database again, so a key
+    # revoked through another API process or the CLI still works for up to this long (0: every request asks);
+    # job bodies kept to answer unchanged polls without rebuilding them (bytes per API process, 0: off).
+    auth_cache_seconds: float = Field(default=10.0, ge=0)
+    response_cache_bytes: int = Field(default=32 * 1024**2, ge=0)
+
     # Request bodies other than uploads (JSON) are refused past this size (413), before they are parsed.
     max_json_bytes: int = Field(default=1024 * 1024, gt=0)
     # GET /metrics needs `Authorization: Bearer <token>` when set.

@@ -78,7 +78,7 @@ def heartbeat(session: Session, job_id: str, worker_id: str) -> tuple[bool, bool
     """Refresh the heartbeat. Returns (still_owned, cancel_requested)."""
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.worker_id == worker_id, Job.status == JobStatus.RUNNING)
-        .values(heartbeat_at=utcnow()).execution_options(synchronize_session=False)
+        .values(heartbeat_at=utcnow(), version=Job.version).execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         return False, False

@@ -3,11 +3,30 @@
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    literal_column,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core.db import Base, UTCDateTime, utcnow
 from app.core.statuses import ModelStatus
+
+
+def version_column() -> Mapped[int]:
+    """The row's version, for ETags: every UPDATE of the row (ORM or Core) adds one, unless the statement sets it
+    itself (a heartbeat keeps it: it changes nothing a client sees)."""
+    return mapped_column(Integer, default=1, server_default=text("1"), onupdate=literal_column("version + 1"))
 
 
 class Tenant(Base):
@@ -61,6 +80,7 @@ class Model(StoredFile, Base):
     __table_args__ = (Index("ix_models_tenant_id_id", "tenant_id", "id"),)
 
     status: Mapped[str] = mapped_column(String(16), default=ModelStatus.UPLOADED)
+    version: Mapped[int] = version_column()
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     info: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # Given at upload (app.core.input_specs): the default input specs of jobs on this model.
@@ -79,6 +99,7 @@ class Dataset(StoredFile, Base):
     num_samples: Mapped[int] = mapped_column(BigInteger)
     has_labels: Mapped[bool] = mapped_column(Boolean)
     info: Mapped[dict[str, Any]] = mapped_column(JSON)
+    version: Mapped[int] = version_column()
 
 
 class Job(Base):
@@ -95,6 +116,7 @@ class Job(Base):
     model_id: Mapped[str] = mapped_column(String(40), index=True)
     name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="queued")
+    version: Mapped[int] = version_column()
     recipe: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     tune: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     datasets: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -6,7 +6,8 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from app.api import services
-from app.api.deps import CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
+from app.api.conditional import not_modified_or_charge, owned_or_charge, page_etag, version_etag
+from app.api.deps import ConditionalTenant, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
 from app.api.errors import error_responses
 from app.api.limits import receive_upload_within_quota
 from app.api.pagination import page, paginate
@@ -50,18 +51,31 @@ async def upload_dataset(request: Request, tenant: CurrentTenant, session_factor
         upload.discard()
 
 
-@router.get("", response_model=DatasetsPublic, responses=error_responses(400))
-def list_datasets(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None) -> dict:
+@router.get("", response_model=DatasetsPublic, responses={304: {"description": "not modified"},
+                                                         **error_responses(400)})
+def list_datasets(request: Request, response: Response, tenant: ConditionalTenant, session: SessionDep,
+                  limit: Limit = 50, cursor: Cursor = None) -> dict | Response:
     """The tenant's datasets, newest first."""
     query = select(Dataset).where(Dataset.tenant_id == tenant.id)
     rows, next_cursor = page(session.scalars(paginate(query, Dataset.id, limit, cursor)).all(), limit)
+    etag = page_etag(rows, next_cursor)
+    if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
+        return not_modified
+    response.headers["ETag"] = etag
     return {"data": rows, "next_cursor": next_cursor}
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))
-def get_dataset(dataset_id: DatasetId, tenant: CurrentTenant, session: SessionDep) -> Dataset:
+@router.get("/{dataset_id}", response_model=DatasetPublic,
+            responses={304: {"description": "not modified"}, **error_responses(404)})
+def get_dataset(dataset_id: DatasetId, request: Request, response: Response, tenant: ConditionalTenant,
+                session: SessionDep) -> Dataset | Response:
     """A dataset: its format, samples, labels and arrays."""
-    return get_owned_dataset(session, tenant, dataset_id)
+    row = owned_or_charge(request, session, Dataset, dataset_id, tenant.id, "dataset")
+    etag = version_etag(row.version)
+    if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
+        return not_modified
+    response.headers["ETag"] = etag
+    return row
 
 
 @router.delete("/{dataset_id}", status_code=204, response_class=Response,

@@ -1,18 +1,25 @@
 """/v1/jobs: submit (with idempotency keys), list, get (ETag / 304), cancel, delete (its outputs), report, artifacts,
 webhook deliveries."""
 
-import hashlib
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from app.api import plans, services
-from app.api.conditional import etag_matches
-from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
+from app.api.conditional import not_modified_or_charge, owned_or_charge, page_etag, version_etag
+from app.api.deps import (
+    CeleryDep,
+    ConditionalTenant,
+    CurrentTenant,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    StorageDep,
+)
 from app.api.errors import error_responses
 from app.api.pagination import page, paginate
 from app.api.params import Cursor, JobId, Limit
@@ -79,30 +86,40 @@ def create_job(body: JobCreate, tenant: CurrentTenant, session: SessionDep,
                         headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
-@router.get("", response_model=JobsPublic, responses=error_responses(400))
-def list_jobs(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None,
+@router.get("", response_model=JobsPublic, responses={304: {"description": "not modified"}, **error_responses(400)})
+def list_jobs(request: Request, tenant: ConditionalTenant, session: SessionDep, limit: Limit = 50,
+              cursor: Cursor = None,
               status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
               model_id: Annotated[str | None, Query(description="only the jobs of this model",
-                                                    examples=["mdl_0193a1b2c3d4e5f60718293a"])] = None) -> JobsPublic:
-    """The tenant's jobs, newest first."""
-    query = select(Job).where(Job.tenant_id == tenant.id)
+                                                    examples=["mdl_0193a1b2c3d4e5f60718293a"])] = None) -> Response:
+    """The tenant's jobs, newest first. Sends an ETag (the page's ids and versions): a poller that sends it back in
+    If-None-Match gets a body-less 304, not charged to the rate limit, until a job on the page changes."""
+    query = select(Job.id, Job.version).where(Job.tenant_id == tenant.id)
     if status:
         query = query.where(Job.status == status.value)
     if model_id:
         query = query.where(Job.model_id == model_id)
-    rows, next_cursor = page(session.scalars(paginate(query, Job.id, limit, cursor)).all(), limit)
-    return JobsPublic(data=[job_public(j) for j in rows], next_cursor=next_cursor)
+    versions, next_cursor = page(session.execute(paginate(query, Job.id, limit, cursor)).all(), limit)
+    etag = page_etag(versions, next_cursor)
+    if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
+        return not_modified
+    rows = session.scalars(select(Job).where(Job.id.in_([row.id for row in versions]))
+                           .options(selectinload(Job.artifacts)).order_by(Job.id.desc()))
+    body = JobsPublic(data=[job_public(job) for job in rows], next_cursor=next_cursor)
+    return Response(body.model_dump_json(), media_type="application/json", headers={"ETag": etag})
 
 
 @router.get("/{job_id}", response_model=JobPublic,
             responses={304: {"description": "not modified"}, **error_responses(404)})
-def get_job(job_id: JobId, request: Request, tenant: CurrentTenant, session: SessionDep) -> Response:
-    """Sends an ETag; a poller that sends it back in If-None-Match gets a body-less 304 until the job changes."""
-    body = json.dumps(jsonable_encoder(job_public(get_owned_job(session, tenant, job_id))),
-                      separators=(",", ":")).encode()
-    etag = f'W/"{hashlib.sha256(body).hexdigest()[:32]}"'
-    if etag_matches(request, etag):
-        return Response(status_code=304, headers={"ETag": etag})
+def get_job(job_id: JobId, request: Request, tenant: ConditionalTenant, session: SessionDep) -> Response:
+    """Sends an ETag (the job's version); a poller that sends it back in If-None-Match gets a body-less 304, not
+    charged to the rate limit, until the job changes."""
+    job = owned_or_charge(request, session, Job, job_id, tenant.id, "job")
+    etag = version_etag(job.version)
+    if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
+        return not_modified
+    body = job_public(job).model_dump_json().encode()
+    request.app.state.response_cache.put(job.id, tenant.id, job.version, body)
     return Response(body, media_type="application/json", headers={"ETag": etag})
 
 

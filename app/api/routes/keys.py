@@ -7,6 +7,7 @@ from sqlalchemy import select
 
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep
 from app.api.errors import error_responses
+from app.api.key_cache import Caller
 from app.api.limits import lock_tenant
 from app.api.pagination import page, paginate
 from app.api.params import Cursor, KeyId, Limit
@@ -15,7 +16,7 @@ from app.core import auth
 from app.core.db import utcnow
 from app.core.errors import ErrorCode, ServiceError
 from app.core.queries import get_owned
-from app.core.tables import ApiKey, Tenant
+from app.core.tables import ApiKey
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -30,7 +31,7 @@ def key_created(row: ApiKey, key: str) -> KeyCreated:
     return KeyCreated(**key_public(row).model_dump(), key=key)
 
 
-def get_owned_key(session, tenant: Tenant, key_id: str) -> ApiKey:
+def get_owned_key(session, tenant: Caller, key_id: str) -> ApiKey:
     return get_owned(session, ApiKey, key_id, tenant.id, "key")
 
 
@@ -85,6 +86,7 @@ def revoke_key(key_id: KeyId, request: Request, tenant: CurrentTenant, session: 
     row = get_owned_key(session, tenant, key_id)
     auth.revoke(row)
     session.commit()
+    request.app.state.key_cache.clear()  # this process stops the key now; others within the cache's TTL
     return key_public(row)
 
 
@@ -104,4 +106,5 @@ def rotate_key(key_id: KeyId, request: Request, tenant: CurrentTenant, session: 
                     hint="rotate with grace_seconds 0 (the old key stops at once) or revoke a key first")
     replacement, key = auth.rotate(session, row, grace)
     session.commit()
+    request.app.state.key_cache.clear()
     return key_created(replacement, key)

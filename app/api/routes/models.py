@@ -7,7 +7,16 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import select
 
 from app.api import services
-from app.api.deps import CeleryDep, CurrentTenant, SessionDep, SessionFactoryDep, SettingsDep, StorageDep
+from app.api.conditional import not_modified_or_charge, owned_or_charge, page_etag, version_etag
+from app.api.deps import (
+    CeleryDep,
+    ConditionalTenant,
+    CurrentTenant,
+    SessionDep,
+    SessionFactoryDep,
+    SettingsDep,
+    StorageDep,
+)
 from app.api.downloads import stream_object
 from app.api.errors import error_responses
 from app.api.limits import receive_upload_within_quota
@@ -68,22 +77,36 @@ async def upload_model(request: Request, tenant: CurrentTenant, session_factory:
         upload.discard()
 
 
-@router.get("", response_model=ModelsPublic, responses=error_responses(400))
-def list_models(tenant: CurrentTenant, session: SessionDep, limit: Limit = 50, cursor: Cursor = None,
+@router.get("", response_model=ModelsPublic, responses={304: {"description": "not modified"},
+                                                       **error_responses(400)})
+def list_models(request: Request, response: Response, tenant: ConditionalTenant, session: SessionDep, limit: Limit = 50,
+                cursor: Cursor = None,
                 status: Annotated[str | None, Query(description="only models in this status: `uploaded`, `ready` "
-                                                                "or `invalid`", examples=["ready"])] = None) -> dict:
+                                                                "or `invalid`", examples=["ready"])] = None,
+                ) -> dict | Response:
     """The tenant's models, newest first."""
     query = select(Model).where(Model.tenant_id == tenant.id)
     if status:
         query = query.where(Model.status == status)
     rows, next_cursor = page(session.scalars(paginate(query, Model.id, limit, cursor)).all(), limit)
+    etag = page_etag(rows, next_cursor)
+    if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
+        return not_modified
+    response.headers["ETag"] = etag
     return {"data": rows, "next_cursor": next_cursor}
 
 
-@router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))
-def get_model(model_id: ModelId, tenant: CurrentTenant, session: SessionDep) -> Model:
+@router.get("/{model_id}", response_model=ModelPublic,
+            responses={304: {"description": "not modified"}, **error_responses(404)})
+def get_model(model_id: ModelId, request: Request, response: Response, tenant: ConditionalTenant,
+              session: SessionDep) -> Model | Response:
     """A model: its status and, once inspected, what it takes and gives (`info`)."""
-    return get_owned_model(session, tenant, model_id)
+    row = owned_or_charge(request, session, Model, model_id, tenant.id, "model")
+    etag = version_etag(row.version)
+    if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
+        return not_modified
+    response.headers["ETag"] = etag
+    return row
 
 
 @router.get("/{model_id}/download", response_class=Response,

@@ -1,4 +1,7 @@
 import pytest
+from fastapi.testclient import TestClient
+
+from app.api.main import create_app
 
 ROUTES = [("get", "/v1/models"), ("post", "/v1/models"), ("get", "/v1/models/x"), ("get", "/v1/models/x/download"),
           ("delete", "/v1/models/x"), ("get", "/v1/jobs"), ("post", "/v1/jobs"), ("get", "/v1/jobs/x"),
@@ -48,18 +51,35 @@ def test_other_tenants_resources_are_404(client, make_key, upload):
     assert client.get(f"/v1/models/{model['id']}", headers=alice).status_code == 200
 
 
-def test_revoked_key_is_401(client, settings, make_key):
+def test_key_revoked_elsewhere_is_401_within_the_cache_ttl(settings, make_key):
+    """A key revoked by another process (here: straight in the database, as `modelpress keys revoke` does) is
+    refused once the key cache's entry is older than MODELPRESS_AUTH_CACHE_SECONDS."""
+    import time
+
     from sqlalchemy import update
 
     from app.core.db import make_engine, make_session_factory, session_scope, utcnow
     from app.core.tables import ApiKey
 
     headers = make_key()
-    assert client.get("/v1/models", headers=headers).status_code == 200
-    prefix = headers["Authorization"].split("_")[1]
-    with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
-        session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
-    assert client.get("/v1/models", headers=headers).status_code == 401
+    with TestClient(create_app(settings.model_copy(update={"auth_cache_seconds": 0.5}),
+                               housekeeping=False)) as client:
+        assert client.get("/v1/models", headers=headers).status_code == 200
+        prefix = headers["Authorization"].split("_")[1]
+        with session_scope(make_session_factory(make_engine(settings.resolved_database_url()))) as session:
+            session.execute(update(ApiKey).where(ApiKey.prefix == prefix).values(revoked_at=utcnow()))
+        time.sleep(0.6)
+        assert client.get("/v1/models", headers=headers).status_code == 401
+        assert client.get("/v1/jobs/job_0123456789abcdef01234567", headers=headers).status_code == 401
+
+
+def test_key_revoked_through_the_api_is_401_at_once(client, make_key):
+    headers = make_key()
+    other = client.post("/v1/keys", headers=headers).json()
+    other_headers = {"Authorization": f"Bearer {other['key']}"}
+    assert client.get("/v1/jobs", headers=other_headers).status_code == 200  # cached now
+    assert client.post(f"/v1/keys/{other['id']}/revoke", headers=headers).status_code == 200
+    assert client.get("/v1/jobs", headers=other_headers).status_code == 401
 
 
 def test_keys_are_stored_hashed(settings, make_key):

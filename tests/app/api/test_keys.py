@@ -3,12 +3,22 @@
 from datetime import timedelta
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import update
 
+from app.api.main import create_app
 from app.cli import main
 from app.core.config import get_settings
 from app.core.db import make_engine, make_session_factory, session_scope, utcnow
 from app.core.tables import ApiKey
+
+
+@pytest.fixture
+def client(settings):
+    """These tests move keys' times in the database (as time passing would) and read each request's effect on
+    `last_used_at`: every request authenticates against the database (the key cache is off)."""
+    with TestClient(create_app(settings.model_copy(update={"auth_cache_seconds": 0}), housekeeping=False)) as test:
+        yield test
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Per-tenant limits: request rate (in-process and shared through Redis, failing open), jobs, stored bytes."""
+"""Per-tenant limits: request rate (shared through files or Redis, failing open; 304s free), jobs, stored bytes,
+event stream slots."""
 
 import io
 import logging
@@ -8,7 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.api import limits
-from app.api.limits import LocalRateLimiter, check_storage_quota, storage_used
+from app.api.limits import FileRateLimiter, check_storage_quota, storage_used
 from app.api.main import create_app
 from app.core.db import make_engine, make_session_factory, session_scope
 from app.core.errors import ServiceError
@@ -47,7 +48,7 @@ def assert_rate_limited(response) -> None:
     assert 1 <= int(response.headers["Retry-After"]) <= 20  # 3 a minute: one token back every 20 s
 
 
-def test_rate_limit_in_process(limited, make_key):
+def test_rate_limit_embedded(limited, make_key):
     client = limited(tenant_requests_per_minute=3, broker_url=None)
     alice, bob = make_key(), make_key()
     for _ in range(3):
@@ -60,15 +61,54 @@ def test_rate_limit_in_process(limited, make_key):
     assert client.get("/v1/models", headers={"Authorization": "Bearer mp_x_y"}).status_code == 401
 
 
-def test_token_bucket_refills(monkeypatch):
+def test_token_bucket_refills(monkeypatch, tmp_path):
     now = [1000.0]
-    monkeypatch.setattr(limits.time, "monotonic", lambda: now[0])
-    limiter = LocalRateLimiter(60)
+    monkeypatch.setattr(limits.time, "time", lambda: now[0])
+    limiter = FileRateLimiter(tmp_path, 60)
     assert all(limiter.acquire("t") == 0 for _ in range(60))
     assert limiter.acquire("t") == pytest.approx(1.0)
     now[0] += 1.0
     assert limiter.acquire("t") == 0
     assert limiter.acquire("t") > 0
+
+
+def test_rate_limit_is_shared_by_the_processes_of_one_home(limited, make_key, settings):
+    """Two apps on one MODELPRESS_HOME stand for `serve --workers 2`: the bucket is a file they both lock."""
+    first = limited(tenant_requests_per_minute=3, broker_url=None)
+    second = limited(tenant_requests_per_minute=3, broker_url=None)
+    assert isinstance(first.app.state.rate_limiter, FileRateLimiter)
+    headers = make_key()
+    assert first.get("/v1/models", headers=headers).status_code == 200
+    assert second.get("/v1/models", headers=headers).status_code == 200
+    assert first.get("/v1/models", headers=headers).status_code == 200
+    assert_rate_limited(second.get("/v1/models", headers=headers))
+    assert_rate_limited(first.get("/v1/models", headers=headers))
+
+
+def test_not_modified_answers_are_not_charged(limited, make_key, onnx_bytes):
+    """A poller sending back the ETag gets 304s without spending its rate; a changed or unconditional answer is
+    charged."""
+    client = limited(tenant_requests_per_minute=4, broker_url=None)
+    headers = make_key()
+    model = client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).json()
+    job = client.post("/v1/jobs", headers=headers, json={"model_id": model["id"], **QUANTIZE})
+    first = client.get(f"/v1/jobs/{job.json()['id']}", headers=headers)
+    listed = client.get("/v1/jobs", headers=headers)
+    for _ in range(10):  # the key is cached now: these go through the fast path, then the route for the list
+        assert client.get(f"/v1/jobs/{job.json()['id']}",
+                          headers={**headers, "If-None-Match": first.headers["ETag"]}).status_code == 304
+        assert client.get("/v1/jobs", headers={**headers, "If-None-Match": listed.headers["ETag"]}).status_code == 304
+    assert_rate_limited(client.get("/v1/jobs", headers=headers))  # 4 charged: upload, submit, get, list
+
+
+def test_a_missing_resource_is_charged(limited, make_key):
+    """A 404 of a conditional GET costs a token: probing for ids is rate limited like everything else."""
+    client = limited(tenant_requests_per_minute=3, broker_url=None)
+    headers = {**make_key(), "If-None-Match": "*"}
+    for path in ("/v1/jobs/job_0123456789abcdef01234567", "/v1/models/mdl_0123456789abcdef01234567",
+                 "/v1/jobs/job_0123456789abcdef01234567"):
+        assert client.get(path, headers=headers).status_code == 404
+    assert_rate_limited(client.get("/v1/datasets/ds_0123456789abcdef01234567", headers=headers))
 
 
 def test_rate_limit_is_shared_through_redis(limited, make_key, redis_url):
@@ -196,31 +236,36 @@ def test_deleting_a_jobs_outputs_frees_its_quota(limited, settings, make_key, on
     assert client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).status_code == 201
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_stream_slots_per_tenant_freed_on_release(shared, request):
+def stream_slots(kind: str, request, limit: int, lease_seconds: float) -> limits.StreamSlots:
+    if kind == "redis":
+        return limits.RedisStreamSlots(request.getfixturevalue("redis_url"), limit, lease_seconds)
+    return limits.FileStreamSlots(request.getfixturevalue("tmp_path"), limit, lease_seconds)
+
+
+@pytest.mark.parametrize("kind", ["files", "redis"])
+def test_stream_slots_per_tenant_freed_on_release(kind, request):
     """Event stream slots: the limit per tenant, a held slot renewed whatever the count, a freed slot reusable."""
-    if shared:
-        slots = limits.RedisStreamSlots(request.getfixturevalue("redis_url"), 2, lease_seconds=60)
-    else:
-        slots = limits.LocalStreamSlots(2)
+    slots = stream_slots(kind, request, 2, lease_seconds=60)
     tenant, other = new_id("tenant"), new_id("tenant")
     assert slots.acquire(tenant, "a") and slots.acquire(tenant, "b")
     assert not slots.acquire(tenant, "c")
     assert slots.acquire(other, "a")  # another tenant's slots are its own
     slots.renew(tenant, "a")
+    assert slots.acquire(tenant, "a")  # a stream holding a slot keeps it
     slots.release(tenant, "a")
     assert slots.acquire(tenant, "c")
     assert not slots.acquire(tenant, "d")
 
 
-def test_shared_stream_slots_expire_when_no_longer_renewed(redis_url):
+@pytest.mark.parametrize("kind", ["files", "redis"])
+def test_shared_stream_slots_expire_when_no_longer_renewed(kind, request):
     """A process that died holding slots does not hold them past their lease."""
     import time
 
-    slots = limits.RedisStreamSlots(redis_url, 1, lease_seconds=0.2)
+    slots = stream_slots(kind, request, 1, lease_seconds=0.3)
     tenant = new_id("tenant")
     assert slots.acquire(tenant, "dead") and not slots.acquire(tenant, "new")
-    time.sleep(0.3)
+    time.sleep(0.5)
     assert slots.acquire(tenant, "new")
 
 
