@@ -58,3 +58,20 @@ def test_many_concurrent_submissions_do_not_stall(tmp_path, processes):
 
     statuses = asyncio.run(burst())
     assert statuses.count(201) == 48 and statuses.count(200) == 48, statuses
+
+
+def test_serve_with_two_api_processes_shares_one_rate_limit(tmp_path, processes):
+    """`serve --workers 2`: two API processes behind one port; the tenant's bucket is one file they both lock, so
+    the limit holds whichever process answers, and a job's ETag is the same from either."""
+    import httpx
+
+    home, port = tmp_path / "home", free_port()
+    server = processes.start("serve", [*MODELPRESS, "serve", "--port", str(port), "--workers", "2"],
+                             {"MODELPRESS_HOME": str(home), "MODELPRESS_TENANT_REQUESTS_PER_MINUTE": "12"})
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_ok(f"{base}/readyz"), 90, "serve to become ready", processes)
+    wait_until(lambda: server.log_path.read_text().count("Application startup complete") == 2, 60,
+               "both API processes", processes)
+    headers = {"Authorization": f"Bearer {(home / 'api_key').read_text().strip()}"}
+    statuses = [httpx.get(f"{base}/v1/models", headers=headers).status_code for _ in range(30)]  # a connection each
+    assert 12 <= statuses.count(200) <= 13 and statuses.count(429) >= 17, statuses
