@@ -215,8 +215,9 @@ def sparse_rows(results: dict[str, dict]) -> list[str]:
         compressed = [k for k in dense_tensors if k in read_back]
         pruned_dense = sum(dense_tensors[k].numel() * dense_tensors[k].element_size() for k in compressed)
         with safe_open(str(sparse), "pt") as fh:
+            # a compressed weight `x.weight` is stored as `x.bitmask`, `x.compressed`, `x.row_offsets`, `x.shape`
             pruned_sparse = sum(fh.get_tensor(k).numel() * fh.get_tensor(k).element_size() for k in fh.keys()
-                                if k.rsplit(".", 1)[0] in compressed)
+                                if f"{k.rsplit('.', 1)[0]}.weight" in compressed)
         rows.append(f"| {name} | {dense.stat().st_size / 1e6:.2f} | {sparse.stat().st_size / 1e6:.2f} | "
                     f"{sparse.stat().st_size / dense.stat().st_size:.3f}x | {len(compressed)} tensors, "
                     f"{pruned_sparse / pruned_dense:.3f}x | {'yes' if identical else 'NO'} |")
