@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None, *, housekeeping: bool = True) -
         app.include_router(router, responses=error_responses(401, 422, 429, 503))
     # Inside the metrics middleware (their answers are counted): status polls answered before routing, and the key
     # checked before any body is read.
-    app.add_middleware(PollFastPath, session_factory=session_factory, key_cache=app.state.key_cache,
+    app.add_middleware(PollFastPath, engine=engine, key_cache=app.state.key_cache,
                        response_cache=app.state.response_cache, rate_limiter=app.state.rate_limiter)
     app.add_middleware(BodyGuard, max_bytes=settings.max_json_bytes, session_factory=session_factory,
                        key_cache=app.state.key_cache)
