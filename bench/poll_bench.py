@@ -10,7 +10,8 @@ turn and repeated over rounds so that machine noise hits every path alike:
 
 and prints requests per second (median of the rounds), p50 latency and the ratio to /healthz.
 
-    .venv/bin/python bench/poll_bench.py [--workers 1,default] [--rounds 5] [--seconds 5] [--threads 2] [--connections 16]
+    .venv/bin/python bench/poll_bench.py [--workers 1,default] [--rounds 5] [--seconds 5] [--threads 2]
+        [--connections 16]
 """
 
 import argparse

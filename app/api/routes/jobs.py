@@ -1,6 +1,7 @@
 """/v1/jobs: submit (with idempotency keys), list, get (ETag / 304), cancel, delete (its outputs), report, artifacts,
 webhook deliveries."""
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -23,6 +24,7 @@ from app.api.deps import (
 from app.api.errors import error_responses
 from app.api.pagination import page, paginate
 from app.api.params import Cursor, JobId, Limit
+from app.api.response_cache import ResponseCache
 from app.api.routes.webhooks import job_deliveries
 from app.api.schemas import (
     ArtifactsPublic,
@@ -103,10 +105,28 @@ def list_jobs(request: Request, tenant: ConditionalTenant, session: SessionDep, 
     etag = page_etag(versions, next_cursor)
     if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
         return not_modified
-    rows = session.scalars(select(Job).where(Job.id.in_([row.id for row in versions]))
-                           .options(selectinload(Job.artifacts)).order_by(Job.id.desc()))
-    body = JobsPublic(data=[job_public(job) for job in rows], next_cursor=next_cursor)
-    return Response(body.model_dump_json(), media_type="application/json", headers={"ETag": etag})
+    bodies = job_bodies(request.app.state.response_cache, session, tenant.id, versions)
+    # JobsPublic as pydantic writes it (compact JSON), from the jobs' bodies as GET /v1/jobs/{id} sends them
+    body = b'{"data":[' + b",".join(bodies) + b'],"next_cursor":' + json.dumps(next_cursor).encode() + b"}"
+    return Response(body, media_type="application/json", headers={"ETag": etag})
+
+
+def job_bodies(cache: ResponseCache, session, tenant_id: str, versions) -> list[bytes]:
+    """The JSON bodies of the jobs at these (id, version) rows, in order: from the response cache, the missing
+    ones built (and cached) from one read."""
+    bodies = {row.id: cache.get(row.id, tenant_id, row.version) for row in versions}
+    missing = [job_id for job_id, body in bodies.items() if body is None]
+    if missing:
+        for job in session.scalars(select(Job).where(Job.id.in_(missing)).options(selectinload(Job.artifacts))):
+            bodies[job.id] = job_body(cache, job)
+    return [bodies[row.id] for row in versions]
+
+
+def job_body(cache: ResponseCache, job: Job) -> bytes:
+    """The job's JSON body, kept in the response cache for its version."""
+    body = job_public(job).model_dump_json().encode()
+    cache.put(job.id, job.tenant_id, job.version, body)
+    return body
 
 
 @router.get("/{job_id}", response_model=JobPublic,
@@ -118,9 +138,8 @@ def get_job(job_id: JobId, request: Request, tenant: ConditionalTenant, session:
     etag = version_etag(job.version)
     if (not_modified := not_modified_or_charge(request, tenant.id, etag)) is not None:
         return not_modified
-    body = job_public(job).model_dump_json().encode()
-    request.app.state.response_cache.put(job.id, tenant.id, job.version, body)
-    return Response(body, media_type="application/json", headers={"ETag": etag})
+    return Response(job_body(request.app.state.response_cache, job), media_type="application/json",
+                    headers={"ETag": etag})
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses=error_responses(404, 409))

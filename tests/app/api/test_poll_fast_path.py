@@ -98,6 +98,25 @@ def test_job_list_etag_changes_with_any_job_on_the_page(client, auth, job, facto
     assert client.get("/v1/jobs?limit=5&status=queued", headers=auth).json()["data"] == []
 
 
+def test_a_list_is_made_of_the_jobs_bodies(client, auth, upload):
+    """A list page is the jobs' bodies as GET /v1/jobs/{id} sends them (kept by version in the response cache),
+    and valid JobsPublic JSON."""
+    from app.api.schemas import JobsPublic
+
+    model = upload().json()
+    ids = [client.post("/v1/jobs", headers=auth, json={"model_id": model["id"], "recipe": RECIPE}).json()["id"]
+           for _ in range(3)]
+    listed = client.get("/v1/jobs?limit=2", headers=auth)
+    page = JobsPublic.model_validate_json(listed.content)
+    assert [job.id for job in page.data] == ids[::-1][:2] and page.next_cursor
+    assert listed.json()["data"][0] == client.get(f"/v1/jobs/{ids[-1]}", headers=auth).json()
+    single = client.get(f"/v1/jobs/{ids[0]}", headers=auth)
+    version = int(single.headers["ETag"].rsplit(".", 1)[1].rstrip('"'))
+    client.app.state.response_cache.put(ids[0], job_tenant(client, ids[0]), version, b'{"planted":true}')
+    rest = client.get("/v1/jobs", headers=auth, params={"cursor": page.next_cursor}).json()
+    assert rest == {"data": [{"planted": True}], "next_cursor": None}
+
+
 def test_models_and_datasets_have_etags_too(client, auth, upload):
     model = upload().json()
     for path in (f"/v1/models/{model['id']}", "/v1/models", "/v1/datasets"):
