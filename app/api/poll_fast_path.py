@@ -6,14 +6,15 @@ artifacts. Here it costs one narrow read of the row's tenant and version:
 
 - `If-None-Match` names the current version: 304, not charged to the tenant's rate limit;
 - the body of the current version is in the response cache: 200 with it (charged);
-- anything else (unknown key, another tenant's or a missing job, a cold cache, an empty rate bucket) goes on to
-  the route, which gives the same answers and fills the caches.
+- anything else (unknown key, another tenant's or a missing job, a cold cache, an empty rate bucket, a database
+  that does not answer) goes on to the route, which gives the same answers and fills the caches.
 """
 
 import re
 
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy import Engine, bindparam, select
+from sqlalchemy.exc import DBAPIError
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -36,8 +37,12 @@ class PollFastPath:
         self.key_cache, self.response_cache, self.rate_limiter = key_cache, response_cache, rate_limiter
 
     def _owner_and_version(self, job_id: str) -> tuple[str, int] | None:
-        with self.engine.connect() as connection:
-            row = connection.execute(OWNER_AND_VERSION, {"job_id": job_id}).first()
+        """None when the job is missing or the database cannot answer: the route then says which (404 or 503)."""
+        try:
+            with self.engine.connect() as connection:
+                row = connection.execute(OWNER_AND_VERSION, {"job_id": job_id}).first()
+        except DBAPIError:
+            return None
         return None if row is None else (row[0], row[1])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

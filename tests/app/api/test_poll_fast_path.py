@@ -74,6 +74,37 @@ def job_tenant(client, job_id: str) -> str:
         return session.scalar(select(Job.tenant_id).where(Job.id == job_id))
 
 
+def test_a_database_that_does_not_answer_is_503_on_the_fast_path_too(tmp_path, onnx_bytes):
+    """The fast path leaves a database error to the route, whose answer is 503 `database_unavailable`, never a 500
+    or a dropped connection (CI's PostgreSQL restart caught that)."""
+    from fastapi.testclient import TestClient
+
+    from app.api.main import create_app
+    from app.core.config import Settings
+    from app.core.migrate import upgrade
+
+    own = Settings(home=tmp_path / "home")
+    upgrade(own.resolved_database_url())
+    engine = make_engine(own.resolved_database_url())
+    with session_scope(make_session_factory(engine)) as session:
+        from app.core.auth import create_api_key
+
+        _, key = create_api_key(session, "t")
+    engine.dispose()
+    headers = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_app(own, housekeeping=False)) as client:
+        model = client.post("/v1/models", headers=headers, files={"file": ("m.onnx", onnx_bytes)}).json()
+        job = client.post("/v1/jobs", headers=headers, json={"model_id": model["id"], "recipe": RECIPE}).json()
+        etag = client.get(f"/v1/jobs/{job['id']}", headers=headers).headers["ETag"]  # key and body cached
+        client.app.state.engine.dispose()
+        database = own.resolved_home() / "modelpress.db"
+        database.rename(database.with_suffix(".gone"))
+        database.mkdir()  # SQLite cannot open a folder: every new connection fails
+        for extra in ({}, {"If-None-Match": etag}):
+            response = client.get(f"/v1/jobs/{job['id']}", headers={**headers, **extra})
+            assert response.status_code == 503 and response.json()["error"]["code"] == "database_unavailable"
+
+
 def test_another_tenants_poll_is_404_on_the_fast_path_too(client, auth, make_key, job):
     path = f"/v1/jobs/{job['id']}"
     etag = client.get(path, headers=auth).headers["ETag"]
