@@ -7,9 +7,9 @@ and the docstrings of the standard library), so the text is real and nobody here
 
 - `fast-encoder` (the preset): a student with half of the layers (those whose removal costs least, measured),
   distilled on the train sentences with early stopping, then int8;
-- recovered pruning: activation-aware 50% (unstructured, then 2:4), `distill` with `student: {"current": true}`
-  on the same sentences, int8, and the sparse weights exported as `safetensors` (compressed-tensors'
-  sparse-bitmask layout) and `safetensors-dense`;
+- recovered pruning: activation-aware 50% (unstructured, then 2:4; each also with the embedding tables pruned),
+  `distill` with `student: {"current": true}` on the same sentences, int8, and the sparse weights exported as
+  `safetensors` (compressed-tensors' sparse-bitmask layout) and `safetensors-dense`;
 - `int8-cpu` (the preset), for scale.
 
 The peer is what a user builds from the original model with the standard tools: `torch.onnx.export` then ONNX
@@ -51,9 +51,9 @@ import compression_bench as bench  # noqa: E402
 from peer_bench import export_original, feeds_for, interleaved, wait_for  # noqa: E402
 
 
-def _recovered(pattern: str) -> dict:
+def _recovered(pattern: str, embeddings: bool = False) -> dict:
     return {"recipe": {"steps": [
-        {"op": "prune", "method": "activation_aware", "sparsity": 0.5, "pattern": pattern},
+        {"op": "prune", "method": "activation_aware", "sparsity": 0.5, "pattern": pattern, "embeddings": embeddings},
         {"op": "distill", "student": {"current": True}, "alpha": 1.0, "lr": 3e-4, "epochs": 12, "early_stopping": 2},
         {"op": "export", "formats": ["safetensors", "safetensors-dense"]},  # the sparse fp32 weights, before int8
         {"op": "quantize", "method": "auto", "dtype": "int8"}]},
@@ -66,6 +66,8 @@ JOBS = {
     "fast-encoder (preset)": {"preset": "fast-encoder", "datasets": ("train", "eval")},
     "activation-aware 50% + recovery + int8": _recovered("unstructured"),
     "activation-aware 2:4 + recovery + int8": _recovered("2:4"),
+    "activation-aware 50% with the embeddings + recovery + int8": _recovered("unstructured", embeddings=True),
+    "activation-aware 2:4 with the embeddings + recovery + int8": _recovered("2:4", embeddings=True),
 }
 
 

@@ -23,7 +23,7 @@ from app.core.errors import ErrorCode, ServiceError
 from app.core.ids import new_id
 from app.core.model_limits import check_recipe_for_info
 from app.core.queries import job_datasets, job_students, owned
-from app.core.recipe import check_recipe_for_model
+from app.core.recipe import check_recipe_for_model, with_encoder_defaults
 from app.core.statuses import ModelStatus
 from app.core.storage import Storage
 from app.core.storage import keys as storage_keys
@@ -134,14 +134,18 @@ def _job_input_specs(model: Model, body: JobCreate) -> dict | None:
 def check_submission(session: Session, settings: Settings, tenant_id: str, body: JobCreate, *,
                      lock: bool = True) -> tuple[Model, dict | None]:
     """What a submission checks before it writes anything: the webhook target, the model, students and datasets,
-    the input specs, the tenant's job limit. Returns the model and the job's input specs; raises the error a
-    refused submission answers (a dry run answers the same, without locking the tenant's row)."""
+    the input specs, the tenant's job limit; fills a Hugging Face encoder's distill defaults into the recipe.
+    Returns the model and the job's input specs; raises the error a refused submission answers (a dry run answers
+    the same, without locking the tenant's row)."""
     if body.webhook_url is not None:
         try:
             webhooks.check_submitted_url(str(body.webhook_url), settings.webhook_allow_private)
         except webhooks.TargetRefused as exc:
             raise ServiceError(ErrorCode.INVALID_REQUEST, f"webhook_url: {exc}") from None
     model = _check_references(session, tenant_id, body)
+    if body.recipe is not None:
+        train = next((d for role, _, d in job_datasets(session, tenant_id, body.datasets) if role == "train"), None)
+        body.recipe = with_encoder_defaults(body.recipe, model.format, None if train is None else train.has_labels)
     specs = _job_input_specs(model, body)
     check_active_jobs(session, tenant_id, settings.tenant_max_active_jobs, lock=lock)
     return model, specs

@@ -20,10 +20,11 @@ from worker.errors import JobFailure
 PRUNABLE = (nn.Linear, nn.Conv2d)
 
 
-def prunable_layers(module: nn.Module, exclude: list[str]) -> dict[str, nn.Module]:
+def prunable_layers(module: nn.Module, exclude: list[str], embeddings: bool = False) -> dict[str, nn.Module]:
+    kinds = (*PRUNABLE, nn.Embedding) if embeddings else PRUNABLE
     patterns = compile_patterns(exclude)
     return {name: layer for name, layer in module.named_modules()
-            if isinstance(layer, PRUNABLE) and not any(rx.search(name) for rx in patterns)}
+            if isinstance(layer, kinds) and not any(rx.search(name) for rx in patterns)}
 
 
 def _kth_threshold(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -74,22 +75,39 @@ def input_norms(module: nn.Module, layers: dict[str, nn.Module], batches: list[t
     return {name: total.sqrt() for name, total in sums.items()}
 
 
+def _row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep the highest scores within each row (output channel, or one token's embedding vector)."""
+    rows = scores.reshape(scores.shape[0], -1)
+    k = int(sparsity * rows.shape[1])
+    cut = rows.kthvalue(k, dim=1, keepdim=True).values if k else torch.full((rows.shape[0], 1), -1.0)
+    return (rows > cut).reshape(scores.shape)
+
+
 def prune_unstructured(module: nn.Module, *, method: str, sparsity: float | None, threshold: float | None,
                        scope: str, pattern: str, exclude: list[str], calibration: list[tuple] | None = None,
+                       embeddings: bool = False,
                        check: Callable[[], None] = lambda: None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Zero weights in place; returns (masks by layer name, details)."""
-    layers = prunable_layers(module, exclude)
-    if not layers:
+    """Zero weights in place; returns (masks by layer name, details).
+
+    With `embeddings`, embedding tables are pruned too, always by magnitude within each token's vector (a lookup
+    has no input activation to weigh, and ranking across tokens would empty the vectors of rare ones; a threshold
+    applies to them as to every weight): on a small
+    encoder the word embeddings hold half of the weights, so a sparse file stays large without them.
+    """
+    layers = prunable_layers(module, exclude, embeddings)
+    if not any(isinstance(layer, PRUNABLE) for layer in layers.values()):
         raise JobFailure(ErrorCode.INVALID_RECIPE, "prune: no Linear or Conv2d layer left to prune (check exclude)")
+    tables = {name for name, layer in layers.items() if isinstance(layer, nn.Embedding)}
     if method == "activation_aware":
         if not calibration:
             raise JobFailure(ErrorCode.INVALID_RECIPE, "activation_aware pruning needs calibration data")
-        norms = input_norms(module, layers, calibration, check)
+        norms = input_norms(module, {n: layer for n, layer in layers.items() if n not in tables}, calibration, check)
         scores = {}
         for name, layer in layers.items():
             w = layer.weight.detach().abs().float()
-            norm = norms[name].reshape(1, -1, *([1] * (w.dim() - 2)))
-            scores[name] = w * norm
+            if name not in tables:
+                w = w * norms[name].reshape(1, -1, *([1] * (w.dim() - 2)))
+            scores[name] = w
     else:
         scores = {name: layer.weight.detach().abs().float() for name, layer in layers.items()}
 
@@ -98,34 +116,36 @@ def prune_unstructured(module: nn.Module, *, method: str, sparsity: float | None
         masks = {name: layer.weight.detach().abs() >= threshold for name, layer in layers.items()}
     elif pattern == "2:4":
         masks = {name: _two_four_mask(s) for name, s in scores.items()}
-    elif method == "activation_aware":
-        for name, s in scores.items():  # Wanda compares weights within each output row
-            rows = s.reshape(s.shape[0], -1)
-            k = int(sparsity * rows.shape[1])
-            cut = rows.kthvalue(k, dim=1, keepdim=True).values if k else torch.full((rows.shape[0], 1), -1.0)
-            masks[name] = (rows > cut).reshape(s.shape)
-    elif scope == "global":
-        cut = _kth_threshold(torch.cat([s.flatten() for s in scores.values()]), sparsity)
-        masks = {name: s > cut for name, s in scores.items()}
     else:
-        masks = {name: s > _kth_threshold(s, sparsity) for name, s in scores.items()}
+        masks = {name: _row_mask(scores[name], sparsity) for name in tables}
+        ranked = {name: s for name, s in scores.items() if name not in tables}
+        if method == "activation_aware":  # Wanda compares weights within each output row
+            masks.update({name: _row_mask(s, sparsity) for name, s in ranked.items()})
+        elif scope == "global":
+            cut = _kth_threshold(torch.cat([s.flatten() for s in ranked.values()]), sparsity)
+            masks.update({name: s > cut for name, s in ranked.items()})
+        else:
+            masks.update({name: s > _kth_threshold(s, sparsity) for name, s in ranked.items()})
     with torch.no_grad():
         for name, layer in layers.items():
             layer.weight.mul_(masks[name].to(layer.weight.dtype))
     return masks, {"method": method, "pattern": pattern, "scope": scope,
-                   "sparsity_target": sparsity, "threshold": threshold, "layers": len(layers),
+                   "sparsity_target": sparsity, "threshold": threshold, "layers": len(layers) - len(tables),
+                   **({"embedding_tables": sorted(tables)} if tables else {}),
                    **({"note": "2:4 sparsity speeds up only on CUDA GPUs of compute capability 8.0 or newer "
                                "(sparse tensor cores); elsewhere it only makes weights compressible"}
                       if pattern == "2:4" else {})}
 
 
 def layer_sparsity(module: nn.Module) -> dict[str, dict]:
-    """Per-layer weight sparsity, for the report."""
+    """Per-layer weight sparsity, for the report: every prunable layer, and the embedding tables that were pruned."""
     report = {}
     for name, layer in module.named_modules():
         weight = getattr(layer, "weight", None)
-        if isinstance(layer, PRUNABLE) and isinstance(weight, torch.Tensor):
+        if isinstance(layer, (*PRUNABLE, nn.Embedding)) and isinstance(weight, torch.Tensor):
             zeros = int((weight == 0).sum())
+            if isinstance(layer, nn.Embedding) and zeros <= (layer.padding_idx is not None) * weight.shape[1]:
+                continue
             report[name] = {"params": weight.numel(), "zeros": zeros,
                             "sparsity": round(zeros / max(weight.numel(), 1), 4), "shape": list(weight.shape)}
     return report

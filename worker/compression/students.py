@@ -106,6 +106,21 @@ def _neuron_scores(student: nn.Module, model: nn.Module, samples: list[np.ndarra
     return [s * c.weight.detach().float().norm(dim=0).cpu() for s, c in zip(sums, consumers)]
 
 
+def matching_layers(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(student layer, teacher layer) pairs of two transformers models whose single stack of layers has the same
+    length (the model recovering after pruning, or a narrower student), layer i with layer i; [] otherwise."""
+    stacks = [_layer_stack(model) for model in (student, teacher)]
+    if any(stack is None for stack in stacks) or len(stacks[0]) != len(stacks[1]):
+        return []
+    return list(zip(*stacks))
+
+
+def _layer_stack(model: nn.Module) -> nn.ModuleList | None:
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == count]
+    return lists[0] if len(lists) == 1 else None
+
+
 def _fewer_layers(hf, depth: float, samples: list[np.ndarray] | None = None,
                   mask_input: int | None = None) -> tuple[nn.Module, dict]:
     """A transformers model of the same class with `depth` of the layers (all at depth 1); every weight copied

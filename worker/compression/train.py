@@ -36,6 +36,7 @@ class TrainConfig:
     temperature: float = 2.0      # distillation only
     alpha: float = 0.5            # weight of the soft-target loss; hard-label loss gets 1 - alpha
     hidden_weight: float = 0.0    # > 0: also match extra outputs (MSE) where teacher and student shapes agree
+    layer_weight: float = 0.0     # > 0: also match the paired layers' outputs (distill's `layers`), relative MSE
     attention_mask_input: int | None = None  # encoders: the input whose nonzeros mark real tokens (mean pooling)
     fake_quant_bits: int | None = None  # quantization-aware training of Linear weights
     patience: int | None = None   # stop after this many epochs without a better score (early stopping)
@@ -58,7 +59,7 @@ class TrainResult:
 
 @dataclass
 class _Objective:
-    """The loss: soft * (teacher match) + hard * CE(labels) + hidden * MSE(extra outputs).
+    """The loss: soft * (teacher match) + hard * CE(labels) + hidden * MSE(extra outputs) + layer * (layer match).
 
     The teacher match on [batch, classes] logits is T^2 * KL(teacher || student) at temperature T, the usual
     implementation of Hinton's soft-target loss (T^2 keeps its gradients on the scale of the CE term); on an
@@ -66,6 +67,8 @@ class _Objective:
     (over real tokens when `mask_input` names the attention mask): what a sentence encoder is used for; on any
     other first output it is the MSE between the two. Extra outputs
     (tuple elements after the first) are paired by position and matched where their shapes agree.
+    The layer match is the mean over paired layers of their outputs' squared error relative to the teacher's
+    (over real tokens): scale-free, so layers whose states are large do not drown the others.
     Terms that need labels are left out when the data has none (validation data without labels).
     """
 
@@ -74,11 +77,14 @@ class _Objective:
     hidden: float
     temperature: float
     mask_input: int | None = None
+    layer: float = 0.0
 
     def __call__(self, student: list[torch.Tensor], teacher: list[torch.Tensor] | None,
-                 labels: torch.Tensor | None, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+                 labels: torch.Tensor | None, inputs: list[torch.Tensor],
+                 layers: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> torch.Tensor | None:
         first = student[0].float()
         terms = []
+        mask = None if self.mask_input is None else inputs[self.mask_input][:len(first)]
         if self.hard > 0:
             if first.dim() != 2:
                 raise JobFailure(ErrorCode.INVALID_RECIPE,
@@ -91,12 +97,14 @@ class _Objective:
                                                                 f"has {first.shape[1]} classes")
                 terms.append(self.hard * F.cross_entropy(first, labels))
         if self.soft > 0:
-            mask = None if self.mask_input is None else inputs[self.mask_input][:len(first)]
             terms.append(self.soft * self._match(first, teacher[0].float(), mask))
         if self.hidden > 0:
             pairs = [(s, t) for s, t in zip(student[1:], teacher[1:]) if s.shape == t.shape]
             if pairs:
                 terms.append(self.hidden * sum(F.mse_loss(s.float(), t.float()) for s, t in pairs) / len(pairs))
+        if self.layer > 0 and layers:
+            terms.append(self.layer * sum(_relative_error(s[:len(first)].float(), t[:len(first)].float(), mask)
+                                          for s, t in layers) / len(layers))
         return sum(terms) if terms else None
 
     def _match(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -121,6 +129,40 @@ def _real_token_mse(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Te
         return F.mse_loss(student, teacher)
     weights = (mask != 0).to(student.dtype).unsqueeze(-1)
     return ((student - teacher) ** 2 * weights).sum() / (weights.sum() * student.shape[-1]).clamp(min=1)
+
+
+def _relative_error(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Squared error of [batch, seq, hidden] states over the teacher's squared norm, at the tokens the mask marks."""
+    weights = torch.ones(student.shape[:-1], dtype=student.dtype, device=student.device) if mask is None or \
+        mask.shape != student.shape[:-1] else (mask != 0).to(student.dtype)
+    error = (((student - teacher) ** 2).sum(-1) * weights).sum()
+    return error / ((teacher ** 2).sum(-1) * weights).sum().clamp(min=1e-12)
+
+
+class _LayerTaps:
+    """Records the outputs of paired (student layer, teacher layer) modules at every forward pass, for the
+    layer-to-layer transfer of TinyBERT-style distillation: a student matched layer by layer learns faster than
+    one matched at its last output alone."""
+
+    def __init__(self, pairs: list[tuple[nn.Module, nn.Module]]):
+        self.student: list[torch.Tensor | None] = [None] * len(pairs)
+        self.teacher: list[torch.Tensor | None] = [None] * len(pairs)
+        self._hooks = [module.register_forward_hook(self._recorder(side, i))
+                       for i, pair in enumerate(pairs) for module, side in zip(pair, (self.student, self.teacher))]
+
+    @staticmethod
+    def _recorder(side: list, index: int):
+        def record(_module: nn.Module, _args: tuple, output) -> None:
+            side[index] = output[0] if isinstance(output, (tuple, list)) else output
+        return record
+
+    def pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(s, t) for s, t in zip(self.student, self.teacher) if s is not None and t is not None
+                and s.shape == t.shape]
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
 
 def _mean_pool(states: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -150,19 +192,27 @@ class _FakeQuant(nn.Module):
 
 def distill(teacher: nn.Module, student: nn.Module, train: TrainData, val: TrainData | None, cfg: TrainConfig, *,
             masks: dict[str, torch.Tensor] | None = None, device: str = "cpu", static_batch: int | None = None,
+            layers: list[tuple[nn.Module, nn.Module]] | None = None,
             on_epoch: Callable[[int, dict], None] = lambda epoch, record: None,
             check: Callable[[], None] = lambda: None, deadline: float | None = None) -> TrainResult:
-    """Train `student` in place on alpha * soft-target loss + (1 - alpha) * CE; see _Objective."""
+    """Train `student` in place on alpha * soft-target loss + (1 - alpha) * CE; see _Objective. `layers` pairs
+    (student module, teacher module) whose outputs are matched with weight cfg.layer_weight."""
     _validate(cfg)
     if cfg.alpha < 1 and train.labels is None:
         raise JobFailure(ErrorCode.INVALID_DATASET, f"distillation with alpha={cfg.alpha} needs labels (the hard-label "
                                                     "loss gets weight 1 - alpha): add a labels array to the training "
                                                     "dataset, or use alpha=1 to learn from the teacher's outputs alone")
     objective = _Objective(soft=cfg.alpha, hard=1 - cfg.alpha, hidden=cfg.hidden_weight,
-                           temperature=cfg.temperature, mask_input=cfg.attention_mask_input)
+                           temperature=cfg.temperature, mask_input=cfg.attention_mask_input,
+                           layer=cfg.layer_weight if layers else 0.0)
     _set_training(teacher, False)
-    return _train(student, teacher, objective, train, val, cfg, masks, device, static_batch, on_epoch, check,
-                  deadline)
+    taps = _LayerTaps(layers) if layers and cfg.layer_weight > 0 else None
+    try:
+        return _train(student, teacher, objective, train, val, cfg, masks, device, static_batch, on_epoch, check,
+                      deadline, taps)
+    finally:
+        if taps is not None:
+            taps.remove()
 
 
 def finetune(model: nn.Module, train: TrainData, val: TrainData | None, cfg: TrainConfig, *,
@@ -196,7 +246,7 @@ def _validate(cfg: TrainConfig) -> None:
 def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective, train: TrainData,
            val: TrainData | None, cfg: TrainConfig, masks: dict[str, torch.Tensor] | None, device: str,
            static_batch: int | None, on_epoch: Callable[[int, dict], None], check: Callable[[], None],
-           deadline: float | None) -> TrainResult:
+           deadline: float | None, taps: _LayerTaps | None = None) -> TrainResult:
     """The loop shared by distill and finetune.
 
     Keeps the weights of the best epoch (validation accuracy, else validation loss, else training loss; a
@@ -232,9 +282,9 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
                 started = time.perf_counter()
                 order = torch.randperm(samples, generator=generator)
                 train_loss, out_of_time = _train_epoch(student, teacher, objective, optimizer, train_tensors, order,
-                                                       size, static, masks, device, check, deadline)
+                                                       size, static, masks, device, check, deadline, taps)
                 val_loss, val_accuracy = (None, None) if val_tensors is None else _evaluate(
-                    student, teacher, objective, val_tensors, size, static, device, check)
+                    student, teacher, objective, val_tensors, size, static, device, check, taps)
                 score = _score(train_loss, val_loss, val_accuracy)
                 if score > best_score:
                     best_state, best_score, best_epoch = _snapshot(student), score, epoch
@@ -260,7 +310,7 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
 def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
                  optimizer: torch.optim.Optimizer, data: Tensors, order: torch.Tensor, size: int, static: bool,
                  masks: dict[str, torch.Tensor], device: str, check: Callable[[], None],
-                 deadline: float | None) -> tuple[float, bool]:
+                 deadline: float | None, taps: _LayerTaps | None = None) -> tuple[float, bool]:
     """One pass over the data in `order`; returns (mean training loss, whether it stopped at the deadline).
 
     Static-batch models cannot take a short last batch: the remainder is dropped (it is reshuffled next
@@ -279,7 +329,7 @@ def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Obje
             if teacher is not None:
                 with torch.no_grad():
                     teacher_out = _outputs(teacher(*inputs))
-            loss = objective(_outputs(student(*inputs)), teacher_out, labels, inputs)
+            loss = objective(_outputs(student(*inputs)), teacher_out, labels, inputs, taps.pairs() if taps else ())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -332,7 +382,8 @@ def _outputs(result: torch.Tensor | tuple | list) -> list[torch.Tensor]:
 
 
 def _evaluate(student: nn.Module, teacher: nn.Module | None, objective: _Objective, data: Tensors, size: int,
-              static: bool, device: str, check: Callable[[], None]) -> tuple[float | None, float | None]:
+              static: bool, device: str, check: Callable[[], None],
+              taps: _LayerTaps | None = None) -> tuple[float | None, float | None]:
     """(loss, accuracy) over all of `data`; a short last batch is padded for static-batch models."""
     samples = len(data[0][0])
     loss_sum = correct = loss_count = labelled = 0
@@ -347,7 +398,7 @@ def _evaluate(student: nn.Module, teacher: nn.Module | None, objective: _Objecti
             labels = None if labels is None else labels[:count]
             student_out = [o[:count] for o in _outputs(student(*inputs))]
             teacher_out = None if teacher is None else [o[:count] for o in _outputs(teacher(*inputs))]
-            loss = objective(student_out, teacher_out, labels, inputs)
+            loss = objective(student_out, teacher_out, labels, inputs, taps.pairs() if taps else ())
             if loss is not None:
                 loss_sum += float(loss) * count
                 loss_count += count

@@ -194,3 +194,27 @@ def test_the_queue_is_served_as_the_workers_heartbeats_say(client, auth, setting
         session.execute(update(QueueHeartbeat).where(QueueHeartbeat.queue == "cpu").values(seen_at=stale))
     engine.dispose()
     assert dry_run(client, auth, {"model_id": model_id, "preset": "int8-cpu"}).json()["queue"]["workers"] == "none"
+
+
+def test_an_encoder_distilled_on_unlabelled_text_gets_the_encoder_defaults_it_left_out(client, auth, tmp_path):
+    """Resolved at submission, so the plan and the job show what will run; labelled text keeps the step's own."""
+    from tests.helpers import pack, save_tiny_bert
+
+    save_tiny_bert(tmp_path / "bert", num_labels=None)
+    model_id = upload(client, auth, "/v1/models", "bert.zip", pack(tmp_path / "bert", tmp_path / "b.zip").read_bytes())
+    texts = upload(client, auth, "/v1/datasets", "texts.jsonl", b'{"text": "hello"}\n{"text": "world"}\n')
+    labelled = upload(client, auth, "/v1/datasets", "labelled.jsonl",
+                      b'{"text": "hello", "label": 0}\n{"text": "world", "label": 1}\n')
+    step = {"op": "distill", "student": {"current": True}, "epochs": 2}
+
+    def distill_step(train: str, **body) -> dict:
+        response = client.post("/v1/jobs", headers=auth, json={
+            "model_id": model_id, "recipe": {"steps": [step]}, "datasets": {"train": train}, **body})
+        assert response.status_code in (200, 201), response.text
+        return response.json()["recipe"]["steps"][0]
+
+    for resolved in (distill_step(texts, dry_run=True), distill_step(texts)):
+        assert {k: resolved[k] for k in ("alpha", "lr", "epochs", "early_stopping", "layer_weight")} == {
+            "alpha": 1.0, "lr": 3e-4, "epochs": 2, "early_stopping": 2, "layer_weight": 1.0}  # epochs: the step's
+    kept = distill_step(labelled, dry_run=True)
+    assert (kept["alpha"], kept["lr"], kept["layer_weight"], kept["early_stopping"]) == (0.5, 1e-3, None, None)

@@ -79,3 +79,16 @@ def test_a_format_comes_from_one_export_step() -> None:
     with pytest.raises(ValidationError, match=r"steps.3.formats: 'safetensors' is already exported by step 1"):
         Recipe.model_validate({"steps": [{"op": "prune", "sparsity": 0.5}, {"op": "export", "formats": ["safetensors"]},
                                          {"op": "quantize"}, {"op": "export", "formats": ["safetensors"]}]})
+
+
+def test_embedding_tables_are_pruned_only_by_unstructured_or_two_four_pruning_of_pytorch_models() -> None:
+    from app.core.recipe import PruneStep, Recipe, Target, check_recipe_for_model
+
+    assert not PruneStep(op="prune", sparsity=0.5).embeddings
+    assert PruneStep(op="prune", pattern="2:4", embeddings=True).embeddings
+    with pytest.raises(ValidationError, match="embeddings: structured pruning removes channels"):
+        PruneStep(op="prune", method="structured", sparsity=0.5, embeddings=True)
+    recipe = Recipe(steps=[{"op": "prune", "sparsity": 0.5, "embeddings": True}])
+    with pytest.raises(ValueError, match=r"recipe.steps.0.embeddings: pruning embedding tables needs a PyTorch"):
+        check_recipe_for_model(recipe, Target(), "onnx")
+    check_recipe_for_model(recipe, Target(), "hf")

@@ -102,3 +102,55 @@ def test_onnx_refuses_methods_that_need_torch(tmp_path):
     with pytest.raises(JobFailure) as refused:
         prune_onnx(path, tmp_path / "p.onnx", **step(method="structured", pattern="channel", sparsity=0.5))
     assert "PyTorch" in refused.value.message
+
+
+class TokenModel(torch.nn.Module):
+    """An embedding table feeding a Linear layer: the smallest model with a table worth pruning."""
+
+    def __init__(self, vocab: int = 40, width: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = torch.nn.Embedding(vocab, width)
+        self.out = torch.nn.Linear(width, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.table(ids))
+
+
+def test_embedding_tables_stay_dense_unless_asked():
+    model = TokenModel()
+    masks, details = prune_unstructured(model, **step(sparsity=0.5), calibration=None)
+    assert set(masks) == {"out"} and (model.table.weight == 0).sum() == 0
+    assert "embedding_tables" not in details and set(layer_sparsity(model)) == {"out"}
+
+
+@pytest.mark.parametrize("method", ["magnitude", "activation_aware"])
+def test_embedding_tables_are_pruned_within_each_token_vector(method):
+    model = TokenModel()
+    original = model.table.weight.detach().clone()
+    calibration = [(torch.randint(0, 40, (4, 6)),)] if method == "activation_aware" else None
+    masks, details = prune_unstructured(model, **step(method=method, sparsity=0.5), calibration=calibration,
+                                        embeddings=True)
+    assert set(masks) == {"table", "out"} and details["embedding_tables"] == ["table"] and details["layers"] == 1
+    kept = model.table.weight != 0
+    assert torch.all(kept.sum(dim=1) == 8)  # every token keeps half of its vector, rare ones too
+    smallest_kept = original.abs().where(kept, torch.inf).min(dim=1).values
+    largest_pruned = original.abs().where(~kept, -torch.inf).max(dim=1).values
+    assert torch.all(smallest_kept >= largest_pruned)  # by magnitude
+    assert layer_sparsity(model)["table"]["sparsity"] == 0.5
+
+
+def test_embedding_tables_take_the_two_four_pattern_and_the_exclusions():
+    model = TokenModel()
+    prune_unstructured(model, **step(pattern="2:4", sparsity=0.5), calibration=None, embeddings=True)
+    assert torch.all((model.table.weight != 0).reshape(40, -1, 4).sum(-1) <= 2)
+    dense = TokenModel()
+    masks, _ = prune_unstructured(dense, **step(sparsity=0.5, exclude=["^table$"]), calibration=None, embeddings=True)
+    assert set(masks) == {"out"} and (dense.table.weight == 0).sum() == 0
+
+
+def test_a_model_of_embedding_tables_alone_has_nothing_to_prune():
+    with pytest.raises(JobFailure) as refused:
+        prune_unstructured(torch.nn.Sequential(torch.nn.Embedding(10, 4)), **step(sparsity=0.5), calibration=None,
+                           embeddings=True)
+    assert "no Linear or Conv2d" in refused.value.message

@@ -153,3 +153,16 @@ def test_with_samples_the_layers_whose_removal_costs_least_are_removed(tmp_path)
     assert layers["removals"][0]["removed"] == 1 and 0 < layers["removals"][0]["cosine"] <= 1
     assert same_weights(student.model.encoder.layer[1].state_dict(), teacher.encoder.layer[2].state_dict())
     assert len(teacher.encoder.layer) == 4 and teacher.config.num_hidden_layers == 4  # the teacher is untouched
+
+
+def test_layers_are_matched_one_to_one_only_between_stacks_of_the_same_depth(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from worker.compression.students import matching_layers
+
+    teacher = BertModel(BertConfig(**BERT))
+    narrower = BertModel(BertConfig(**{**BERT, "intermediate_size": 16}))
+    pairs = matching_layers(narrower, teacher)
+    assert [(s, t) for s, t in pairs] == list(zip(narrower.encoder.layer, teacher.encoder.layer))
+    shallower = BertModel(BertConfig(**{**BERT, "num_hidden_layers": 2}))
+    assert matching_layers(shallower, teacher) == [] and matching_layers(mlp(seed=0), teacher) == []

@@ -115,8 +115,8 @@ def test_generated_inputs_are_valid_for_text_models(tmp_path, worker_env, db, ad
 def test_pruning_recovered_by_distillation_into_the_current_model(tmp_path, worker_env, db, add_model, add_job,
                                                                    add_text_dataset):
     """Activation-aware 50% pruning of a sentence encoder, then recovery on unlabelled text with the pruned model as
-    the student and the upload as the teacher: fidelity rises, the zeros stay, and the sparse weights are
-    exported in the bitmask layout."""
+    the student and the upload as the teacher: fidelity rises, the zeros stay (the word embeddings' too), and the
+    sparse weights are exported in the bitmask layout."""
     import torch
     from safetensors import safe_open
 
@@ -131,24 +131,30 @@ def test_pruning_recovered_by_distillation_into_the_current_model(tmp_path, work
     texts = {role: add_text_dataset(row, tmp_path / f"{role}.jsonl", count=count, labelled=False)
              for role, count in (("calibration", 32), ("train", 96), ("eval", 32))}
     job_id = add_job(row, datasets=texts, steps=[
-        {"op": "prune", "method": "activation_aware", "sparsity": 0.5},
+        {"op": "prune", "method": "activation_aware", "sparsity": 0.5, "embeddings": True},
         {"op": "distill", "student": {"current": True}, "alpha": 1.0, "epochs": 4, "lr": 0.003, "batch_size": 16},
         {"op": "export", "formats": ["safetensors", "safetensors-dense", "hf"]}])
     run_job(job_id)
     job = finished(db, job_id)
     pruned, recovered = job.metrics["steps"][:2]
     assert recovered["details"]["student"] == "current" and recovered["details"]["masks_kept"] > 0
+    assert recovered["details"]["layer_transfer"] == {"weight": 1.0, "layers": 2}  # the encoder default
     assert recovered["fidelity_before"] == pruned["fidelity"]
     assert recovered["fidelity"]["cosine_mean"] > pruned["fidelity"]["cosine_mean"]
+    assert pruned["details"]["embedding_tables"] == ["model.embeddings.position_embeddings",
+                                                     "model.embeddings.token_type_embeddings",
+                                                     "model.embeddings.word_embeddings"]
     for name, layer in pruned["details"]["per_layer"].items():  # the masks held through training
         assert recovered["details"]["per_layer"][name]["zeros"] >= layer["zeros"]
+    assert abs(pruned["details"]["per_layer"]["model.embeddings.word_embeddings"]["sparsity"] - 0.5) < 0.01
     layouts = job.metrics["exports"]
     assert layouts["safetensors"]["layout"] == "sparse-bitmask" and layouts["safetensors-dense"]["layout"] == "dense"
-    assert layouts["safetensors"]["size_bytes"] < layouts["safetensors-dense"]["size_bytes"]  # embeddings: dense
+    assert layouts["safetensors"]["size_bytes"] < 0.7 * layouts["safetensors-dense"]["size_bytes"]
     assert layouts["hf"]["layout"] == "dense"  # transformers 5 cannot read the bitmask layout back
     _, sparse_path = fetch(worker_env, job, tmp_path, fmt="safetensors")
     _, dense_path = fetch(worker_env, job, tmp_path, fmt="safetensors-dense")
-    assert sparse_safetensors.config_of(sparse_path)["sparsity_config"]["format"] == "sparse-bitmask"
+    sparsity = sparse_safetensors.config_of(sparse_path)["sparsity_config"]
+    assert sparsity["format"] == "sparse-bitmask" and "model.embeddings.word_embeddings" in sparsity["targets"]
     with safe_open(str(dense_path), framework="pt") as dense:
         plain = {key: dense.get_tensor(key) for key in dense.keys()}
     with safe_open(str(sparse_path), framework="pt") as sparse:
@@ -172,6 +178,7 @@ def test_fast_encoder_preset_distills_a_shallower_student_judged_on_its_sentence
     assert (layers["teacher"], layers["student"], layers["by"]) == (2, 1, "removal measured on the train samples")
     assert [r["removed"] for r in layers["removals"]] == [i for i in (0, 1) if i not in layers["chosen"]]
     assert "feed_forward" not in details  # full width
+    assert details["layer_transfer"]["layers"] == 0 and "same number of layers" in details["layer_transfer"]["note"]
     assert details["student_params"] < details["teacher_params"]
     stopping = details["early_stopping"]
     assert (stopping["train_samples"], stopping["held_out_samples"], stopping["patience"]) == (54, 6, 2)

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 
 from app.core.errors import ErrorCode
-from app.core.recipe import DistillStep
+from app.core.recipe import DistillStep, encoder_defaults_left_out
 from worker.compression import prune, students, train
 from worker.compression.modules import count_weights
 from worker.errors import JobFailure
@@ -16,10 +16,6 @@ from worker.formats.loaded import hf_model_of
 from worker.pipeline.job_run import JobRun, StepPlace, WorkingModel
 from worker.pipeline.steps.training import training_options
 
-# A Hugging Face model distilled on unlabelled text (an encoder's hidden states, say) gets these for the fields
-# the step leaves out: the teacher's outputs are the only target (alpha 1), a learning rate that moves a student
-# initialised from the teacher without undoing it, and enough epochs for early stopping to end the training.
-ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2}
 HOLDOUT_FRACTION = 0.1  # of the train samples, held out for early stopping
 HOLDOUT_SEED = 0  # which samples are held out: the same on every run
 
@@ -50,17 +46,26 @@ def _original(run: JobRun):
     return original.to(run.device)
 
 
+def _layer_pairs(student, teacher) -> list:
+    """The two models' matching transformer layers (see students.matching_layers); [] for other models."""
+    student_hf, teacher_hf = hf_model_of(student), hf_model_of(teacher)
+    if student_hf is None or teacher_hf is None:
+        return []
+    return students.matching_layers(student_hf, teacher_hf)
+
+
 def _attention_mask_input(run: JobRun) -> int | None:
     names = [spec["name"] for spec in run.loaded.inputs]
     return names.index("attention_mask") if run.loaded.hf is not None and "attention_mask" in names else None
 
 
 def with_encoder_defaults(run: JobRun, step: DistillStep) -> tuple[DistillStep, dict]:
-    """The step with ENCODER_DEFAULTS for the fields it leaves out, for Hugging Face models trained on unlabelled
-    data; (the step as given, {}) otherwise."""
+    """The step with the encoder defaults for the fields it leaves out, for Hugging Face models trained on
+    unlabelled data; (the step as given, {}) otherwise. Submissions through the API arrive resolved already
+    (app.core.recipe.with_encoder_defaults); jobs written otherwise, and tune trials, are resolved here."""
     if run.loaded.hf is None or run.data.train is None or run.data.train.labels is not None:
         return step, {}
-    defaults = {name: value for name, value in ENCODER_DEFAULTS.items() if name not in step.model_fields_set}
+    defaults = encoder_defaults_left_out(step)
     return step.model_copy(update=defaults), defaults
 
 
@@ -95,10 +100,17 @@ def apply(run: JobRun, state: WorkingModel, step: DistillStep, place: StepPlace)
         student, details = _student(run, teacher, step, train_data)
     if run.device == "cuda":
         student.to("cuda")
+    layers = _layer_pairs(student, teacher) if step.layer_weight else []
+    if step.layer_weight:
+        details["layer_transfer"] = {"weight": step.layer_weight, "layers": len(layers)} if layers else {
+            "weight": step.layer_weight, "layers": 0,
+            "note": "layer transfer needs Hugging Face student and teacher with the same number of layers"}
     config = train.TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size,
                                temperature=step.temperature, alpha=step.alpha, hidden_weight=step.hidden_weight,
-                               attention_mask_input=_attention_mask_input(run), patience=step.early_stopping)
-    result = train.distill(teacher, student, train_data, val_data, config, masks=masks or None, **options)
+                               layer_weight=step.layer_weight or 0.0, attention_mask_input=_attention_mask_input(run),
+                               patience=step.early_stopping)
+    result = train.distill(teacher, student, train_data, val_data, config, masks=masks or None, layers=layers,
+                           **options)
     state.module, state.masks = student, masks
     if step.student.current:
         details["per_layer"] = prune.layer_sparsity(student)  # the pruned weights are still zero

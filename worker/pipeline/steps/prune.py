@@ -14,6 +14,10 @@ from worker.pipeline.job_run import JobRun, StepPlace, WorkingModel
 def apply(run: JobRun, state: WorkingModel, step: PruneStep, place: StepPlace) -> dict:
     options = {"sparsity": step.sparsity, "scope": step.scope, "exclude": step.exclude}
     if state.module is None:
+        if step.embeddings:
+            raise JobFailure(ErrorCode.UNSUPPORTED_FOR_FORMAT, "prune: embeddings needs the model in PyTorch form (a "
+                                                               ".pt2 or Hugging Face upload); ONNX graphs are pruned "
+                                                               "at their MatMul, Gemm and Conv weights only")
         output = place.workdir / f"step{place.index}-prune.onnx"
         details = prune.prune_onnx(state.onnx_path, output, method=step.method, threshold=step.threshold,
                                    pattern=step.pattern, **options)
@@ -32,7 +36,7 @@ def apply(run: JobRun, state: WorkingModel, step: PruneStep, place: StepPlace) -
         calibration = [run.torch_args(b) for b in run.data.calibration] if run.data.calibration else None
         masks, details = prune.prune_unstructured(state.module, method=step.method, threshold=step.threshold,
                                                   pattern=step.pattern, calibration=calibration, check=run.ctx.check,
-                                                  **options)
+                                                  embeddings=step.embeddings, **options)
         state.masks.update(masks)
     details["per_layer"] = prune.layer_sparsity(state.module)
     return details
