@@ -59,9 +59,14 @@ JOBS = {
 
 
 def wait_for(predicate, timeout: float, what: str):
+    """Poll `predicate` every second until it is true; a refused connection (the API's processes still starting
+    after serve wrote its first key) counts as not yet."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
+        try:
+            value = predicate()
+        except httpx.ConnectError:
+            value = None
         if value:
             return value
         time.sleep(1)
