@@ -214,7 +214,9 @@ def sparse_rows(results: dict[str, dict]) -> list[str]:
         dense_tensors = load_file(str(dense))
         read_back = dict(BitmaskCompressor(config=BitmaskConfig(**config)).decompress(str(sparse)))
         identical = all(torch.equal(read_back.get(k, dense_tensors[k]), t) for k, t in dense_tensors.items())
-        compressed = [k for k in dense_tensors if k in read_back]
+        with safe_open(str(sparse), "pt") as fh:
+            stored = set(fh.keys())
+        compressed = [k for k in dense_tensors if f"{k.rsplit('.', 1)[0]}.bitmask" in stored]
         pruned_dense = sum(dense_tensors[k].numel() * dense_tensors[k].element_size() for k in compressed)
         with safe_open(str(sparse), "pt") as fh:
             # a compressed weight `x.weight` is stored as `x.bitmask`, `x.compressed`, `x.row_offsets`, `x.shape`
