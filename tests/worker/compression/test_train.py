@@ -256,9 +256,9 @@ def test_an_encoder_is_matched_on_its_pooled_embedding_over_real_tokens_only():
     assert objective([teacher], [teacher], None, [torch.zeros(2, 5), mask]) < 1e-6
 
 
-def test_an_encoder_distils_on_unlabelled_tokens_with_masks_kept():
-    """Recovery at the training level: a pruned copy of a tiny encoder learns back toward the original from
-    token ids alone (no labels), and its pruned weights stay zero."""
+def _tiny_encoder_and_pruned_copy():
+    """(teacher, its 50% magnitude-pruned copy, the masks): a tiny BERT with weights as large as a trained model's
+    and no dropout, so that pruning costs fidelity and a few epochs win it back."""
     from transformers import BertConfig, BertModel
 
     from worker.formats.hf import TextModelAdapter
@@ -272,6 +272,13 @@ def test_an_encoder_distils_on_unlabelled_tokens_with_masks_kept():
     student = copy.deepcopy(teacher)
     masks, _ = prune_unstructured(student, method="magnitude", sparsity=0.5, pattern="unstructured",
                                   threshold=None, scope="layer", exclude=[], calibration=None, check=lambda: None)
+    return teacher, student, masks
+
+
+def test_an_encoder_distils_on_unlabelled_tokens_with_masks_kept():
+    """Recovery at the training level: a pruned copy of a tiny encoder learns back toward the original from
+    token ids alone (no labels), and its pruned weights stay zero."""
+    teacher, student, masks = _tiny_encoder_and_pruned_copy()
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 40, size=(96, 8)).astype(np.int64)
     attention = np.ones_like(ids)
@@ -327,20 +334,9 @@ def test_the_layer_match_is_relative_squared_error_over_real_tokens():
 def test_layer_transfer_pulls_every_paired_layer_toward_the_teacher():
     """A pruned copy of a tiny encoder recovering with its layers matched to the teacher's ends closer to the
     teacher at the first layer than the same training matched at the last output alone."""
-    from transformers import BertConfig, BertModel
-
     from worker.compression.students import matching_layers
-    from worker.formats.hf import TextModelAdapter
 
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, initializer_range=0.3, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    names = ["input_ids", "attention_mask"]
-    teacher = TextModelAdapter(BertModel(config).eval(), names, ["last_hidden_state"], {})
-    pruned = copy.deepcopy(teacher)
-    masks, _ = prune_unstructured(pruned, method="magnitude", sparsity=0.5, pattern="unstructured",
-                                  threshold=None, scope="layer", exclude=[], calibration=None, check=lambda: None)
+    teacher, pruned, masks = _tiny_encoder_and_pruned_copy()
     ids = np.random.default_rng(0).integers(5, 40, size=(96, 8)).astype(np.int64)
     data = TrainData([ids, np.ones_like(ids)], None)
     probe = torch.from_numpy(ids[:32]), torch.ones(32, 8, dtype=torch.int64)
