@@ -123,6 +123,9 @@ class QuantizeStep(StrictModel):
         return self.dtype in ("fp16", "bf16")
 
 
+CALIBRATED_PRUNING = ("activation_aware", "sparsegpt")  # prune methods that read datasets.calibration
+
+
 class PruneStep(StrictModel):
     """Set weights to zero (or, `structured`, remove whole channels). A sparse model is delivered compressed."""
 
@@ -131,10 +134,13 @@ class PruneStep(StrictModel):
         {"op": "prune", "method": "activation_aware", "pattern": "2:4"}]})
 
     op: Literal["prune"] = Field(description="the step: prune")
-    method: Literal["magnitude", "activation_aware", "structured"] = Field(
+    method: Literal["magnitude", "activation_aware", "sparsegpt", "structured"] = Field(
         default="magnitude", description="`magnitude`: the smallest weights; `activation_aware` (Wanda): weight "
-                                         "times input activation on `datasets.calibration`; `structured`: whole "
-                                         "channels, so the model gets narrower (PyTorch models)")
+                                         "times input activation on `datasets.calibration`; `sparsegpt`: chosen "
+                                         "by the output error their removal costs on `datasets.calibration`, the "
+                                         "weights that stay corrected to make up for them (PyTorch models; slower, "
+                                         "closer to the original); `structured`: whole channels, so the model gets "
+                                         "narrower (PyTorch models)")
     sparsity: float | None = Field(default=None, ge=0.0, lt=1.0,
                                    description="the share of weights (or channels) removed, 0..1; required "
                                                "unless `threshold` or `pattern: 2:4` says it", examples=[0.5])
@@ -364,9 +370,8 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
                 raise ValueError(f"datasets.calibration: {where} (algorithm 'gptq') needs a calibration dataset")
         if step.op in TRAINING_OPS and not datasets.train:
             raise ValueError(f"datasets.train: {where} ({step.op}) needs a train dataset")
-        if isinstance(step, PruneStep) and step.method == "activation_aware" and not datasets.calibration:
-            raise ValueError(f"datasets.calibration: {where} (activation_aware pruning) needs a calibration "
-                             "dataset")
+        if isinstance(step, PruneStep) and step.method in CALIBRATED_PRUNING and not datasets.calibration:
+            raise ValueError(f"datasets.calibration: {where} ({step.method} pruning) needs a calibration dataset")
 
 
 # A Hugging Face model distilled on unlabelled text (an encoder's hidden states, say) gets these for the distill

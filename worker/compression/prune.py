@@ -1,4 +1,4 @@
-"""Pruning: unstructured (magnitude by sparsity or threshold, activation-aware), 2:4 and structured.
+"""Pruning: unstructured (magnitude by sparsity or threshold, activation-aware, SparseGPT), 2:4 and structured.
 
 Unstructured methods zero weights and return the masks, so later training can keep them zero. Structured
 pruning really removes output channels / neurons (and the matching inputs of the layers that consume them),
@@ -10,6 +10,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
@@ -83,11 +84,30 @@ def _row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return (rows > cut).reshape(scores.shape)
 
 
+def _masks(scores: dict[str, torch.Tensor], tables: set[str], *, method: str, sparsity: float | None,
+           threshold: float | None, pattern: str, scope: str) -> dict[str, torch.Tensor]:
+    """Which weights stay, from their scores (magnitudes, or Wanda's magnitude times input norm)."""
+    if threshold is not None:
+        return {name: s >= threshold for name, s in scores.items()}
+    if pattern == "2:4":
+        return {name: _two_four_mask(s) for name, s in scores.items()}
+    masks = {name: _row_mask(scores[name], sparsity) for name in tables}
+    ranked = {name: s for name, s in scores.items() if name not in tables}
+    if method == "activation_aware":  # Wanda compares weights within each output row
+        masks.update({name: _row_mask(s, sparsity) for name, s in ranked.items()})
+    elif scope == "global" and ranked:
+        cut = _kth_threshold(torch.cat([s.flatten() for s in ranked.values()]), sparsity)
+        masks.update({name: s > cut for name, s in ranked.items()})
+    else:
+        masks.update({name: s > _kth_threshold(s, sparsity) for name, s in ranked.items()})
+    return masks
+
+
 def prune_unstructured(module: nn.Module, *, method: str, sparsity: float | None, threshold: float | None,
                        scope: str, pattern: str, exclude: list[str], calibration: list[tuple] | None = None,
-                       embeddings: bool = False,
+                       embeddings: bool = False, token_mask: int | None = None,
                        check: Callable[[], None] = lambda: None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Zero weights in place; returns (masks by layer name, details).
+    """Zero weights in place (`sparsegpt` also corrects the weights left); returns (masks by layer name, details).
 
     With `embeddings`, embedding tables are pruned too, always by magnitude within each token's vector (a lookup
     has no input activation to weigh, and ranking across tokens would empty the vectors of rare ones; a threshold
@@ -98,34 +118,23 @@ def prune_unstructured(module: nn.Module, *, method: str, sparsity: float | None
     if not any(isinstance(layer, PRUNABLE) for layer in layers.values()):
         raise JobFailure(ErrorCode.INVALID_RECIPE, "prune: no Linear or Conv2d layer left to prune (check exclude)")
     tables = {name for name, layer in layers.items() if isinstance(layer, nn.Embedding)}
-    if method == "activation_aware":
-        if not calibration:
-            raise JobFailure(ErrorCode.INVALID_RECIPE, "activation_aware pruning needs calibration data")
-        norms = input_norms(module, {n: layer for n, layer in layers.items() if n not in tables}, calibration, check)
-        scores = {}
-        for name, layer in layers.items():
-            w = layer.weight.detach().abs().float()
-            if name not in tables:
-                w = w * norms[name].reshape(1, -1, *([1] * (w.dim() - 2)))
-            scores[name] = w
+    weighted = {n: layer for n, layer in layers.items() if n not in tables}
+    if method in ("activation_aware", "sparsegpt") and not calibration:
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"{method} pruning needs calibration data")
+    if method == "sparsegpt":
+        magnitudes = {name: layers[name].weight.detach().abs().float() for name in tables}
+        masks = _masks(magnitudes, tables, method="magnitude", sparsity=sparsity, threshold=None, pattern=pattern,
+                       scope=scope)
+        masks.update(prune_with_updates(module, weighted, calibration, sparsity=sparsity, pattern=pattern,
+                                        token_mask=token_mask, check=check))
     else:
         scores = {name: layer.weight.detach().abs().float() for name, layer in layers.items()}
-
-    masks: dict[str, torch.Tensor] = {}
-    if threshold is not None:
-        masks = {name: layer.weight.detach().abs() >= threshold for name, layer in layers.items()}
-    elif pattern == "2:4":
-        masks = {name: _two_four_mask(s) for name, s in scores.items()}
-    else:
-        masks = {name: _row_mask(scores[name], sparsity) for name in tables}
-        ranked = {name: s for name, s in scores.items() if name not in tables}
-        if method == "activation_aware":  # Wanda compares weights within each output row
-            masks.update({name: _row_mask(s, sparsity) for name, s in ranked.items()})
-        elif scope == "global":
-            cut = _kth_threshold(torch.cat([s.flatten() for s in ranked.values()]), sparsity)
-            masks.update({name: s > cut for name, s in ranked.items()})
-        else:
-            masks.update({name: s > _kth_threshold(s, sparsity) for name, s in ranked.items()})
+        if method == "activation_aware":
+            norms = input_norms(module, weighted, calibration, check)
+            for name in weighted:
+                scores[name] = scores[name] * norms[name].reshape(1, -1, *([1] * (scores[name].dim() - 2)))
+        masks = _masks(scores, tables, method=method, sparsity=sparsity, threshold=threshold, pattern=pattern,
+                       scope=scope)
     with torch.no_grad():
         for name, layer in layers.items():
             layer.weight.mul_(masks[name].to(layer.weight.dtype))
@@ -135,6 +144,120 @@ def prune_unstructured(module: nn.Module, *, method: str, sparsity: float | None
                    **({"note": "2:4 sparsity speeds up only on CUDA GPUs of compute capability 8.0 or newer "
                                "(sparse tensor cores); elsewhere it only makes weights compressible"}
                       if pattern == "2:4" else {})}
+
+
+# --- Pruning with weight updates (SparseGPT) -------------------------------------------------------------
+
+UPDATE_BLOCK = 128  # input columns pruned together; the columns after a block get its accumulated error once
+HESSIAN_DAMPING = 0.01  # of the mean Hessian diagonal: keeps the inverse stable when inputs are collinear
+
+
+def prune_with_updates(module: nn.Module, layers: dict[str, nn.Module], calibration: list[tuple], *,
+                       sparsity: float | None, pattern: str, token_mask: int | None = None,
+                       check: Callable[[], None] = lambda: None) -> dict[str, torch.Tensor]:
+    """SparseGPT (Frantar and Alistarh, 2023): each layer in turn, in forward order, with its input Hessian measured
+    on the model as the layers before it were left; the weights that stay absorb each pruned weight's error, so
+    the layer's output on the calibration data moves least. Returns the masks; weights are changed in place.
+
+    Wanda only chooses which weights go; here the rest are corrected too, which matters most at 50% and 2:4.
+    `token_mask` is the position of the attention mask among the model's inputs: padded tokens are left out.
+    """
+    masks = {}
+    for name, layer in layers.items():
+        check()
+        hessians = _input_hessians(module, layer, calibration, token_mask, check)
+        weight = layer.weight.detach()
+        groups = len(hessians)
+        rows = weight.reshape(groups, weight.shape[0] // groups, -1)
+        kept = torch.ones_like(rows, dtype=torch.bool)
+        updated = torch.empty_like(rows)
+        for g, hessian in enumerate(hessians):
+            updated[g], kept[g] = _obs_prune(rows[g].double(), hessian, sparsity, pattern)
+        with torch.no_grad():
+            layer.weight.copy_(updated.reshape(weight.shape))
+        masks[name] = kept.reshape(weight.shape)
+    return masks
+
+
+def _input_hessians(module: nn.Module, layer: nn.Module, calibration: list[tuple], token_mask: int | None,
+                    check: Callable[[], None]) -> list[torch.Tensor]:
+    """X^T X of the layer's input over the calibration data (per group of a grouped convolution): a convolution's
+    input is unfolded into the patches its kernel sees, so its weight is a matrix over those patches too."""
+    totals: list[torch.Tensor] = []
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def record(_layer, args, _output):
+        x = args[0].detach().double()
+        if isinstance(layer, nn.Conv2d):
+            patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
+                               stride=layer.stride)  # [batch, in * kh * kw, positions]
+            per_group = patches.shape[1] // layer.groups
+            inputs = [patches[:, g * per_group:(g + 1) * per_group].transpose(1, 2).reshape(-1, per_group)
+                      for g in range(layer.groups)]
+        else:
+            mask = current["mask"]
+            if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                x = x[mask.bool()]
+            inputs = [x.reshape(-1, x.shape[-1])]
+        for g, rows in enumerate(inputs):
+            if len(totals) <= g:
+                totals.append(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64))
+            totals[g] += rows.T @ rows
+
+    hook = layer.register_forward_hook(record)
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                check()
+                current["mask"] = batch[token_mask] if token_mask is not None else None
+                module(*batch)
+    finally:
+        hook.remove()
+    if not totals:
+        raise JobFailure(ErrorCode.INVALID_RECIPE, "sparsegpt: a layer to prune never ran on the calibration data")
+    return totals
+
+
+def _obs_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float | None,
+               pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One weight matrix [outputs, inputs] pruned column by column (optimal brain surgeon, one input at a time):
+    each pruned weight's error is spread over the inputs not yet visited, weighted by the inverse Hessian. Which
+    weights go is chosen per block of columns by w^2 / [H^-1]_ii^2, the output error their removal costs."""
+    w = weight.clone()
+    columns = w.shape[1]
+    if pattern == "2:4" and columns % 4:
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"2:4 sparsity needs an input width divisible by 4, got {columns}")
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(HESSIAN_DAMPING * torch.diag(h).mean())
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for start in range(0, columns, UPDATE_BLOCK):
+        end = min(start + UPDATE_BLOCK, columns)
+        block = w[:, start:end].clone()
+        local = inverse[start:end, start:end]
+        diagonal = torch.diag(local)
+        errors = torch.zeros_like(block)
+        if pattern != "2:4":
+            cost = block.pow(2) / diagonal.pow(2)
+            cut = int(sparsity * cost.numel())
+            if cut:
+                keep[:, start:end] = cost > cost.flatten().kthvalue(cut).values
+        for i in range(end - start):
+            if pattern == "2:4" and i % 4 == 0:
+                cost = block[:, i:i + 4].pow(2) / diagonal[i:i + 4].pow(2)
+                dropped = cost.topk(2, dim=1, largest=False).indices
+                keep[:, start + i:start + i + 4].scatter_(1, dropped, False)
+            column = block[:, i]
+            kept = column * keep[:, start + i]
+            error = (column - kept) / diagonal[i]
+            block[:, i:] -= error.unsqueeze(1) * local[i, i:].unsqueeze(0)
+            block[:, i] = kept
+            errors[:, i] = error
+        w[:, start:end] = block
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    return w.to(weight.dtype), keep
 
 
 def layer_sparsity(module: nn.Module) -> dict[str, dict]:

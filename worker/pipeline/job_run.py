@@ -183,6 +183,12 @@ class JobRun:
         return figures, outputs
 
     @property
+    def attention_mask_input(self) -> int | None:
+        """Which of a Hugging Face model's inputs marks its real tokens (padding is neither trained nor measured)."""
+        names = [spec["name"] for spec in self.loaded.inputs]
+        return names.index("attention_mask") if self.loaded.hf is not None and "attention_mask" in names else None
+
+    @property
     def eval_masks(self) -> list[np.ndarray] | None:
         """The attention mask of each eval batch for text models (padded token positions are not judged), else
         None."""

@@ -47,6 +47,8 @@ def test_submit_job_is_queued_and_sent(client, auth, model_id, settings, no_work
     ({"steps": [{"op": "prune", "sparsity": 1.5}]}, "recipe.steps.0.prune.sparsity"),
     ({"steps": [{"op": "prune", "pattern": "2:4", "sparsity": 0.7}]}, "recipe.steps.0.prune"),
     ({"steps": [{"op": "prune", "method": "activation_aware", "sparsity": 0.5}]}, "datasets.calibration"),
+    ({"steps": [{"op": "prune", "method": "sparsegpt", "sparsity": 0.5}]}, "datasets.calibration"),
+    ({"steps": [{"op": "prune", "method": "sparsegpt", "threshold": 0.1}]}, "recipe.steps.0.prune"),
     ({"steps": [{"op": "quantize"}, {"op": "prune", "sparsity": 0.5}]}, "recipe: steps.1"),
     ({"steps": [{"op": "quantize", "dtype": "bf16"}]}, "recipe.steps.0.dtype"),
     ({"steps": [{"op": "export", "formats": ["tflite"]}]}, "recipe.steps.0.export.formats.0"),

@@ -71,6 +71,16 @@ def test_a_student_is_exactly_one_of_model_id_shrink_and_current() -> None:
     check_recipe_for_model(recovery, Target(), "hf")
 
 
+def test_sparsegpt_pruning_needs_a_pytorch_model() -> None:
+    from app.core.recipe import Recipe, Target, check_recipe_for_model
+
+    recipe = Recipe(steps=[{"op": "prune", "method": "sparsegpt", "pattern": "2:4"}])
+    assert recipe.steps[0].sparsity == 0.5
+    with pytest.raises(ValueError, match=r"recipe.steps.0.method: 'sparsegpt' pruning needs a PyTorch model"):
+        check_recipe_for_model(recipe, Target(), "onnx")
+    check_recipe_for_model(recipe, Target(), "pt2")
+
+
 def test_a_format_comes_from_one_export_step() -> None:
     from app.core.recipe import Recipe
 

@@ -103,6 +103,26 @@ def test_hf_structured_pruning_exports_a_loadable_hf_model(tmp_path, worker_env,
     assert reloaded.tokenizer is not None
 
 
+def test_sparsegpt_keeps_more_of_an_encoder_than_wanda_at_the_same_sparsity(tmp_path, worker_env, db, add_model,
+                                                                             add_job, add_text_dataset):
+    folder = tmp_path / "encoder"
+    save_tiny_bert(folder, num_labels=None, initializer_range=0.3)  # trained-size weights: pruning them shows
+    row = add_model(pack(folder, tmp_path / "encoder.zip"), "hf")
+    texts = {role: add_text_dataset(row, tmp_path / f"{role}.jsonl", count=32, labelled=False)
+             for role in ("calibration", "eval")}
+    steps = {}
+    for method in ("activation_aware", "sparsegpt"):
+        job_id = add_job(row, datasets=texts, accept_degraded=True,
+                         steps=[{"op": "prune", "method": method, "pattern": "2:4"}])
+        run_job(job_id)
+        steps[method] = finished(db, job_id).metrics["steps"][0]
+    wanda, sparsegpt = steps["activation_aware"], steps["sparsegpt"]
+    assert sparsegpt["details"]["method"] == "sparsegpt"
+    assert sparsegpt["details"]["layers"] == wanda["details"]["layers"]
+    assert all(abs(layer["sparsity"] - 0.5) < 0.01 for layer in sparsegpt["details"]["per_layer"].values())
+    assert sparsegpt["fidelity"]["cosine_mean"] > wanda["fidelity"]["cosine_mean"], (sparsegpt, wanda)
+
+
 def test_generated_inputs_are_valid_for_text_models(tmp_path, worker_env, db, add_model, add_job, bert_archive):
     job_id = add_job(add_model(bert_archive, "hf"), runtime="pytorch",
                      steps=[{"op": "quantize", "method": "dynamic"}])

@@ -27,7 +27,7 @@ def _student(run: JobRun, teacher, step: DistillStep, train_data: train.TrainDat
             hf = copy.copy(run.loaded.hf)
             hf.model, hf.module = hf_model_of(teacher), teacher
         return students.shrink_student(teacher, step.student.shrink.depth, step.student.shrink.width, hf=hf,
-                                       samples=train_data.inputs, mask_input=_attention_mask_input(run))
+                                       samples=train_data.inputs, mask_input=run.attention_mask_input)
     student_id = step.student.model_id
     path, fmt = run.staged.student_files[student_id]
     other = load(path, fmt, run.workdir / f"student-{student_id}", run.unpack_limit)
@@ -52,11 +52,6 @@ def _layer_pairs(student, teacher) -> list:
     if student_hf is None or teacher_hf is None:
         return []
     return students.matching_layers(student_hf, teacher_hf)
-
-
-def _attention_mask_input(run: JobRun) -> int | None:
-    names = [spec["name"] for spec in run.loaded.inputs]
-    return names.index("attention_mask") if run.loaded.hf is not None and "attention_mask" in names else None
 
 
 def with_encoder_defaults(run: JobRun, step: DistillStep) -> tuple[DistillStep, dict]:
@@ -107,7 +102,7 @@ def apply(run: JobRun, state: WorkingModel, step: DistillStep, place: StepPlace)
             "note": "layer transfer needs Hugging Face student and teacher with the same number of layers"}
     config = train.TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size,
                                temperature=step.temperature, alpha=step.alpha, hidden_weight=step.hidden_weight,
-                               layer_weight=step.layer_weight or 0.0, attention_mask_input=_attention_mask_input(run),
+                               layer_weight=step.layer_weight or 0.0, attention_mask_input=run.attention_mask_input,
                                patience=step.early_stopping)
     result = train.distill(teacher, student, train_data, val_data, config, masks=masks or None, layers=layers,
                            **options)

@@ -1,4 +1,4 @@
-"""`prune`: unstructured (magnitude, threshold, activation-aware, 2:4) on torch modules or ONNX files, and
+"""`prune`: unstructured (magnitude, threshold, activation-aware, SparseGPT, 2:4) on torch modules or ONNX files, and
 structured pruning that removes channels or FFN neurons from torch modules."""
 
 import torch
@@ -36,7 +36,8 @@ def apply(run: JobRun, state: WorkingModel, step: PruneStep, place: StepPlace) -
         calibration = [run.torch_args(b) for b in run.data.calibration] if run.data.calibration else None
         masks, details = prune.prune_unstructured(state.module, method=step.method, threshold=step.threshold,
                                                   pattern=step.pattern, calibration=calibration, check=run.ctx.check,
-                                                  embeddings=step.embeddings, **options)
+                                                  embeddings=step.embeddings, token_mask=run.attention_mask_input,
+                                                  **options)
         state.masks.update(masks)
     details["per_layer"] = prune.layer_sparsity(state.module)
     return details
