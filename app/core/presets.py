@@ -50,10 +50,11 @@ PRESETS: dict[str, Preset] = {
         "dataset representative of what the model will see. ONNX Runtime target.", ("calibration",),
         Recipe(steps=[QuantizeStep(op="quantize", method="static", dtype="int8")])),
     "sparse50-int8": Preset(
-        "50% activation-aware (Wanda) pruning, then dynamic int8, with no training to recover: the job's fidelity "
+        "50% SparseGPT pruning (the weights whose removal costs least on your calibration data, the rest "
+        "corrected to make up for them), then dynamic int8, with no training to recover: the job's fidelity "
         "floor is output cosine 0.8 unless it sets min_fidelity. The file is delivered compressed.",
         ("calibration",),
-        Recipe(steps=[PruneStep(op="prune", method="activation_aware", sparsity=0.5), _int8()]), min_fidelity=0.8),
+        Recipe(steps=[PruneStep(op="prune", method="sparsegpt", sparsity=0.5), _int8()]), min_fidelity=0.8),
     "sparse50-finetune-int8": Preset(
         "50% magnitude pruning, fine-tuning that keeps the pruning masks, then dynamic int8.", ("train",),
         Recipe(steps=[PruneStep(op="prune", method="magnitude", sparsity=0.5),

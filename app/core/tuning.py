@@ -58,8 +58,9 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
     cheap and safe to aggressive, so a small `max_trials` still tries the likeliest winners first.
 
     Generated pruning keeps the last layer in `layer_names` (the output head, in graph order: the layer most
-    sensitive to pruning and a small share of the weights) dense. Activation-aware pruning needs calibration
-    data and a PyTorch model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is
+    sensitive to pruning and a small share of the weights) dense. Activation-aware and SparseGPT pruning (the
+    latter where no training follows: recovery evens out their difference) need calibration data and a PyTorch
+    model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is
     offered for PyTorch models (`model_kind` other than "onnx"), where it is the smallest file for the pytorch
     target. For latency with train data, a PyTorch model also gets, right after plain int8, the likeliest faster
     models: preset fast-encoder's student (half of the layers, chosen by measurement) distilled on the train data,
@@ -81,7 +82,7 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
                                                   granularity="per_channel", smoothing="auto")]))
     recipes += [Recipe(steps=[_int8("per_tensor")]), Recipe(steps=[_prune("magnitude", 0.3, head), _int8()])]
     if has_calibration and torch_model:
-        recipes.append(Recipe(steps=[_prune("activation_aware", 0.5, head), _int8()]))
+        recipes.append(Recipe(steps=[_prune("sparsegpt", 0.5, head), _int8()]))
     if has_calibration:
         recipes.append(Recipe(steps=[QuantizeStep(op="quantize", method="static", dtype="int8",
                                                   granularity="per_channel")]))

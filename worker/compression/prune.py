@@ -179,14 +179,19 @@ def prune_with_updates(module: nn.Module, layers: dict[str, nn.Module], calibrat
     return masks
 
 
+class _LayerReached(Exception):
+    """Raised once the layer's input is recorded: the rest of the forward is not needed."""
+
+
 def _input_hessians(module: nn.Module, layer: nn.Module, calibration: list[tuple], token_mask: int | None,
                     check: Callable[[], None]) -> list[torch.Tensor]:
     """X^T X of the layer's input over the calibration data (per group of a grouped convolution): a convolution's
-    input is unfolded into the patches its kernel sees, so its weight is a matrix over those patches too."""
+    input is unfolded into the patches its kernel sees, so its weight is a matrix over those patches too. Each
+    forward stops at the layer (a layer called twice in one forward is measured at its first call)."""
     totals: list[torch.Tensor] = []
     current: dict[str, torch.Tensor | None] = {"mask": None}
 
-    def record(_layer, args, _output):
+    def record(_layer, args):
         x = args[0].detach().double()
         if isinstance(layer, nn.Conv2d):
             patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,
@@ -203,14 +208,18 @@ def _input_hessians(module: nn.Module, layer: nn.Module, calibration: list[tuple
             if len(totals) <= g:
                 totals.append(torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64))
             totals[g] += rows.T @ rows
+        raise _LayerReached
 
-    hook = layer.register_forward_hook(record)
+    hook = layer.register_forward_pre_hook(record)
     try:
         with torch.no_grad():
             for batch in calibration:
                 check()
                 current["mask"] = batch[token_mask] if token_mask is not None else None
-                module(*batch)
+                try:
+                    module(*batch)
+                except _LayerReached:
+                    pass
     finally:
         hook.remove()
     if not totals:

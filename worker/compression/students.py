@@ -106,13 +106,23 @@ def _neuron_scores(student: nn.Module, model: nn.Module, samples: list[np.ndarra
     return [s * c.weight.detach().float().norm(dim=0).cpu() for s, c in zip(sums, consumers)]
 
 
-def matching_layers(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """(student layer, teacher layer) pairs of two transformers models whose single stack of layers has the same
-    length (the model recovering after pruning, or a narrower student), layer i with layer i; [] otherwise."""
+def matching_layers(student: nn.Module, teacher: nn.Module,
+                    chosen: list[int] | None = None) -> list[tuple[nn.Module, nn.Module]]:
+    """(student layer, teacher layer) pairs of two transformers models with a single stack of layers each.
+
+    Stacks of the same length (the model recovering after pruning, or a narrower student): layer i with layer i.
+    A shallower student made of the teacher's layers `chosen` (shrink_student): its layer j with the teacher's
+    layer just before the next kept one, and its last layer with the teacher's last, so that each student layer
+    learns to stand in for the teacher's layers removed after it. [] when the layers cannot be paired."""
     stacks = [_layer_stack(model) for model in (student, teacher)]
-    if any(stack is None for stack in stacks) or len(stacks[0]) != len(stacks[1]):
+    if any(stack is None for stack in stacks):
         return []
-    return list(zip(*stacks))
+    if len(stacks[0]) == len(stacks[1]):
+        return list(zip(*stacks))
+    if chosen is None or len(chosen) != len(stacks[0]) or max(chosen) >= len(stacks[1]):
+        return []
+    targets = [following - 1 for following in chosen[1:]] + [len(stacks[1]) - 1]
+    return [(stacks[0][j], stacks[1][k]) for j, k in enumerate(targets)]
 
 
 def _layer_stack(model: nn.Module) -> nn.ModuleList | None:

@@ -18,7 +18,7 @@ def test_generated_candidates_go_from_safe_to_aggressive():
         [int8],  # with smoothing
         [("quantize", "dynamic", "int8", None, "per_tensor")],
         [("prune", "magnitude", None, 0.3, None), int8],
-        [("prune", "activation_aware", None, 0.5, None), int8],
+        [("prune", "sparsegpt", None, 0.5, None), int8],
         [("quantize", "static", "int8", None, "per_channel")],
         [("prune", "magnitude", None, 0.5, None), int8],
         [("quantize", "weight_only", "int4", None, "group")],  # GPTQ
@@ -36,7 +36,7 @@ def test_generated_candidates_go_from_safe_to_aggressive():
 def test_candidates_depend_on_calibration_and_model_kind():
     onnx = candidate_recipes(None, has_calibration=True, model_kind="onnx", layer_names=["node_a", "node_b"])
     methods = [[s["method"] for s in r["steps"]] for r in onnx]
-    assert ["activation_aware", "dynamic"] not in methods and ["weight_only"] not in methods
+    assert ["sparsegpt", "dynamic"] not in methods and ["weight_only"] not in methods
     assert ["static"] in methods
     plain = candidate_recipes(None, has_calibration=False, model_kind="pt2", layer_names=["fc"])
     methods = [[s["method"] for s in r["steps"]] for r in plain]

@@ -155,7 +155,7 @@ def test_with_samples_the_layers_whose_removal_costs_least_are_removed(tmp_path)
     assert len(teacher.encoder.layer) == 4 and teacher.config.num_hidden_layers == 4  # the teacher is untouched
 
 
-def test_layers_are_matched_one_to_one_only_between_stacks_of_the_same_depth(tmp_path):
+def test_layers_are_matched_one_to_one_or_to_the_teacher_layer_before_the_next_kept_one(tmp_path):
     from transformers import BertConfig, BertModel
 
     from worker.compression.students import matching_layers
@@ -166,3 +166,8 @@ def test_layers_are_matched_one_to_one_only_between_stacks_of_the_same_depth(tmp
     assert [(s, t) for s, t in pairs] == list(zip(narrower.encoder.layer, teacher.encoder.layer))
     shallower = BertModel(BertConfig(**{**BERT, "num_hidden_layers": 2}))
     assert matching_layers(shallower, teacher) == [] and matching_layers(mlp(seed=0), teacher) == []
+    # made of the teacher's layers 0 and 2: layer 0 stands in for teacher layers 0-1, layer 1 for 2-3
+    pairs = matching_layers(shallower, teacher, chosen=[0, 2])
+    assert pairs == [(shallower.encoder.layer[0], teacher.encoder.layer[1]),
+                     (shallower.encoder.layer[1], teacher.encoder.layer[3])]
+    assert matching_layers(shallower, teacher, chosen=[0, 1, 2]) == []

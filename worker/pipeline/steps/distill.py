@@ -46,12 +46,13 @@ def _original(run: JobRun):
     return original.to(run.device)
 
 
-def _layer_pairs(student, teacher) -> list:
-    """The two models' matching transformer layers (see students.matching_layers); [] for other models."""
+def _layer_pairs(student, teacher, chosen: list[int] | None) -> list:
+    """The two models' matching transformer layers (see students.matching_layers); [] for other models.
+    `chosen`: the teacher layers a derived student was made of."""
     student_hf, teacher_hf = hf_model_of(student), hf_model_of(teacher)
     if student_hf is None or teacher_hf is None:
         return []
-    return students.matching_layers(student_hf, teacher_hf)
+    return students.matching_layers(student_hf, teacher_hf, chosen)
 
 
 def with_encoder_defaults(run: JobRun, step: DistillStep) -> tuple[DistillStep, dict]:
@@ -95,11 +96,13 @@ def apply(run: JobRun, state: WorkingModel, step: DistillStep, place: StepPlace)
         student, details = _student(run, teacher, step, train_data)
     if run.device == "cuda":
         student.to("cuda")
-    layers = _layer_pairs(student, teacher) if step.layer_weight else []
+    chosen = details.get("layers", {}).get("chosen")
+    layers = _layer_pairs(student, teacher, chosen) if step.layer_weight else []
     if step.layer_weight:
         details["layer_transfer"] = {"weight": step.layer_weight, "layers": len(layers)} if layers else {
             "weight": step.layer_weight, "layers": 0,
-            "note": "layer transfer needs Hugging Face student and teacher with the same number of layers"}
+            "note": "layer transfer needs Hugging Face student and teacher with the same number of layers, or a "
+                    "student made of the teacher's layers (shrink)"}
     config = train.TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size,
                                temperature=step.temperature, alpha=step.alpha, hidden_weight=step.hidden_weight,
                                layer_weight=step.layer_weight or 0.0, attention_mask_input=run.attention_mask_input,
