@@ -255,6 +255,10 @@ class DistillStep(Training):
                                                    "the teacher's same layer (Hugging Face students with the "
                                                    "teacher's number of layers: recovery, a narrower student); "
                                                    "1 for Hugging Face models distilled on unlabelled data, else 0")
+    dropout: bool | None = Field(default=None,
+                                 description="keep the student's dropout active while it learns; false for Hugging "
+                                             "Face models distilled on unlabelled data (their students matched the "
+                                             "teacher better without it), else true")
     # Hold out a tenth of the train samples and stop after this many epochs without a lower loss on them.
     early_stopping: int | None = Field(default=None, ge=1, le=100,
                                        description="hold out a tenth of the train samples and stop after this many "
@@ -379,7 +383,8 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
 # student initialised from the teacher without undoing it, enough epochs for early stopping to end the training,
 # and layer-to-layer transfer where the layers pair up (in recovery of all-MiniLM-L6-v2 50% on real prose it added
 # a little but consistently: held-out embedding cosine after 2 epochs 0.948 without, 0.951 at weight 1, 0.952 at 4).
-ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2, "layer_weight": 1.0}
+ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2, "layer_weight": 1.0,
+                    "dropout": False}
 
 
 def encoder_defaults_left_out(step: "DistillStep") -> dict:

@@ -39,6 +39,7 @@ class TrainConfig:
     layer_weight: float = 0.0     # > 0: also match the paired layers' outputs (distill's `layers`), relative MSE
     attention_mask_input: int | None = None  # encoders: the input whose nonzeros mark real tokens (mean pooling)
     fake_quant_bits: int | None = None  # quantization-aware training of Linear weights
+    dropout: bool = True          # False: the student learns with every dropout probability at 0
     patience: int | None = None   # stop after this many epochs without a better score (early stopping)
     weight_decay: float = 0.0
     seed: int = 0
@@ -269,6 +270,7 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
         if parameter.is_floating_point():
             parameter.requires_grad_(True)  # exported programs may hold frozen parameters
     fake_quantized = _add_fake_quant(student, cfg.fake_quant_bits) if cfg.fake_quant_bits else []
+    dropouts = {} if cfg.dropout else _dropout_off(student)
     try:
         masks = {name: mask.to(device=device, dtype=_weight(student.get_submodule(name)).dtype)
                  for name, mask in (masks or {}).items()}
@@ -305,6 +307,8 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
         return TrainResult(history=history, best_epoch=best_epoch, stopped=stopped)
     finally:
         _remove_fake_quant(fake_quantized)
+        for layer, probability in dropouts.items():
+            layer.p = probability
 
 
 def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
@@ -442,6 +446,18 @@ def _apply_masks(module: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, mask in masks.items():
             _weight(module.get_submodule(name)).mul_(mask)
+
+
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _dropout_off(module: nn.Module) -> dict[nn.Module, float]:
+    """Sets every dropout probability to 0 and returns the old ones. Setting `p` rather than switching the layers
+    to eval mode also reaches attention dropout, which Hugging Face models read from `dropout.p` themselves."""
+    layers = {layer: layer.p for layer in module.modules() if isinstance(layer, DROPOUTS)}
+    for layer in layers:
+        layer.p = 0.0
+    return layers
 
 
 def _add_fake_quant(module: nn.Module, bits: int) -> list[nn.Linear]:

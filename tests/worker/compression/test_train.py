@@ -331,6 +331,24 @@ def test_the_layer_match_is_relative_squared_error_over_real_tokens():
                          loss)
 
 
+@pytest.mark.parametrize("dropout", [True, False])
+def test_dropout_off_makes_every_training_pass_deterministic_and_is_restored_after(task, teacher, dropout):
+    """`dropout=False` zeroes every dropout probability while the student learns (the probability itself, which
+    Hugging Face attention reads too) and puts the old ones back when training ends."""
+    student = nn.Sequential(nn.Dropout(0.5), copy.deepcopy(teacher), nn.Dropout1d(0.3))
+    seen = []
+
+    def record(module, args, output):
+        if module.training:
+            seen.append((module[0].p, module[2].p))
+
+    student.register_forward_hook(record)
+    distill(teacher, student, TrainData(task["train"].inputs, None), None,
+            TrainConfig(epochs=1, batch_size=64, alpha=1.0, dropout=dropout))
+    assert seen and set(seen) == {(0.5, 0.3) if dropout else (0.0, 0.0)}
+    assert (student[0].p, student[2].p) == (0.5, 0.3)
+
+
 def test_layer_transfer_pulls_every_paired_layer_toward_the_teacher():
     """A pruned copy of a tiny encoder recovering with its layers matched to the teacher's ends closer to the
     teacher at the first layer than the same training matched at the last output alone."""
