@@ -19,7 +19,7 @@ process, interleaved, on a batch of 16 held-out sentences and on one sentence, 2
 the mean-pooled sentence embedding against the original PyTorch model over every held-out sentence. The sparse
 files are read back with compressed-tensors (the library the report names) and compared with the dense file.
 
-    .venv/bin/python bench/encoder_pipelines_bench.py [--train 2000] [--eval 300] [--rounds 20] [--only fast]
+    .venv/bin/python bench/encoder_pipelines_bench.py [--train 2000] [--eval 300] [--rounds 20] [--only fast,50%]
 """
 
 import argparse
@@ -130,7 +130,7 @@ def run_jobs(archive: Path, datasets: dict[str, Path], work: Path, only: str | N
         ids = {role: client.post("/v1/datasets", files={"file": (path.name, path.read_bytes())}).json()["id"]
                for role, path in datasets.items()}
         for name, spec in JOBS.items():
-            if only and only not in name:
+            if only and not any(part in name for part in only.split(",")):
                 continue
             body = {"model_id": model["id"], **{k: v for k, v in spec.items() if k != "datasets"},
                     "datasets": {role: ids[role] for role in spec["datasets"]}}
@@ -235,7 +235,8 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=300, help="held-out sentences for cosine and latency")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--only", default=None, help="run only the jobs whose name contains this")
+    parser.add_argument("--only", default=None,
+                        help="run only the jobs whose name contains this (or one of these, comma-separated)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(args.threads)

@@ -255,6 +255,9 @@ class DistillStep(Training):
                                                    "the teacher's same layer (Hugging Face students with the "
                                                    "teacher's number of layers: recovery, a narrower student); "
                                                    "1 for Hugging Face models distilled on unlabelled data, else 0")
+    lr_schedule: Literal["constant", "linear"] = Field(
+        default="constant", description="`linear`: the learning rate falls linearly to 0 over the planned epochs; "
+                                        "the default for Hugging Face models distilled on unlabelled data")
     dropout: bool | None = Field(default=None,
                                  description="keep the student's dropout active while it learns; false for Hugging "
                                              "Face models distilled on unlabelled data (their students matched the "
@@ -384,7 +387,7 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
 # and layer-to-layer transfer where the layers pair up (in recovery of all-MiniLM-L6-v2 50% on real prose it added
 # a little but consistently: held-out embedding cosine after 2 epochs 0.948 without, 0.951 at weight 1, 0.952 at 4).
 ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2, "layer_weight": 1.0,
-                    "dropout": False}
+                    "dropout": False, "lr_schedule": "linear"}
 
 
 def encoder_defaults_left_out(step: "DistillStep") -> dict:

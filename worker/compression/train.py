@@ -40,6 +40,7 @@ class TrainConfig:
     attention_mask_input: int | None = None  # encoders: the input whose nonzeros mark real tokens (mean pooling)
     fake_quant_bits: int | None = None  # quantization-aware training of Linear weights
     dropout: bool = True          # False: the student learns with every dropout probability at 0
+    lr_schedule: str = "constant"  # "linear": the learning rate falls linearly to 0 over the planned epochs
     patience: int | None = None   # stop after this many epochs without a better score (early stopping)
     weight_decay: float = 0.0
     seed: int = 0
@@ -237,6 +238,8 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.temperature <= 0 or cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise JobFailure(ErrorCode.INVALID_RECIPE,
                          "temperature and lr must be positive, epochs and batch_size at least 1")
+    if cfg.lr_schedule not in ("constant", "linear"):
+        raise JobFailure(ErrorCode.INVALID_RECIPE, f"lr_schedule must be constant or linear, got {cfg.lr_schedule!r}")
     if cfg.patience is not None and cfg.patience < 1:
         raise JobFailure(ErrorCode.INVALID_RECIPE, f"patience must be at least 1 epoch, got {cfg.patience}")
     if cfg.fake_quant_bits is not None and not 2 <= cfg.fake_quant_bits <= 8:
@@ -276,6 +279,10 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
                  for name, mask in (masks or {}).items()}
         optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=cfg.lr,
                                       weight_decay=cfg.weight_decay)
+        schedule = None
+        if cfg.lr_schedule == "linear":
+            steps = cfg.epochs * (samples // size if static else math.ceil(samples / size))
+            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1 - step / steps))
         best_state, best_score, best_epoch = _snapshot(student), -math.inf, 0
         history: list[dict] = []
         stopped = None
@@ -284,14 +291,15 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
                 started = time.perf_counter()
                 order = torch.randperm(samples, generator=generator)
                 train_loss, out_of_time = _train_epoch(student, teacher, objective, optimizer, train_tensors, order,
-                                                       size, static, masks, device, check, deadline, taps)
+                                                       size, static, masks, device, check, deadline, taps, schedule)
                 val_loss, val_accuracy = (None, None) if val_tensors is None else _evaluate(
                     student, teacher, objective, val_tensors, size, static, device, check, taps)
                 score = _score(train_loss, val_loss, val_accuracy)
                 if score > best_score:
                     best_state, best_score, best_epoch = _snapshot(student), score, epoch
                 record = {"epoch": epoch, "train_loss": _finite(train_loss), "val_loss": _finite(val_loss),
-                          "val_accuracy": val_accuracy, "seconds": round(time.perf_counter() - started, 3)}
+                          "val_accuracy": val_accuracy, "lr": optimizer.param_groups[0]["lr"],
+                          "seconds": round(time.perf_counter() - started, 3)}
                 history.append(record)
                 on_epoch(epoch, record)
                 if out_of_time:
@@ -314,7 +322,8 @@ def _train(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
 def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Objective,
                  optimizer: torch.optim.Optimizer, data: Tensors, order: torch.Tensor, size: int, static: bool,
                  masks: dict[str, torch.Tensor], device: str, check: Callable[[], None],
-                 deadline: float | None, taps: _LayerTaps | None = None) -> tuple[float, bool]:
+                 deadline: float | None, taps: _LayerTaps | None = None,
+                 schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> tuple[float, bool]:
     """One pass over the data in `order`; returns (mean training loss, whether it stopped at the deadline).
 
     Static-batch models cannot take a short last batch: the remainder is dropped (it is reshuffled next
@@ -337,6 +346,8 @@ def _train_epoch(student: nn.Module, teacher: nn.Module | None, objective: _Obje
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if schedule is not None:
+                schedule.step()
             _apply_masks(student, masks)
             loss_sum += float(loss.detach()) * len(index)
             seen += len(index)

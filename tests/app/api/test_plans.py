@@ -214,9 +214,10 @@ def test_an_encoder_distilled_on_unlabelled_text_gets_the_encoder_defaults_it_le
         return response.json()["recipe"]["steps"][0]
 
     for resolved in (distill_step(texts, dry_run=True), distill_step(texts)):
-        assert {k: resolved[k] for k in ("alpha", "lr", "epochs", "early_stopping", "layer_weight", "dropout")} == {
+        keys = ("alpha", "lr", "epochs", "early_stopping", "layer_weight", "dropout", "lr_schedule")
+        assert {k: resolved[k] for k in keys} == {
             "alpha": 1.0, "lr": 3e-4, "epochs": 2, "early_stopping": 2, "layer_weight": 1.0,
-            "dropout": False}  # epochs: the step's
+            "dropout": False, "lr_schedule": "linear"}  # epochs: the step's
     kept = distill_step(labelled, dry_run=True)
-    assert (kept["alpha"], kept["lr"], kept["layer_weight"], kept["early_stopping"], kept["dropout"]) == (
-        0.5, 1e-3, None, None, None)
+    assert (kept["alpha"], kept["lr"], kept["layer_weight"], kept["early_stopping"], kept["dropout"],
+            kept["lr_schedule"]) == (0.5, 1e-3, None, None, None, "constant")

@@ -39,7 +39,8 @@ def test_distillation_beats_hard_labels_with_few_labels(task, teacher):
     hard, soft = accuracy(scratch, x_test, y_test), accuracy(student, x_test, y_test)
     assert soft > hard + 0.06, (hard, soft)
     assert len(result.history) == 40 and result.stopped is None
-    assert set(result.history[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "seconds"}
+    assert set(result.history[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"}
+    assert {epoch["lr"] for epoch in result.history} == {3e-3}  # constant by default
 
 
 def test_labels_are_required_unless_alpha_is_one(task, teacher):
@@ -347,6 +348,16 @@ def test_dropout_off_makes_every_training_pass_deterministic_and_is_restored_aft
             TrainConfig(epochs=1, batch_size=64, alpha=1.0, dropout=dropout))
     assert seen and set(seen) == {(0.5, 0.3) if dropout else (0.0, 0.0)}
     assert (student[0].p, student[2].p) == (0.5, 0.3)
+
+
+def test_linear_schedule_brings_the_learning_rate_down_to_zero_by_the_last_planned_step(task, teacher):
+    """160 samples in batches of 32: 5 steps an epoch, 20 in 4 epochs; the lr after epoch k is lr * (1 - k/4)."""
+    data = TrainData([task["train"].inputs[0][:160]], None)
+    result = distill(teacher, mlp(10, 16, 6), data, None,
+                     TrainConfig(epochs=4, lr=1e-3, batch_size=32, alpha=1.0, lr_schedule="linear"))
+    assert [epoch["lr"] for epoch in result.history] == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    with pytest.raises(JobFailure, match="lr_schedule must be constant or linear"):
+        distill(teacher, mlp(10, 16, 6), data, None, TrainConfig(alpha=1.0, lr_schedule="cosine"))
 
 
 def test_layer_transfer_pulls_every_paired_layer_toward_the_teacher():

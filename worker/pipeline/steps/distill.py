@@ -106,7 +106,7 @@ def apply(run: JobRun, state: WorkingModel, step: DistillStep, place: StepPlace)
     config = train.TrainConfig(epochs=step.epochs, lr=step.lr, batch_size=step.batch_size,
                                temperature=step.temperature, alpha=step.alpha, hidden_weight=step.hidden_weight,
                                layer_weight=step.layer_weight or 0.0, attention_mask_input=run.attention_mask_input,
-                               dropout=step.dropout is not False,
+                               dropout=step.dropout is not False, lr_schedule=step.lr_schedule,
                                patience=step.early_stopping)
     result = train.distill(teacher, student, train_data, val_data, config, masks=masks or None, layers=layers,
                            **options)
