@@ -5,8 +5,7 @@ A real `modelpress serve` (embedded defaults, a temporary home) gets the model a
 evaluate on, both cut from English prose that ships with Python itself (the language reference in `pydoc_data`
 and the docstrings of the standard library), so the text is real and nobody here wrote it. Jobs:
 
-- `fast-encoder` (the preset): a student with two thirds of the layers (those whose removal costs least,
-  measured) and three quarters of their feed-forward neurons,
+- `fast-encoder` (the preset): a student with half of the layers (those whose removal costs least, measured),
   distilled on the train sentences with early stopping, then int8;
 - recovered pruning: activation-aware 50% (unstructured, then 2:4; each also with the embedding tables pruned),
   `distill` with `student: {"current": true}` on the same sentences, int8, and the sparse weights exported as

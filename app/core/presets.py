@@ -5,11 +5,10 @@ from typing import Any
 
 from app.core.recipe import DistillStep, FinetuneStep, PruneStep, QuantizeStep, Recipe, Shrink, Student
 
-# fast-encoder's student, also a tune candidate: on all-MiniLM-L6-v2 and real prose (int8, batch 16, 2 threads,
-# one in-process run) three full-width layers ran 1.82x the original's int8, four at 0.75 width 1.57x, four at full
-# width 1.43x; distilled on 1,800 sentences without dropout (8 epochs) the four at 0.75 width reached held-out
-# embedding cosine 0.945, the three full-width ones 0.921 after 3 epochs (0.934 for the four).
-FAST_ENCODER_STUDENT = Student(shrink=Shrink(depth=0.67, width=0.75))
+# fast-encoder's student, also a tune candidate: on all-MiniLM-L6-v2 and real prose (int8, batch 16, 2 threads)
+# three full-width layers ran 1.78x the original's int8 and four half-width ones 1.60x; distilled on 1,800
+# sentences the three layers reached embedding cosine 0.905 after 3 epochs, the four half-width 0.901.
+FAST_ENCODER_STUDENT = Student(shrink=Shrink(depth=0.5, width=1.0))
 
 
 @dataclass(frozen=True)
@@ -70,9 +69,8 @@ PRESETS: dict[str, Preset] = {
         Recipe(steps=[DistillStep(op="distill", student=Student(shrink=Shrink(width=0.5)), epochs=5,
                                   temperature=2.0, alpha=0.7), _int8()])),
     "fast-encoder": Preset(
-        "A faster student of a Hugging Face encoder, trained on your unlabelled text: two thirds of the layers "
-        "(those whose removal changes the output least on your texts) with three quarters of their feed-forward "
-        "neurons (the most active ones), distilled from the original "
+        "A faster student of a Hugging Face encoder, trained on your unlabelled text: half of the layers (those "
+        "whose removal changes the output least on your texts; full width), distilled from the original "
         "(mean-pooled embedding cosine and hidden states over real tokens, early stopping on a tenth of the texts "
         "held out), then int8. all-MiniLM-L6-v2 on 2,000 sentences of real prose: see docs/benchmarks.md for its "
         "speed and embedding cosine against ONNX Runtime's int8 of the original. Needs a train dataset of "

@@ -63,10 +63,9 @@ def candidate_recipes(search: list[dict] | None, *, has_calibration: bool, model
     model; smoothed and static int8 and GPTQ int4 need calibration data; weight-only int4 is
     offered for PyTorch models (`model_kind` other than "onnx"), where it is the smallest file for the pytorch
     target. For latency with train data, a PyTorch model also gets, right after plain int8, the likeliest faster
-    models: preset fast-encoder's student (two thirds of the layers, chosen by measurement, at 0.75 width)
-    distilled on the train data, and (with calibration data) activation-aware 50% pruning recovered by
-    distillation, both then int8. Generated recipes are built as Recipe objects and reported with the fields they
-    set.
+    models: preset fast-encoder's student (half of the layers, chosen by measurement) distilled on the train data,
+    and (with calibration data) activation-aware 50% pruning recovered by distillation, both then int8. Generated
+    recipes are built as Recipe objects and reported with the fields they set.
     """
     if search:
         return _unique([dict(recipe) for recipe in search])

@@ -55,7 +55,7 @@ def test_latency_with_train_data_tries_a_student_and_recovered_pruning_right_aft
                                 has_train=True, objective="latency")
     ops = [[step["op"] for step in recipe["steps"]] for recipe in recipes]
     assert ops[:3] == [["quantize"], ["distill", "quantize"], ["prune", "distill", "quantize"]]
-    assert recipes[1]["steps"][0]["student"] == {"shrink": {"depth": 0.67, "width": 0.75}}
+    assert recipes[1]["steps"][0]["student"] == {"shrink": {"depth": 0.5, "width": 1.0}}
     assert recipes[2]["steps"][1]["student"] == {"current": True}
     assert recipes[2]["steps"][0]["method"] == "activation_aware"
     for objective, has_train in (("size", True), ("latency", False)):
