@@ -6,9 +6,9 @@ from typing import Any
 from app.core.recipe import DistillStep, FinetuneStep, PruneStep, QuantizeStep, Recipe, Shrink, Student
 
 # fast-encoder's student, also a tune candidate: on all-MiniLM-L6-v2 and real prose (int8, batch 16, 2 threads)
-# three full-width layers ran 1.76x the original's int8 through the API; distilled on 1,800 sentences without dropout
-# and with a decaying learning rate they reached held-out embedding cosine 0.933 after 8 epochs. Four layers at 0.75
-# width reached 0.946 but ran only 1.39x (see docs/compression.md).
+# three full-width layers ran 1.63x the original's int8 through the API, at held-out embedding cosine 0.929 (trained
+# on 1,800 sentences without dropout and with a decaying learning rate, 8 epochs, then int8). Four layers at 0.75
+# width reached 0.942 but ran only 1.39x (see docs/benchmarks.md).
 FAST_ENCODER_STUDENT = Student(shrink=Shrink(depth=0.5, width=1.0))
 
 
