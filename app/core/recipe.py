@@ -386,6 +386,8 @@ def check_recipe_for_target(recipe: Recipe, target: Target, datasets: DatasetRef
 # student initialised from the teacher without undoing it, enough epochs for early stopping to end the training,
 # and layer-to-layer transfer where the layers pair up (in recovery of all-MiniLM-L6-v2 50% on real prose it added
 # a little but consistently: held-out embedding cosine after 2 epochs 0.948 without, 0.951 at weight 1, 0.952 at 4).
+# No dropout and a linearly decaying learning rate: the student fits the teacher, not labels (MiniLM 50% recovered
+# for 3 epochs: 0.966 held-out embedding cosine without dropout, 0.957 with it; 0.974 after 8 with linear decay).
 ENCODER_DEFAULTS = {"alpha": 1.0, "lr": 3e-4, "epochs": 8, "early_stopping": 2, "layer_weight": 1.0,
                     "dropout": False, "lr_schedule": "linear"}
 
